@@ -1,0 +1,118 @@
+"""`bench` — the command line. It only wires registries together: config → engine → methods,
+evaluators, reports. Every refused input prints one `error:` line and exits with code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import BenchError
+
+FIELD_HELP = {
+    "method": "aggregation method (see `bench methods`)",
+    "model": "hub id, local HF folder, .gguf file, 'default' (SmolLM2-135M-Instruct) or 'tiny-random-llama'",
+    "dataset": "dolly | gsm8k | codealpaca | boolq | arc-easy | arc-challenge | openbookqa | hf:<hub id> | <file.json[l]>",
+    "data_root": "offline data folder (default: $BENCH_DATA_ROOT)",
+    "field_map": "for files/hub ids: instruction=<f>,input=<f>,output=<f>,label=<f>",
+    "partition": "iid | dirichlet | shards | predefined",
+    "ranks": "explicit per-client ranks, e.g. 64,32,16,16,8,8,4,4,4,4",
+    "rank_distribution": "homo | uniform | heavy-tail-light | heavy-tail-strong | normal | explicit",
+    "rank_set": "ranks the distribution draws from, e.g. 4,8,16,32",
+    "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks (empty: no evaluation)",
+    "max_update_norm": "exclude a client update whose ‖s·B·A‖_F exceeds this",
+}
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from .config import FIELDS
+
+    p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
+    p.add_argument("--no-eval", action="store_true", help="skip lm-eval scoring at the end")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if str(f.type).startswith("bool"):
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=FIELD_HELP.get(name))
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=FIELD_HELP.get(name))
+
+
+def cmd_run(args) -> int:
+    from .config import FIELDS, build_config
+    from .engine import Interrupted, run_federated
+
+    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    if args.no_eval:
+        overrides["eval_tasks"] = []
+    if args.resume:
+        from pathlib import Path
+
+        cfg_file = Path(args.resume) / "config.yaml"
+        if not cfg_file.is_file():
+            raise BenchError(f"resume: {cfg_file} not found; pass the run directory that `bench run` created")
+        cfg = build_config(config_file=str(cfg_file), overrides={**overrides, "output_dir": args.resume})
+    else:
+        preset = None if (args.config or overrides.get("preset")) else "quick"
+        cfg = build_config(preset=preset, config_file=args.config, overrides=overrides)
+    try:
+        run_federated(cfg, resume=args.resume)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:15s} {first}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description="fedlora-bench: federated LoRA aggregation benchmark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a federated fine-tuning experiment (default preset: quick)")
+    _add_run_flags(p_run)
+    p_run.set_defaults(func=cmd_run)
+    sub.add_parser("methods", help="list registered aggregation methods").set_defaults(func=cmd_methods)
+    sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)
+    for name, module, help_text in (("eval", "evaluators.cli", "score a run's global model or a base model with lm-eval"),
+                                    ("report", "reports.cli", "regenerate the leaderboard (and --plots) from results/"),
+                                    ("ablate", "bench.ablate", "run a resumable grid of methods × ranks × data heterogeneity × seeds"),
+                                    ("perf", "benchmarks.cli", "measure aggregation speed, memory per client and loop overhead")):
+        p = sub.add_parser(name, help=help_text)
+        try:
+            mod = __import__(module, fromlist=["add_arguments"])
+        except ImportError as exc:
+            p.set_defaults(func=lambda a, exc=exc, name=name: _unavailable(name, exc))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _unavailable(name: str, exc: Exception) -> int:
+    raise BenchError(f"{name}: this command is unavailable ({exc}); install the extra it needs, e.g. pip install 'fedlora-bench[eval,report]'")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""RunConfig: every knob of a federated run, loaded from a preset, a YAML file and CLI flags, and
+validated before any work starts.
+
+Precedence (lowest first): field defaults < the method's recipe < preset < --config file < CLI flags.
+Every refusal is a BenchError with one line naming the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import BenchError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PARTITIONS = ("iid", "dirichlet", "shards", "predefined")
+RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "explicit")
+PROMPT_TEMPLATES = ("alpaca", "chat")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunConfig:
+    # what
+    method: str = "flora"
+    preset: str | None = None
+    model: str = "default"
+    dataset: str = "dolly"
+    data_root: str | None = None
+    field_map: dict[str, str] = field(default_factory=dict)
+    test_fraction: float = 0.05          # held-out share for sources without a test split
+    test_limit: int | None = None        # cap on held-out examples for the test loss (seeded subset)
+    # clients and data partition
+    num_clients: int = 10
+    client_fraction: float = 1.0
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    label_field: str = "label"
+    min_examples_per_client: int = 1
+    shards_per_client: int = 2
+    max_examples_per_client: int | None = None
+    # local training
+    rounds: int = 3
+    local_steps: int | None = None
+    local_epochs: float | None = 1.0
+    lr: float = 3e-4
+    batch_size: int = 4
+    micro_batch_size: int = 4
+    cutoff_len: int = 256
+    prompt_template: str = "alpaca"
+    train_on_inputs: bool = False
+    # LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    rank: int = 8
+    ranks: list[int] | None = None
+    rank_distribution: str = "homo"
+    rank_set: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    # robustness
+    max_update_norm: float | None = None   # a client update with ‖s·B·A‖_F above this is excluded
+    # evaluation
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    eval_backend: str | None = None
+    eval_num_fewshot: int | None = None
+    # run
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    output_dir: str | None = None
+    results_dir: str = "results"
+    save_client_adapters: bool = False
+
+    # ---- derived -------------------------------------------------------------------------
+    def client_ranks(self) -> list[int]:
+        """Each client's LoRA rank: the explicit list, or a seeded draw from the distribution."""
+        import numpy as np
+
+        if self.ranks:
+            return list(self.ranks)
+        if self.rank_distribution == "homo":
+            return [self.rank] * self.num_clients
+        rank_set = sorted(self.rank_set)
+        n = len(rank_set)
+        idx = np.arange(n, dtype=float)
+        probs = {
+            "uniform": np.ones(n),
+            "heavy-tail-light": 0.5 ** idx,            # most clients small
+            "heavy-tail-strong": 0.5 ** (n - 1 - idx),  # most clients large
+            "normal": np.exp(-0.5 * ((idx - (n - 1) / 2) / max(n / 4, 0.5)) ** 2),
+        }[self.rank_distribution]
+        rng = np.random.default_rng([self.seed, 7919])
+        return [int(r) for r in rng.choice(rank_set, size=self.num_clients, p=probs / probs.sum())]
+
+    def scaling(self, rank: int) -> float:
+        return self.lora_alpha / (rank ** 0.5 if self.use_rslora else rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of what determines the experiment (not the seed, not where outputs go)."""
+        d = self.to_dict()
+        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "preset"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Type-check one field (YAML and CLI values alike); error names the field and the expected type."""
+    f = FIELDS[name]
+    typ = str(f.type)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise BenchError(f"{name}: must not be empty; give a value or drop the key")
+    try:
+        if typ.startswith("list[int]"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            out = []
+            for v in value:
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise TypeError
+                out.append(int(v))
+            return out
+        if typ.startswith("list[str]"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if typ.startswith("dict"):
+            if isinstance(value, str):  # "instruction=question,output=answer"
+                pairs = [p for p in value.split(",") if p]
+                value = dict(p.split("=", 1) for p in pairs)
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): str(v) for k, v in value.items()}
+        if typ.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typ.startswith("int"):
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ.startswith("str"):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        expected = typ.replace(" | None", "").replace("|None", "")
+        raise BenchError(f"{name}: expected {expected}, got {value!r}; fix the value in the config or flag") from None
+    return value
+
+
+def load_yaml(path: str | os.PathLike, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"{what}: file {path} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BenchError(f"{what}: {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{what}: {path} must hold a mapping of config keys, not a {type(data).__name__}")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise BenchError(f"preset: unknown preset {name!r}{_did_you_mean(name, preset_names())}; "
+                         f"available: {', '.join(preset_names())}")
+    return load_yaml(path, "preset")
+
+
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Merge the layers and validate. `overrides` are the CLI flags the user actually gave."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers: list[tuple[str, dict]] = []
+    file_data = load_yaml(config_file, "config") if config_file else {}
+    preset = overrides.get("preset") or file_data.get("preset") or preset
+    preset_data = load_preset(preset) if preset else {}
+    method = overrides.get("method") or file_data.get("method") or preset_data.get("method") or RunConfig.method
+    from methods import METHODS  # the recipe belongs to the method
+
+    if method not in METHODS:
+        raise BenchError(f"method: unknown method {method!r}{_did_you_mean(method, METHODS)}; "
+                         f"registered: {', '.join(sorted(METHODS))}")
+    layers = [("recipe of " + method, dict(METHODS[method].recipe)), (f"preset {preset}", preset_data),
+              (f"config {config_file}", file_data), ("flags", overrides)]
+    values: dict[str, Any] = {}
+    for where, layer in layers:
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if key not in FIELDS:
+                raise BenchError(f"{key}: unknown config key in {where}{_did_you_mean(key, FIELDS)}; "
+                                 "remove it or fix the spelling")
+            values[key] = _coerce(key, value)
+    values["preset"] = preset
+    values["method"] = method
+    if "local_steps" in values and values["local_steps"] is not None and "local_epochs" not in overrides:
+        values["local_epochs"] = None  # steps given: epochs off unless the flags asked for both
+    if values.get("data_root") is None and os.environ.get("BENCH_DATA_ROOT"):
+        values["data_root"] = os.environ["BENCH_DATA_ROOT"]
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model and no data (those come in engine.preflight)."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise BenchError(msg)
+
+    need(cfg.num_clients >= 1, f"num_clients: must be ≥ 1, got {cfg.num_clients}")
+    need(0 < cfg.client_fraction <= 1, f"client_fraction: must be in (0, 1], got {cfg.client_fraction}")
+    need(cfg.rounds >= 1, f"rounds: must be ≥ 1, got {cfg.rounds}")
+    need(cfg.partition in PARTITIONS, f"partition: unknown partition {cfg.partition!r}"
+         f"{_did_you_mean(cfg.partition, PARTITIONS)}; choose one of {', '.join(PARTITIONS)}")
+    need(cfg.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {cfg.dirichlet_alpha}; use e.g. 0.1 (skewed) to 100 (near iid)")
+    need(cfg.shards_per_client >= 1, f"shards_per_client: must be ≥ 1, got {cfg.shards_per_client}")
+    need(cfg.min_examples_per_client >= 1, f"min_examples_per_client: must be ≥ 1, got {cfg.min_examples_per_client}")
+    need(cfg.max_examples_per_client is None or cfg.max_examples_per_client >= 1,
+         f"max_examples_per_client: must be ≥ 1, got {cfg.max_examples_per_client}")
+    need(cfg.local_steps is not None or cfg.local_epochs is not None,
+         "local_steps: set local_steps or local_epochs")
+    need(cfg.local_steps is None or cfg.local_steps >= 1, f"local_steps: must be ≥ 1, got {cfg.local_steps}")
+    need(cfg.local_epochs is None or cfg.local_epochs > 0, f"local_epochs: must be > 0, got {cfg.local_epochs}")
+    need(cfg.lr > 0, f"lr: must be > 0, got {cfg.lr}")
+    need(cfg.batch_size >= 1, f"batch_size: must be ≥ 1, got {cfg.batch_size}")
+    need(1 <= cfg.micro_batch_size <= cfg.batch_size and cfg.batch_size % cfg.micro_batch_size == 0,
+         f"micro_batch_size: must divide batch_size ({cfg.batch_size}), got {cfg.micro_batch_size}")
+    need(cfg.cutoff_len >= 8, f"cutoff_len: must be ≥ 8 tokens, got {cfg.cutoff_len}")
+    need(cfg.prompt_template in PROMPT_TEMPLATES, f"prompt_template: unknown {cfg.prompt_template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    need(cfg.lora_alpha > 0, f"lora_alpha: must be > 0, got {cfg.lora_alpha}")
+    need(0 <= cfg.lora_dropout < 1, f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    need(bool(cfg.target_modules), "target_modules: must name at least one module, e.g. q_proj,v_proj")
+    need(cfg.rank >= 1, f"rank: must be ≥ 1, got {cfg.rank}")
+    need(cfg.rank_distribution in RANK_DISTRIBUTIONS, f"rank_distribution: unknown {cfg.rank_distribution!r}"
+         f"{_did_you_mean(cfg.rank_distribution, RANK_DISTRIBUTIONS)}; choose one of {', '.join(RANK_DISTRIBUTIONS)}")
+    need(bool(cfg.rank_set) and all(r >= 1 for r in cfg.rank_set), f"rank_set: ranks must be ≥ 1, got {cfg.rank_set}")
+    if cfg.ranks is not None:
+        need(len(cfg.ranks) == cfg.num_clients,
+             f"ranks: {len(cfg.ranks)} ranks given for {cfg.num_clients} clients; give one rank per client or set num_clients={len(cfg.ranks)}")
+        need(all(r >= 1 for r in cfg.ranks), f"ranks: every rank must be ≥ 1, got {cfg.ranks}")
+    else:
+        need(cfg.rank_distribution != "explicit", "ranks: rank_distribution 'explicit' needs a ranks list, e.g. --ranks 16,8,4,4")
+    need(0 < cfg.test_fraction < 1, f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
+    need(cfg.test_limit is None or cfg.test_limit >= 1, f"test_limit: must be ≥ 1, got {cfg.test_limit}")
+    need(cfg.max_update_norm is None or cfg.max_update_norm > 0, f"max_update_norm: must be > 0, got {cfg.max_update_norm}")
+    need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
+    need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: unknown {cfg.device!r}; use auto, cpu or cuda[:N]")
+    need(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,301 @@
+"""Training data: source → records → partition → client shards → tokenised examples.
+
+A record is {"instruction", "input", "output", "label"}. Named sources read the data root when it
+holds them (offline, checksummed) and fall back to the Hugging Face hub otherwise; any local
+JSON/JSONL file works with a field map.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import BenchError
+
+# named source -> (hub id, hub config, data-root files, field map); fields: instruction, input, output, label
+COMMONSENSE = {"boolq": "boolq", "arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "openbookqa": "openbookqa"}
+SOURCES = {
+    "dolly": dict(hub=("databricks/databricks-dolly-15k", None), train="dolly_fedit_10clients/local_training_{i}.json",
+                  clients=10, test="dolly_fedit_10clients/global_test.json",
+                  fields={"instruction": "instruction", "input": "context", "output": "response", "label": "category"}),
+    "gsm8k": dict(hub=("openai/gsm8k", "main"), train="gsm8k/train.jsonl", test="gsm8k/test.jsonl",
+                  fields={"instruction": "question", "output": "answer"}),
+    "codealpaca": dict(hub=("sahil280114/codealpaca", None), train="codealpaca/code_alpaca_2k.json", test=None,
+                       fields={"instruction": "instruction", "input": "input", "output": "output"}),
+    **{name: dict(hub=None, train=f"commonsense/{d}/train.json", test=f"commonsense/{d}/test.json",
+                  fields={"instruction": "instruction", "input": "input", "output": "output", "label": "answer"})
+       for name, d in COMMONSENSE.items()},
+}
+
+ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass
+class Dataset:
+    train: list[dict]
+    test: list[dict]
+    predefined: list[list[int]] | None   # the source's own client split (indices into train)
+    files: dict[str, str]                # file path -> md5 (provenance)
+    origin: str                          # "data-root", "hub:<id>" or "file"
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json_records(path: Path) -> list[dict]:
+    """A JSON array or JSONL; errors name the file and the line."""
+    if not path.is_file():
+        raise BenchError(f"dataset: data file {path} does not exist; check --dataset / --data-root")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise BenchError(f"dataset: data file {path} is empty; give a file with records")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"dataset: {path} is not valid JSON at line {exc.lineno}: {exc.msg}; fix the file") from None
+    else:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise BenchError(f"dataset: {path} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+    for n, rec in enumerate(data, 1):
+        if not isinstance(rec, dict):
+            raise BenchError(f"dataset: {path} record {n} is a {type(rec).__name__}, not an object; each record must be a JSON object")
+    return data
+
+
+def map_fields(rows: list[dict], fields: dict[str, str], where: str) -> list[dict]:
+    """Rename source fields to instruction/input/output/label; instruction and output are required."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        rec = {}
+        for ours in ("instruction", "input", "output", "label"):
+            theirs = fields.get(ours)
+            if theirs is None:
+                rec[ours] = "" if ours != "label" else None
+                continue
+            if theirs not in row:
+                if ours in ("instruction", "output"):
+                    raise BenchError(f"field_map: {where} record {n} has no field {theirs!r} (for {ours}); its fields are "
+                                     f"{', '.join(sorted(row))}; set --field-map {ours}=<field>")
+                rec[ours] = "" if ours != "label" else None
+                continue
+            value = row[theirs]
+            rec[ours] = value if ours == "label" else ("" if value is None else str(value))
+        if not rec["instruction"].strip() or not rec["output"].strip():
+            raise BenchError(f"dataset: {where} record {n} has an empty instruction or output; clean the file")
+        out.append(rec)
+    return out
+
+
+def _seeded_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    rng = np.random.default_rng([seed, 104729])
+    order = rng.permutation(len(rows))
+    n_test = max(1, int(round(len(rows) * fraction)))
+    test = [rows[i] for i in sorted(order[:n_test])]
+    train = [rows[i] for i in sorted(order[n_test:])]
+    return train, test
+
+
+def load_dataset(cfg) -> Dataset:
+    name = cfg.dataset
+    path = Path(name).expanduser()
+    if name.endswith((".json", ".jsonl")) or path.is_file():
+        fields = {"instruction": "instruction", "input": "input", "output": "output", "label": cfg.label_field, **cfg.field_map}
+        rows = map_fields(read_json_records(path), fields, str(path))
+        train, test = _seeded_split(rows, cfg.test_fraction, cfg.seed)
+        return Dataset(train, test, None, {str(path): md5(path)}, "file")
+    if name.startswith("hf:"):
+        return _from_hub(name[3:], None, {"instruction": "instruction", "input": "input", "output": "output",
+                                          "label": cfg.label_field, **cfg.field_map}, cfg)
+    if name not in SOURCES:
+        import difflib
+        close = difflib.get_close_matches(name, list(SOURCES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise BenchError(f"dataset: unknown dataset {name!r}{hint}; use one of {', '.join(SOURCES)}, "
+                         "hf:<hub id>, or a .json/.jsonl file")
+    src = SOURCES[name]
+    fields = {**src["fields"], **cfg.field_map}
+    root = Path(cfg.data_root).expanduser() if cfg.data_root else None
+    first = src["train"].format(i=0)
+    if root is not None and (root / first).is_file():
+        files, parts = {}, []
+        for i in range(src.get("clients", 1)):
+            p = root / src["train"].format(i=i)
+            parts.append(map_fields(read_json_records(p), fields, str(p)))
+            files[str(p)] = md5(p)
+        train = [r for part in parts for r in part]
+        predefined = None
+        if "clients" in src:
+            bounds = np.cumsum([0] + [len(p) for p in parts])
+            predefined = [list(range(bounds[i], bounds[i + 1])) for i in range(len(parts))]
+        if src["test"]:
+            p = root / src["test"]
+            test = map_fields(read_json_records(p), fields, str(p))
+            files[str(p)] = md5(p)
+        else:
+            train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
+            predefined = None
+        return Dataset(train, test, predefined, files, "data-root")
+    if src["hub"] is None:
+        where = root / first if root else f"<data root>/{first}"
+        raise BenchError(f"dataset: {name} needs the data root ({where} not found); pass --data-root or set BENCH_DATA_ROOT")
+    return _from_hub(src["hub"][0], src["hub"][1], fields, cfg)
+
+
+def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg) -> Dataset:
+    from . import models
+
+    if not models.hub_reachable():
+        raise BenchError(f"dataset: {hub_id} needs the Hugging Face hub, which is unreachable; pass --data-root "
+                         "(or BENCH_DATA_ROOT) holding the offline copy, or a local .json/.jsonl file")
+    import datasets
+
+    ds = datasets.load_dataset(hub_id, config_name)
+    train = map_fields(list(ds["train"]), fields, hub_id)
+    if "test" in ds:
+        test = map_fields(list(ds["test"]), fields, hub_id)
+    else:
+        train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
+    return Dataset(train, test, None, {f"hub:{hub_id}": getattr(ds["train"], "_fingerprint", "")}, f"hub:{hub_id}")
+
+
+# ---- partitioning ------------------------------------------------------------------------------
+
+def partition(cfg, data: Dataset) -> list[list[int]]:
+    """Client shards as lists of indices into data.train; seeded; refuses empty clients."""
+    n, k = len(data.train), cfg.num_clients
+    rng = np.random.default_rng([cfg.seed, 15485863])
+    labels = [r["label"] for r in data.train]
+    if cfg.partition == "predefined":
+        if data.predefined is None:
+            raise BenchError(f"partition: dataset {cfg.dataset!r} has no predefined client split; use iid, dirichlet or shards")
+        if len(data.predefined) != k:
+            raise BenchError(f"num_clients: the predefined split of {cfg.dataset} has {len(data.predefined)} clients, "
+                             f"got num_clients={k}; set num_clients={len(data.predefined)}")
+        shards = [list(s) for s in data.predefined]
+    elif cfg.partition == "iid":
+        shards = [sorted(s.tolist()) for s in np.array_split(rng.permutation(n), k)]
+    else:
+        if any(l is None for l in labels):
+            raise BenchError(f"label_field: partition {cfg.partition!r} needs a label per record, and dataset "
+                             f"{cfg.dataset} has none; set --label-field / --field-map label=<field>, or use iid")
+        classes = sorted(set(map(str, labels)))
+        by_class = {c: [i for i, l in enumerate(labels) if str(l) == c] for c in classes}
+        if cfg.partition == "dirichlet":
+            shards = _dirichlet(by_class, k, cfg.dirichlet_alpha, cfg.min_examples_per_client, rng)
+        else:
+            shards = _label_shards(by_class, classes, k, cfg.shards_per_client, rng)
+    if cfg.max_examples_per_client:
+        shards = [sorted(rng.permutation(s)[: cfg.max_examples_per_client].tolist()) if len(s) > cfg.max_examples_per_client
+                  else s for s in shards]
+    for i, s in enumerate(shards):
+        if len(s) == 0:
+            raise BenchError(f"num_clients: client {i} has 0 examples after partitioning ({cfg.partition}); "
+                             "use fewer clients, a larger dirichlet_alpha, or more data")
+    return shards
+
+
+def _dirichlet(by_class: dict[str, list[int]], k: int, alpha: float, min_size: int, rng) -> list[list[int]]:
+    """Per class, split its examples among clients with proportions ~ Dir(α); redraw until every client
+    holds at least min_size examples (the usual recipe of Hsu et al. 2019)."""
+    total = sum(len(v) for v in by_class.values())
+    if total < k * min_size:
+        raise BenchError(f"num_clients: {total} examples cannot give {k} clients at least {min_size} each; "
+                         "use fewer clients or lower min_examples_per_client")
+    for _ in range(1000):
+        shards: list[list[int]] = [[] for _ in range(k)]
+        for c, idx in by_class.items():
+            idx = rng.permutation(idx)
+            props = rng.dirichlet([alpha] * k)
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for client, part in enumerate(np.split(idx, cuts)):
+                shards[client].extend(part.tolist())
+        if min(len(s) for s in shards) >= min_size:
+            return [sorted(s) for s in shards]
+    raise BenchError(f"dirichlet_alpha: α={alpha} left a client with fewer than {min_size} examples in 1000 draws; "
+                     "raise dirichlet_alpha or lower min_examples_per_client / num_clients")
+
+
+def _label_shards(by_class, classes, k: int, per_client: int, rng) -> list[list[int]]:
+    """Pathological non-IID (McMahan et al.): sort by label, cut into k·per_client shards, deal them out."""
+    if per_client > len(classes):
+        raise BenchError(f"shards_per_client: {per_client} label shards per client but the data has only "
+                         f"{len(classes)} labels; set shards_per_client ≤ {len(classes)}")
+    ordered = np.array([i for c in classes for i in by_class[c]])
+    pieces = np.array_split(ordered, k * per_client)
+    order = rng.permutation(len(pieces))
+    return [sorted(np.concatenate([pieces[j] for j in order[c * per_client:(c + 1) * per_client]]).tolist()) for c in range(k)]
+
+
+def label_histogram(data: Dataset, shard: list[int]) -> dict[str, int]:
+    counts = Counter(str(data.train[i]["label"]) for i in shard if data.train[i]["label"] is not None)
+    return dict(sorted(counts.items()))
+
+
+# ---- prompts and tokenisation ------------------------------------------------------------------
+
+def prompt_text(rec: dict, template: str, tokenizer) -> str:
+    if template == "chat":
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    fmt = ALPACA if rec["input"] else ALPACA_NO_INPUT
+    return fmt.format(**rec)
+
+
+def tokenize(rec: dict, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """input_ids and labels (-100 on the prompt unless train_on_inputs), at most cutoff_len tokens.
+
+    Plain right-truncation would drop every answer token of a long prompt (a wasted example, loss 0).
+    Instead the answer keeps at least a quarter of the budget, and an over-long prompt loses its
+    middle, keeping its head and the template's tail (`### Response:`), which the model must see.
+    """
+    prompt_ids = tokenizer(prompt_text(rec, template, tokenizer), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(answer_ids) > cutoff_len:
+        answer_budget = min(len(answer_ids), max(cutoff_len // 4, cutoff_len - len(prompt_ids)))
+        prompt_budget = cutoff_len - answer_budget
+        if len(prompt_ids) > prompt_budget:
+            tail = min(16, prompt_budget // 2)
+            prompt_ids = prompt_ids[: prompt_budget - tail] + prompt_ids[len(prompt_ids) - tail:]
+        answer_ids = answer_ids[: cutoff_len - len(prompt_ids)]
+    ids = prompt_ids + answer_ids
+    labels = (list(prompt_ids) if train_on_inputs else [-100] * len(prompt_ids)) + answer_ids
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(batch: list[dict], pad_id: int):
+    import torch
+
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
+def data_root_default() -> str | None:
+    return os.environ.get("BENCH_DATA_ROOT")

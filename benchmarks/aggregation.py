@@ -1,0 +1,311 @@
+"""Aggregation cost per method at Llama-7B LoRA shapes, against the dense-SVD FlexLoRA baseline.
+
+    python -m benchmarks.aggregation --out runs/perf            # full (~4-5 min on a 2-core CPU)
+    python -m benchmarks.aggregation --out runs/perf --quick    # CI smoke (~10-20 s)
+
+Writes <out>/aggregation.json and <out>/aggregation.md; `run(out_dir, quick)` returns the JSON dict.
+
+What is measured (float64 throughout, so that the singular values can be checked to 1e-5):
+- each method's `aggregate()` on one module (the real code in methods/, not a sketch);
+- FLoRA separately: the stacking (its aggregate) and the merge W += B_s A_s that the engine does;
+- the public FlexLoRA code path as baseline: ΔW = Σ p_k s_k B_k A_k formed densely,
+  torch.linalg.svd(ΔW), truncation to each client's rank;
+- the dense formation of ΔW alone (reference for the other methods);
+- our singular values vs the dense ones (max relative error, must be ≤ 1e-5) and ‖B'A' − ΔW‖/‖ΔW‖.
+Timings: default torch threads, one warm-up then the median of a few repeats (the dense SVD, which
+takes seconds, only once or twice; its LAPACK path is warmed up on a small matrix first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from methods import ClientUpdate, GlobalState, client_weights, get_method
+
+METHODS = ["fedavg-lora", "fedit", "flora", "flexlora"]
+RANKS_10 = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+ALPHA = 16.0
+DTYPE = torch.float64
+SV_TOL = 1e-5
+
+# Llama-7B LoRA targets: (label, d_out, d_in, modules of this shape per layer)
+LLAMA7B_SHAPES = [("q/k/v/o", 4096, 4096, 4), ("gate/up", 11008, 4096, 2), ("down", 4096, 11008, 1)]
+LLAMA7B_LAYERS = 32
+
+FULL = dict(shapes=[(d_out, d_in) for _, d_out, d_in, _ in LLAMA7B_SHAPES], client_counts=(10, 100),
+            clients_curve=(2, 5, 10, 20, 50, 100), clients_curve_d=4096, d_curve=(512, 1024, 2048, 4096),
+            repeats=7, dense_repeats={(4096, 4096, 10): 2}, dense_repeats_default=1)
+# 1/8 of the Llama-7B shapes, same aspect ratio
+QUICK = dict(shapes=[(512, 512), (1376, 512), (512, 1376)], client_counts=(10,),
+             clients_curve=(2, 5, 10, 20), clients_curve_d=512, d_curve=(256, 512),
+             repeats=5, dense_repeats={}, dense_repeats_default=1)
+
+
+def ranks_for(k: int) -> list[int]:
+    return [RANKS_10[i % len(RANKS_10)] for i in range(k)]
+
+
+def make_updates(d_out: int, d_in: int, ranks: list[int], seed: int = 0) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    ups = []
+    for k, r in enumerate(ranks):
+        a = torch.randn(r, d_in, generator=g, dtype=DTYPE) / d_in ** 0.5
+        b = torch.randn(d_out, r, generator=g, dtype=DTYPE) / r ** 0.5
+        n = int(torch.randint(20, 200, (1,), generator=g))
+        ups.append(ClientUpdate(k, r, ALPHA / r, n, {"m": (a, b)}))
+    return ups
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    times, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    # cpu_over_wall ≈ torch threads when the cores are ours alone; ≈ 1 or less when shared
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats, "all_ms": times,
+            "cpu_over_wall": sum(cpu) / max(sum(times), 1e-9)}
+
+
+def dense_delta(updates: list[ClientUpdate]) -> torch.Tensor:
+    a0, b0 = updates[0].factors["m"]
+    dw = torch.zeros(b0.shape[0], a0.shape[1], dtype=DTYPE)
+    for u, p in zip(updates, client_weights(updates)):
+        a, b = u.factors["m"]
+        dw.addmm_(b, a, alpha=p * u.scaling)
+    return dw
+
+
+def dense_flexlora(updates: list[ClientUpdate]):
+    """The public FlexLoRA code path: dense ΔW, full SVD, truncate per client rank."""
+    dw = dense_delta(updates)
+    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    out = {}
+    for r in sorted({x.rank for x in updates}):
+        out[r] = (s[:r, None].sqrt() * vh[:r], u[:, :r] * s[:r].sqrt())
+    return s, out, dw
+
+
+def merge_into_base(w: torch.Tensor, merge_pair) -> None:
+    a_s, b_s = merge_pair
+    w.addmm_(b_s, a_s)
+
+
+def method_times(updates: list[ClientUpdate], repeats: int, d_out: int, d_in: int) -> tuple[dict, dict]:
+    ms, outputs = {}, {}
+    for name in METHODS:
+        m = get_method(name)
+        t = timeit(lambda: m.aggregate(updates, GlobalState()), repeats)
+        ms[name] = t
+        outputs[name] = m.aggregate(updates, GlobalState())
+    w = torch.zeros(d_out, d_in, dtype=DTYPE)
+    ms["flora_merge"] = timeit(lambda: merge_into_base(w, outputs["flora"].merge["m"]), repeats)
+    return ms, outputs
+
+
+def sv_check(flex_out, s_dense: torch.Tensor, dw: torch.Tensor) -> dict:
+    a, b = flex_out.state.adapter["m"]
+    s_ours = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)  # B'=U√S, A'=√S Vᵀ
+    q = s_ours.numel()
+    ref = s_dense[:q]
+    diff = (s_ours - ref).abs()
+    per_value = float((diff / ref.clamp_min(torch.finfo(DTYPE).tiny)).max())
+    tail = float(s_dense[q:].max()) / float(s_dense[0]) if s_dense.numel() > q else 0.0
+    recon = float(torch.linalg.matrix_norm(b @ a - dw) / torch.linalg.matrix_norm(dw))
+    return {"q": q, "max_rel_err": per_value, "max_err_over_sigma_max": float(diff.max() / ref[0]),
+            "dense_tail_over_sigma_max": tail, "reconstruction_rel_err": recon, "tol": SV_TOL,
+            "passed": bool(per_value <= SV_TOL and recon <= SV_TOL and tail <= SV_TOL)}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "dtype": str(DTYPE).replace("torch.", "")}
+    try:
+        info["loadavg_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def _case(d_out: int, d_in: int, k: int, repeats: int, dense_repeats: int, log) -> dict:
+    """One shape × client count: every method, the dense baseline, the singular-value check."""
+    ranks = ranks_for(k)
+    ups = make_updates(d_out, d_in, ranks, seed=d_out * 7 + d_in * 13 + k)
+    ms, outs = method_times(ups, repeats, d_out, d_in)
+    ms["dense_delta"] = timeit(lambda: dense_delta(ups), max(1, min(repeats, 3)), warmup=0)
+    res = {}
+    ms["dense_svd_baseline"] = timeit(lambda: res.update(out=dense_flexlora(ups)), dense_repeats, warmup=0)
+    s_dense, _, dw = res["out"]
+    check = sv_check(outs["flexlora"], s_dense, dw)
+    case = {"d_out": d_out, "d_in": d_in, "clients": k, "rank_sum": sum(ranks), "max_rank": max(ranks),
+            "ms": ms, "flexlora_speedup": ms["dense_svd_baseline"]["median_ms"] / ms["flexlora"]["median_ms"],
+            "flexlora_speedup_min": ms["dense_svd_baseline"]["min_ms"] / ms["flexlora"]["min_ms"],
+            "sv_check": check}
+    log(f"  {d_out}x{d_in} K={k}: flexlora {ms['flexlora']['median_ms']:.1f} ms vs dense "
+        f"{ms['dense_svd_baseline']['median_ms']:.0f} ms ({case['flexlora_speedup']:.0f}x), "
+        f"sv err {check['max_rel_err']:.1e}")
+    return case
+
+
+def run(out_dir: str, quick: bool = False, *, shapes=None, client_counts=None, clients_curve=None,
+        clients_curve_d=None, d_curve=None, log=None) -> dict:
+    """Run the benchmark; write <out_dir>/aggregation.json and .md; return the JSON dict.
+
+    The keyword-only overrides exist for the smoke test (tiny shapes); `bench perf` uses the defaults.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg = dict(QUICK if quick else FULL)
+    for key, val in [("shapes", shapes), ("client_counts", client_counts), ("clients_curve", clients_curve),
+                     ("clients_curve_d", clients_curve_d), ("d_curve", d_curve)]:
+        if val is not None:
+            cfg[key] = val
+    t_start = time.perf_counter()
+    info = machine_info()
+    torch.linalg.svd(torch.randn(256, 256, dtype=DTYPE))  # warm up LAPACK before any dense timing
+    repeats = cfg["repeats"]
+
+    def dense_reps(d_out, d_in, k):
+        return cfg["dense_repeats"].get((d_out, d_in, k), cfg["dense_repeats_default"])
+
+    log(f"aggregation benchmark ({'quick' if quick else 'full'}), {info['torch_threads']} threads, {info['cpu']}")
+    cases = []
+    for (d_out, d_in) in cfg["shapes"]:
+        for k in cfg["client_counts"]:
+            cases.append(_case(d_out, d_in, k, repeats, dense_reps(d_out, d_in, k), log))
+
+    log("  scaling with the number of clients")
+    d = cfg["clients_curve_d"]
+    curve_k = []
+    for k in cfg["clients_curve"]:
+        ranks = ranks_for(k)
+        ups = make_updates(d, d, ranks, seed=1000 + k)
+        ms, _ = method_times(ups, max(1, repeats - 2), d, d)
+        ms["dense_delta"] = timeit(lambda: dense_delta(ups), 1, warmup=0)
+        curve_k.append({"d": d, "clients": k, "rank_sum": sum(ranks), "ms": ms})
+
+    log("  scaling with d (square, 10 clients)")
+    curve_d = []
+    for dd in cfg["d_curve"]:
+        main = next((c for c in cases if c["d_out"] == dd and c["d_in"] == dd and c["clients"] == 10), None)
+        if main is not None:  # already measured above: reuse, do not pay the dense SVD twice
+            curve_d.append({"d": dd, "clients": 10, "rank_sum": main["rank_sum"], "ms": main["ms"],
+                            "flexlora_speedup": main["flexlora_speedup"],
+                            "flexlora_speedup_min": main["flexlora_speedup_min"], "sv_check": main["sv_check"],
+                            "from": "main table"})
+            continue
+        c = _case(dd, dd, 10, max(1, repeats - 2), 2 if dd <= 2048 else 1, log)
+        curve_d.append({"d": dd, "clients": 10, "rank_sum": c["rank_sum"], "ms": c["ms"],
+                        "flexlora_speedup": c["flexlora_speedup"], "flexlora_speedup_min": c["flexlora_speedup_min"],
+                        "sv_check": c["sv_check"]})
+
+    try:
+        info["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    all_checks = [c["sv_check"]["passed"] for c in cases] + [c["sv_check"]["passed"] for c in curve_d]
+    result = {
+        "schema": "fedlora-bench/perf/aggregation/1",
+        "quick": quick,
+        "machine": info,
+        "config": {"dtype": info["dtype"], "ranks_10": RANKS_10, "alpha": ALPHA, "scaling": "alpha/r",
+                   "repeats": repeats, "statistic": "median after 1 warm-up (dense SVD: no warm-up, 1-2 runs)",
+                   "shapes": [list(s) for s in cfg["shapes"]], "client_counts": list(cfg["client_counts"])},
+        "methods": METHODS,
+        "cases": cases,
+        "scaling_clients": curve_k,
+        "scaling_d": curve_d,
+        "sv_check_passed": all(all_checks),
+        "total_s": time.perf_counter() - t_start,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "aggregation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "aggregation.md"), "w") as f:
+        f.write(to_markdown(result))
+    log(f"  done in {result['total_s']:.0f} s; sv check {'passed' if result['sv_check_passed'] else 'FAILED'}")
+    return result
+
+
+def _ms(x: dict, key: str) -> str:
+    v = x["ms"][key]["median_ms"]
+    return f"{v:.3g}" if v < 100 else f"{v:,.0f}"
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        f"# Aggregation benchmark ({'quick' if r['quick'] else 'full'})",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+        f"Python {m['python']}; {m['dtype']}; load average at start {m.get('loadavg_start')}, "
+        f"end {m.get('loadavg_end')}. Total {r['total_s']:.0f} s.",
+        "",
+        "Median ms per module per round (one warm-up, then the median; the dense SVD baseline: "
+        "the number of runs in parentheses). Ranks cycle " + ", ".join(map(str, r["config"]["ranks_10"])) + ". "
+        "Speed-up = dense-SVD FlexLoRA / ours, from medians and from minima. CPU/wall = process CPU time over "
+        "wall time during the dense SVD: ≈ the thread count when the cores were ours alone, lower when shared.",
+        "",
+        "| d_out×d_in | K | Σr | FedAvg-LoRA | FedIT | FLoRA stack | FLoRA W+=B_sA_s | FlexLoRA (ours) "
+        "| dense ΔW only | dense-SVD FlexLoRA | speed-up (median / min) | σ max rel err | ‖B'A'−ΔW‖/‖ΔW‖ | CPU/wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["cases"]:
+        sv = c["sv_check"]
+        lines.append(
+            f"| {c['d_out']}×{c['d_in']} | {c['clients']} | {c['rank_sum']} | {_ms(c, 'fedavg-lora')} | {_ms(c, 'fedit')} "
+            f"| {_ms(c, 'flora')} | {_ms(c, 'flora_merge')} | {_ms(c, 'flexlora')} | {_ms(c, 'dense_delta')} "
+            f"| {_ms(c, 'dense_svd_baseline')} ({c['ms']['dense_svd_baseline']['repeats']}) "
+            f"| **{c['flexlora_speedup']:.0f}×** / {c['flexlora_speedup_min']:.0f}× | {sv['max_rel_err']:.1e} "
+            f"| {sv['reconstruction_rel_err']:.1e} | {c['ms']['dense_svd_baseline']['cpu_over_wall']:.2f} |")
+    lines += ["", f"Singular values equal to {SV_TOL:g} relative everywhere: "
+              f"**{'yes' if r['sv_check_passed'] else 'NO'}**.", ""]
+    d = r["scaling_clients"][0]["d"] if r["scaling_clients"] else 0
+    lines += [f"## Time vs number of clients ({d}×{d}, ms)", "",
+              "| K | Σr | FedAvg-LoRA | FLoRA stack | FLoRA W+=B_sA_s | FlexLoRA (ours) | dense ΔW only |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in r["scaling_clients"]:
+        lines.append(f"| {c['clients']} | {c['rank_sum']} | {_ms(c, 'fedavg-lora')} | {_ms(c, 'flora')} "
+                     f"| {_ms(c, 'flora_merge')} | {_ms(c, 'flexlora')} | {_ms(c, 'dense_delta')} |")
+    lines += ["", "## Time vs d (d×d, 10 clients, ms)", "",
+              "| d | FedAvg-LoRA | FLoRA stack | FLoRA W+=B_sA_s | FlexLoRA (ours) | dense-SVD FlexLoRA | speed-up (median / min) |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in r["scaling_d"]:
+        lines.append(f"| {c['d']} | {_ms(c, 'fedavg-lora')} | {_ms(c, 'flora')} | {_ms(c, 'flora_merge')} "
+                     f"| {_ms(c, 'flexlora')} | {_ms(c, 'dense_svd_baseline')} | {c['flexlora_speedup']:.0f}× "
+                     f"/ {c['flexlora_speedup_min']:.0f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/perf", help="output folder (default: runs/perf)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, for CI smoke use (~seconds)")
+    args = ap.parse_args(argv)
+    r = run(args.out, quick=args.quick)
+    print(os.path.join(args.out, "aggregation.md"))
+    return 0 if r["sv_check_passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

