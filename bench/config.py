@@ -212,7 +212,7 @@ def load_preset(name: str) -> dict:
 def build_config(preset: str | None = None, config_file: str | None = None,
                  overrides: dict[str, Any] | None = None) -> RunConfig:
     """Merge the layers and validate. `overrides` are the CLI flags the user actually gave."""
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = dict(overrides or {})  # an explicit None unsets a preset value (ablate: ranks=None)
     layers: list[tuple[str, dict]] = []
     file_data = load_yaml(config_file, "config") if config_file else {}
     preset = overrides.get("preset") or file_data.get("preset") or preset

@@ -31,6 +31,63 @@ from .io import RECORD_SCHEMA_VERSION, atomic_replace_dir, atomic_write_json, at
 
 CHECKPOINT_VERSION = 1
 
+# ---- test hooks (documented in docs/reliability.md; inert unless the env var is set) -------------
+# BENCH_TEST_KILL_AT=<point>: the process SIGKILLs itself at that exact point, so tests can crash a
+#   real run deterministically. Points: round<r>:client<k> (after the first optimizer step of client k
+#   in round r), round<r>:aggregate (after aggregation and the merge into the base, nothing saved),
+#   round<r>:metrics (metrics.jsonl written, checkpoint not), round<r>:checkpoint-write (new state
+#   file half-way: written to the temporary folder, not renamed), round<r>:checkpoint-swap (old
+#   checkpoint moved aside, new one not yet in place), test-loss, final-save (global model written to
+#   its temporary folder), eval, record (global model in place, results record not yet written).
+# BENCH_TEST_PAUSE_AT=<point>: at that point the process prints "test hook: paused at <point>" to stderr
+#   and waits (≤ 300 s) for SIGINT/SIGTERM, so a test can deliver a real signal at an exact point.
+# BENCH_TEST_POISON=<r>:<k>[:nan|inf|big]: after local training, client k of round r (k may be *)
+#   sends NaN / Inf factors, or factors scaled by 1e6 (for max_update_norm).
+
+
+_SIGNALLED: list[str] = []  # filled by _Signals._handle; read by the pause hook
+
+
+def _test_kill(point: str) -> None:
+    if os.environ.get("BENCH_TEST_KILL_AT") == point:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("BENCH_TEST_PAUSE_AT") == point:
+        print(f"[bench] test hook: paused at {point}", file=sys.stderr, flush=True)
+        deadline = time.time() + 300
+        while not _SIGNALLED and time.time() < deadline:
+            time.sleep(0.02)
+
+
+def _test_poison(rnd: int, k: int, factors: dict) -> None:
+    spec = os.environ.get("BENCH_TEST_POISON")
+    if not spec:
+        return
+    r, c, *kind = spec.split(":")
+    if int(r) != rnd or (c != "*" and int(c) != k):
+        return
+    kind = kind[0] if kind else "nan"
+    for name, (a, b) in factors.items():
+        if kind == "big":
+            b.mul_(1e6)
+        else:
+            a.fill_(float("nan") if kind == "nan" else float("inf"))
+            break
+
+
+def _rss_mb() -> float | None:
+    """Resident set size of this process now (not the peak), in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil
+            return round(psutil.Process().memory_info().rss / 2 ** 20, 1)
+        except Exception:
+            return None
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the last checkpoint is intact."""
@@ -210,7 +267,7 @@ def token_loss(model, batch, device) -> tuple[torch.Tensor, int]:
     return loss, int((target != -100).sum())
 
 
-def train_client(cm: ClientModel, examples: list[dict], cfg: RunConfig, seed: int, progress=None) -> dict:
+def train_client(cm: ClientModel, examples: list[dict], cfg: RunConfig, seed: int, progress=None, on_step=None) -> dict:
     """Local training of the active adapter: AdamW, gradient accumulation, loss on labelled tokens."""
     model = cm.model
     model.train()
@@ -241,6 +298,8 @@ def train_client(cm: ClientModel, examples: list[dict], cfg: RunConfig, seed: in
         tokens += sum(int(e[2].sum()) for e in encoded)
         if progress is not None:
             progress.update(1)
+        if on_step is not None:  # the engine's signal check and test hook; may raise Interrupted
+            on_step(len(losses))
     del opt
     return {"loss": float(np.mean(losses)), "first_loss": losses[0], "last_loss": losses[-1], "steps": steps, "tokens": tokens}
 
@@ -275,25 +334,37 @@ def save_checkpoint(run_dir: Path, rnd: int, state: GlobalState, base: dict | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
-    atomic_write_json(tmp / "meta.json", {**meta, "round": rnd, "checkpoint_version": CHECKPOINT_VERSION,
-                                         "state_sha256": models.file_sha256(tmp / "state.safetensors")})
     with open(tmp / "state.safetensors", "rb") as f:
         os.fsync(f.fileno())
-    atomic_replace_dir(tmp, run_dir / "checkpoint")
+    _test_kill(f"round{rnd}:checkpoint-write")
+    atomic_write_json(tmp / "meta.json", {**meta, "round": rnd, "checkpoint_version": CHECKPOINT_VERSION,
+                                         "state_sha256": models.file_sha256(tmp / "state.safetensors")})
+    atomic_replace_dir(tmp, run_dir / "checkpoint", between=lambda: _test_kill(f"round{rnd}:checkpoint-swap"))
+
+
+def checkpoint_dir(run_dir: Path) -> Path | None:
+    """The folder holding the last complete checkpoint, or None (no round finished yet).
+
+    `checkpoint/` only ever appears by renaming a complete folder. A crash between moving the old one
+    aside and renaming the new one in leaves `checkpoint.old/` as the last complete round."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (run_dir / name).is_dir():
+            return run_dir / name
+    return None
 
 
 def load_checkpoint(run_dir: Path, config_hash: str, method: str) -> tuple[int, GlobalState, dict, dict]:
     from safetensors.torch import load_file
 
-    ck = run_dir / "checkpoint"
+    ck = checkpoint_dir(run_dir) or run_dir / "checkpoint"
     meta_path = ck / "meta.json"
     if not meta_path.is_file():
         raise BenchError(f"resume: {run_dir} has no complete checkpoint ({meta_path} missing); start the run again without --resume")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise BenchError(f"resume: {meta_path} is corrupt (not JSON); delete {ck} and start again without --resume") from None
-    if meta.get("checkpoint_version") != CHECKPOINT_VERSION or "round" not in meta:
+    if not isinstance(meta, dict) or meta.get("checkpoint_version") != CHECKPOINT_VERSION or not isinstance(meta.get("round"), int):
         raise BenchError(f"resume: {meta_path} is not a fedlora-bench v{CHECKPOINT_VERSION} checkpoint; start again without --resume")
     if meta.get("config_hash") != config_hash or meta.get("method") != method:
         raise BenchError(f"resume: the checkpoint in {ck} belongs to another run (method or config differs); "
@@ -301,15 +372,20 @@ def load_checkpoint(run_dir: Path, config_hash: str, method: str) -> tuple[int, 
     state_path = ck / "state.safetensors"
     if not state_path.is_file() or models.file_sha256(state_path) != meta.get("state_sha256"):
         raise BenchError(f"resume: {state_path} is missing or corrupt (checksum mismatch); delete {ck} and start again")
-    tensors = load_file(str(state_path))
-    adapter, base = {}, {}
-    for key, t in tensors.items():
-        kind, name, *part = key.split("::")
-        if kind == "adapter":
-            adapter.setdefault(name, {})[part[0]] = t
-        else:
-            base[name] = t
-    state = GlobalState({n: (ab["A"], ab["B"]) for n, ab in adapter.items()}, meta["round"])
+    try:
+        tensors = load_file(str(state_path))
+        adapter, base = {}, {}
+        for key, t in tensors.items():
+            kind, name, *part = key.split("::")
+            if kind == "adapter":
+                adapter.setdefault(name, {})[part[0]] = t
+            elif kind == "base":
+                base[name] = t
+            else:
+                raise ValueError(key)
+        state = GlobalState({n: (ab["A"], ab["B"]) for n, ab in adapter.items()}, meta["round"])
+    except Exception:
+        raise BenchError(f"resume: {state_path} does not hold fedlora-bench checkpoint tensors; delete {ck} and start again") from None
     return meta["round"], state, base, meta
 
 
@@ -367,6 +443,7 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.hit = signal.Signals(signum).name
+        _SIGNALLED.append(self.hit)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -374,11 +451,39 @@ class _Signals:
 
     def check(self, run_dir: Path):
         if self.hit:
-            raise Interrupted(f"{self.hit} received; the last complete round is checkpointed. Resume with: bench run --resume {run_dir}")
+            ck = checkpoint_dir(run_dir)
+            done = json.loads((ck / "meta.json").read_text()).get("round") if ck and (ck / "meta.json").is_file() else None
+            where = f"round {done} is the last checkpointed round" if done else "no round was complete yet"
+            raise Interrupted(f"{self.hit} received; {where}. Resume with: bench run --resume {run_dir}")
+
+
+def _check_output_paths(cfg: RunConfig, run_dir: Path, resume: str | None) -> None:
+    """Refuse output locations that would fail only at the end of the run."""
+    for what, path in (("output_dir", run_dir), ("results_dir", Path(cfg.results_dir))):
+        if path.exists() and not path.is_dir():
+            raise BenchError(f"{what}: {path} exists and is not a folder; pass a folder path")
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise BenchError(f"{what}: {probe} (a parent of {path}) is a file, not a folder; pass a folder path")
+        if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+            raise BenchError(f"{what}: {probe} is not writable; pass a folder you can write to")
+    if not resume and ((run_dir / "checkpoint").exists() or (run_dir / "checkpoint.old").exists()):
+        raise BenchError(f"output_dir: {run_dir} already holds a run; use --resume {run_dir} or another --output-dir")
+
+
+def _partition_hash(plan: Plan) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"shards": plan.shards, "ranks": plan.ranks}).encode()).hexdigest()
 
 
 def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | None = None, log=print) -> dict:
-    """Run (or resume) a federated experiment end to end; returns the results record."""
+    """Run (or resume) a federated experiment end to end; returns the results record.
+
+    Nothing is written until every input has been checked (preflight, output paths, the checkpoint
+    to resume from)."""
     t_start = time.time()
     plan = plan or preflight(cfg)
     method = get_method(cfg.method)
@@ -386,11 +491,22 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     dtype = _dtype(cfg, device)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
     run_id = run_dir.name
-    if not resume and (run_dir / "checkpoint").exists():
-        raise BenchError(f"output_dir: {run_dir} already holds a run; use --resume {run_dir} or another --output-dir")
+    _check_output_paths(cfg, run_dir, resume)
+    config_hash = cfg.config_hash()
+    part_hash = _partition_hash(plan)
+    ck = None
+    if resume:
+        ck = load_checkpoint(run_dir, config_hash, cfg.method) if checkpoint_dir(run_dir) else None
+        if ck and ck[3].get("partition_sha256", part_hash) != part_hash:
+            raise BenchError(f"resume: the client partition or ranks differ from those of the checkpoint in {run_dir} "
+                             "(the data files changed?); restore the data or start a new run")
+    # ---- from here on, files are written
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
+    else:  # leftovers of a killed process: temporary folders never renamed into place
+        for stale in list(run_dir.glob(".checkpoint.tmp*")) + list(run_dir.glob(".global_model.tmp*")):
+            shutil.rmtree(stale, ignore_errors=True)
 
     log(f"[bench] run {run_id}: method={cfg.method} model={plan.model_id} dataset={cfg.dataset} ({plan.dataset.origin}) "
         f"partition={cfg.partition} clients={cfg.num_clients} rounds={cfg.rounds} device={device}")
@@ -410,18 +526,22 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                         for i in shard] for shard in plan.shards]  # once per run, reused every round
     timings["tokenize_s"] = time.time() - t
 
-    config_hash = cfg.config_hash()
+    # No RNG state is saved: every draw derives from (seed, round, client) (see the module docstring),
+    # so the checkpoint holds only what the rounds computed: global state, merged base, metrics so far.
     state, start_round, rounds_log = GlobalState(), 0, []
     last_merge_bytes = 0
-    if resume:
-        start_round, state, base, meta = load_checkpoint(run_dir, config_hash, cfg.method)
+    if ck:
+        start_round, state, base, meta = ck
         if base:
             cm.set_base_weights(base)
         last_merge_bytes = meta.get("last_merge_bytes", 0)
-        rounds_log = _read_metrics(run_dir)[:start_round]
+        rounds_log = meta["rounds"] if "rounds" in meta else _read_metrics(run_dir)[:start_round]
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rounds_log))
-        log(f"[bench] resumed {run_dir} after round {start_round}")
+        log(f"[bench] resumed {run_dir} after round {start_round}"
+            + (" (all rounds done: redoing the final steps)" if start_round >= cfg.rounds else ""))
     else:
+        if resume:
+            log(f"[bench] {run_dir} has no checkpoint yet: starting from round 1")
         atomic_write_text(run_dir / "metrics.jsonl", "")
 
     from tqdm.auto import tqdm
@@ -442,12 +562,19 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 adapter = cm.load_client(r_k, init, seed)
                 t = time.time()
                 steps_total = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(client_examples[k]) / cfg.batch_size))
+
+                def on_step(step, rnd=rnd, k=k):
+                    if step == 1:
+                        _test_kill(f"round{rnd}:client{k}")
+                    signals.check(run_dir)  # a round cut short is redone on resume
+
                 with tqdm(total=steps_total, desc=f"round {rnd} client {k} (r={r_k})", leave=False,
                           disable=not sys.stderr.isatty()) as bar:
-                    stats = train_client(cm, client_examples[k], cfg, seed, bar)
+                    stats = train_client(cm, client_examples[k], cfg, seed, bar, on_step=on_step)
                 secs = time.time() - t
                 timings["train_s"] += secs
                 factors = cm.factors(adapter)
+                _test_poison(rnd, k, factors)
                 update = ClientUpdate(k, r_k, s_k, len(plan.shards[k]), factors)
                 row = {"id": k, "rank": r_k, "examples": len(plan.shards[k]), **stats, "seconds": round(secs, 3),
                        "tokens_per_s": round(stats["tokens"] / secs, 2) if secs > 0 else None,
@@ -462,8 +589,11 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 log(f"[bench]   round {rnd} client {k}: loss {stats['first_loss']:.3f} → {stats['last_loss']:.3f} "
                     f"({stats['steps']} steps, {secs:.1f} s)")
             if not updates:
+                last = checkpoint_dir(run_dir)
+                keep = (f"the last good checkpoint (round {rnd - 1}) is intact in {last}" if last
+                        else "no round had completed, so there is no checkpoint")
                 raise BenchError(f"clients: every client of round {rnd} was excluded (NaN/Inf or norm above max_update_norm); "
-                                 f"the last good checkpoint is in {run_dir / 'checkpoint'}; lower lr or raise max_update_norm")
+                                 f"{keep}; lower lr or raise max_update_norm")
             signals.check(run_dir)
             t = time.time()
             agg: Aggregate = method.aggregate(updates, state)
@@ -473,16 +603,18 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             timings["aggregate_s"] += agg_s
             state = agg.state
             last_merge_bytes = tensor_bytes(agg.merge)
+            _test_kill(f"round{rnd}:aggregate")
             row = {"round": rnd, "sampled": sampled, "clients": client_rows,
                    "excluded": [c["id"] for c in client_rows if "excluded" in c],
                    **{k: v for k, v in agg.metrics.items()}, "aggregate_seconds": round(agg_s, 4),
-                   "seconds": round(time.time() - t_round, 3)}
+                   "seconds": round(time.time() - t_round, 3), "rss_mb": _rss_mb()}
             rounds_log.append(row)
             t = time.time()
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rounds_log))
+            _test_kill(f"round{rnd}:metrics")
             save_checkpoint(run_dir, rnd, state, cm.base_weights() if method.merges_into_base else None,
                             {"config_hash": config_hash, "method": cfg.method, "run_id": run_id,
-                             "last_merge_bytes": last_merge_bytes})
+                             "last_merge_bytes": last_merge_bytes, "partition_sha256": part_hash, "rounds": rounds_log})
             timings["checkpoint_s"] += time.time() - t
             noise = agg.metrics.get("noise")
             log(f"[bench] round {rnd}/{cfg.rounds} done in {row['seconds']:.1f} s"
@@ -491,52 +623,60 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 _save_client_adapters(cm, run_dir, rnd, updates, cfg)
             signals.check(run_dir)
 
-    # the global model: base (+ merged rounds) + global adapter, as a plain HF model
-    t = time.time()
-    if state.adapter:
-        cm.add_to_base(state.adapter)
-    global_model = cm.model.unload()
-    global_model.config.use_cache = True
-    test = plan.dataset.test
-    if cfg.test_limit and len(test) > cfg.test_limit:
-        pick = np.random.default_rng([cfg.seed, 31337]).permutation(len(test))[: cfg.test_limit]
-        test = [test[i] for i in sorted(pick)]
-    test_examples = [data_mod.tokenize(r, tok, cfg.prompt_template, cfg.cutoff_len, False) for r in test]
-    test_loss = held_out_loss(global_model, test_examples, tok.pad_token_id, device)
-    timings["test_loss_s"] = time.time() - t
-    log(f"[bench] global model held-out loss on {len(test_examples)} {cfg.dataset} test examples: {test_loss:.4f}")
-    t = time.time()
-    out = run_dir / "global_model"
-    tmp = run_dir / f".global_model.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    global_model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    atomic_replace_dir(tmp, out)
-    timings["save_s"] = time.time() - t
-
-    cfg_for_record = cfg.to_dict()
-    record = {
-        "schema_version": RECORD_SCHEMA_VERSION, "kind": "run", "status": "complete", "run_id": run_id, "method": cfg.method,
-        "setting": {**setting_of(cfg, plan.ranks), "model": plan.model_id},
-        "seed": cfg.seed, "config": cfg_for_record, "config_hash": config_hash,
-        "provenance": provenance(plan, device), "clients": clients_info, "rounds": rounds_log,
-        "communication": {"bytes_up": sum(c["bytes_up"] for r in rounds_log for c in r["clients"]),
-                          "bytes_down": sum(c["bytes_down"] for r in rounds_log for c in r["clients"])},
-        "test_loss": test_loss, "test_examples": len(test_examples), "run_dir": str(run_dir),
-    }
-    if plan.eval_tasks:
-        from evaluators import evaluate
-
+        # the global model: base (+ merged rounds) + global adapter, as a plain HF model. A kill from
+        # here on is resumed from the last round's checkpoint: training is skipped, these steps redone.
         t = time.time()
-        record["eval"] = evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
-                                  num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
-                                  out_dir=str(run_dir / "eval"), seed=cfg.seed)
-        timings["eval_s"] = time.time() - t
-    timings["total_s"] = time.time() - t_start
-    record["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    record_path = Path(cfg.results_dir) / f"{run_id}.json"
-    atomic_write_json(record_path, record)
-    atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
+        if state.adapter:
+            cm.add_to_base(state.adapter)
+        global_model = cm.model.unload()
+        global_model.config.use_cache = True
+        test = plan.dataset.test
+        if cfg.test_limit and len(test) > cfg.test_limit:
+            pick = np.random.default_rng([cfg.seed, 31337]).permutation(len(test))[: cfg.test_limit]
+            test = [test[i] for i in sorted(pick)]
+        test_examples = [data_mod.tokenize(r, tok, cfg.prompt_template, cfg.cutoff_len, False) for r in test]
+        _test_kill("test-loss")
+        test_loss = held_out_loss(global_model, test_examples, tok.pad_token_id, device)
+        timings["test_loss_s"] = time.time() - t
+        log(f"[bench] global model held-out loss on {len(test_examples)} {cfg.dataset} test examples: {test_loss:.4f}")
+        signals.check(run_dir)
+        t = time.time()
+        out = run_dir / "global_model"
+        tmp = run_dir / f".global_model.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        global_model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _test_kill("final-save")
+        atomic_replace_dir(tmp, out)
+        timings["save_s"] = time.time() - t
+        signals.check(run_dir)
+
+        cfg_for_record = cfg.to_dict()
+        record = {
+            "schema_version": RECORD_SCHEMA_VERSION, "kind": "run", "status": "complete", "run_id": run_id, "method": cfg.method,
+            "setting": {**setting_of(cfg, plan.ranks), "model": plan.model_id},
+            "seed": cfg.seed, "config": cfg_for_record, "config_hash": config_hash,
+            "provenance": provenance(plan, device), "clients": clients_info, "rounds": rounds_log,
+            "communication": {"bytes_up": sum(c["bytes_up"] for r in rounds_log for c in r["clients"]),
+                              "bytes_down": sum(c["bytes_down"] for r in rounds_log for c in r["clients"])},
+            "test_loss": test_loss, "test_examples": len(test_examples), "run_dir": str(run_dir),
+        }
+        if plan.eval_tasks:
+            from evaluators import evaluate
+
+            _test_kill("eval")
+            t = time.time()
+            record["eval"] = evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
+                                      num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
+                                      out_dir=str(run_dir / "eval"), seed=cfg.seed)
+            timings["eval_s"] = time.time() - t
+            signals.check(run_dir)
+        timings["total_s"] = time.time() - t_start
+        record["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        record_path = Path(cfg.results_dir) / f"{run_id}.json"
+        _test_kill("record")
+        atomic_write_json(record_path, record)
+        atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
     log(f"[bench] wrote {record_path} and {out} in {timings['total_s']:.0f} s")
     return record
 

@@ -52,13 +52,18 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Swap a fully written folder into place: the old one is removed only after the new one is there."""
+def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike, between=None) -> None:
+    """Swap a fully written folder into place: the old one is removed only after the new one is there.
+
+    A crash between the two renames leaves `<final>.old` as the only complete copy; it is kept (not
+    deleted by the next swap) until a new folder is in place. `between` is a test hook called there."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
+    if between is not None:
+        between()
     os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
     shutil.rmtree(old, ignore_errors=True)

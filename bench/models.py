@@ -147,10 +147,23 @@ def resolve_model(spec: str | None) -> tuple[str, str]:
 
 
 def check_causal_lm(path: Path) -> None:
-    cfg = json.loads((path / "config.json").read_text())
+    """A local HF folder: a readable causal-LM config, weights and a tokenizer (else the run would fail
+    only after its run folder was created)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BenchError(f"model: {path / 'config.json'} is not valid JSON (line {getattr(exc, 'lineno', '?')}); "
+                         "pass a folder written by save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise BenchError(f"model: {path / 'config.json'} is not a model config; pass a folder written by save_pretrained")
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         raise BenchError(f"model: {path} is a {archs[0]}, not a causal LM; pass a *ForCausalLM model")
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
+        raise BenchError(f"model: {path} has no weights (*.safetensors or *.bin); pass a folder written by save_pretrained")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise BenchError(f"model: {path} has no tokenizer (tokenizer.json / tokenizer_config.json); "
+                         "save the tokenizer into the folder (tokenizer.save_pretrained)")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -64,9 +64,13 @@ def make_updates(d_out: int, d_in: int, ranks: list[int], seed: int = 0) -> list
     return ups
 
 
-def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, slow_ms: float = 1000.0) -> dict:
+    """Median of `repeats` after `warmup` runs; if the warm-up took over slow_ms, only 3 repeats."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if (time.perf_counter() - t0) * 1e3 > slow_ms:
+            repeats = min(repeats, 3)
     times, cpu = [], []
     for _ in range(repeats):
         c0, t0 = time.process_time(), time.perf_counter()
@@ -168,12 +172,46 @@ def _case(d_out: int, d_in: int, k: int, repeats: int, dense_repeats: int, log) 
     return case
 
 
-def run(out_dir: str, quick: bool = False, *, shapes=None, client_counts=None, clients_curve=None,
-        clients_curve_d=None, d_curve=None, log=None) -> dict:
+def threads_probe(threads: list[int]) -> dict:
+    """Small ops (those the factored path is made of) at each thread count: on a CPU shared with other
+    processes, MKL/OpenMP with as many threads as cores can be 10-100× slower than one thread."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(4096, 160, generator=g, dtype=DTYPE)
+    a = torch.randn(160, 4096, generator=g, dtype=DTYPE)
+    core = torch.randn(160, 160, generator=g, dtype=DTYPE)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            out[str(t)] = {
+                "qr_4096x160_ms": timeit(lambda: torch.linalg.qr(b), 3)["min_ms"],
+                "svd_160x160_ms": timeit(lambda: torch.linalg.svd(core, full_matrices=False), 3)["min_ms"],
+                "matmul_4096x160x4096_ms": timeit(lambda: b @ a, 3)["min_ms"],
+            }
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def run(out_dir: str, quick: bool = False, *, threads: int | None = None, shapes=None, client_counts=None,
+        clients_curve=None, clients_curve_d=None, d_curve=None, log=None) -> dict:
     """Run the benchmark; write <out_dir>/aggregation.json and .md; return the JSON dict.
 
-    The keyword-only overrides exist for the smoke test (tiny shapes); `bench perf` uses the defaults.
+    threads: torch threads for the run (None: the machine default, torch.get_num_threads()); restored after.
+    The other keyword-only overrides exist for the smoke test (tiny shapes); `bench perf` uses the defaults.
     """
+    default_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _run(out_dir, quick, default_threads, shapes, client_counts, clients_curve, clients_curve_d,
+                    d_curve, log)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run(out_dir, quick, default_threads, shapes, client_counts, clients_curve, clients_curve_d, d_curve, log):
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = dict(QUICK if quick else FULL)
     for key, val in [("shapes", shapes), ("client_counts", client_counts), ("clients_curve", clients_curve),
@@ -182,6 +220,8 @@ def run(out_dir: str, quick: bool = False, *, shapes=None, client_counts=None, c
             cfg[key] = val
     t_start = time.perf_counter()
     info = machine_info()
+    info["default_threads"] = default_threads
+    info["threads_probe"] = threads_probe(sorted({1, default_threads})) if not quick else {}
     torch.linalg.svd(torch.randn(256, 256, dtype=DTYPE))  # warm up LAPACK before any dense timing
     repeats = cfg["repeats"]
 
@@ -258,7 +298,7 @@ def to_markdown(r: dict) -> str:
         f"# Aggregation benchmark ({'quick' if r['quick'] else 'full'})",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
-        f"Python {m['python']}; {m['dtype']}; load average at start {m.get('loadavg_start')}, "
+        f"(machine default {m.get('default_threads')}), Python {m['python']}; {m['dtype']}; load average at start {m.get('loadavg_start')}, "
         f"end {m.get('loadavg_end')}. Total {r['total_s']:.0f} s.",
         "",
         "Median ms per module per round (one warm-up, then the median; the dense SVD baseline: "
@@ -294,6 +334,12 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {c['d']} | {_ms(c, 'fedavg-lora')} | {_ms(c, 'flora')} | {_ms(c, 'flora_merge')} "
                      f"| {_ms(c, 'flexlora')} | {_ms(c, 'dense_svd_baseline')} | {c['flexlora_speedup']:.0f}× "
                      f"/ {c['flexlora_speedup_min']:.0f}× |")
+    probe = r["machine"].get("threads_probe") or {}
+    if probe:
+        lines += ["", "## Threads probe (min ms; the building blocks of the factored path)", "",
+                  "| threads | QR 4096×160 | SVD 160×160 | matmul 4096×160×4096 |", "|---:|---:|---:|---:|"]
+        for t, v in probe.items():
+            lines.append(f"| {t} | {v['qr_4096x160_ms']:.3g} | {v['svd_160x160_ms']:.3g} | {v['matmul_4096x160x4096_ms']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -301,8 +347,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/perf", help="output folder (default: runs/perf)")
     ap.add_argument("--quick", action="store_true", help="small shapes, for CI smoke use (~seconds)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the machine default; 1 on a CPU shared with other jobs)")
     args = ap.parse_args(argv)
-    r = run(args.out, quick=args.quick)
+    r = run(args.out, quick=args.quick, threads=args.threads)
     print(os.path.join(args.out, "aggregation.md"))
     return 0 if r["sv_check_passed"] else 1
 

@@ -286,6 +286,11 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
             from . import sandbox
 
             notes.append(f"pass@1 (greedy) scored in evaluators.sandbox; isolation: {sandbox.isolation()}")
+            from .runner import humaneval_max_gen_toks
+
+            if humaneval_max_gen_toks() is not None:
+                notes.append(f"max_gen_toks {humaneval_max_gen_toks()} (FEDLORA_HUMANEVAL_MAX_GEN_TOKS) instead of "
+                             "lm-eval's 1024: completions may be cut short")
         source = t["source"] if t["mode"] == "offline" else {"hub": r.get("_hub")}
         tasks_out[t["name"]] = {
             "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],

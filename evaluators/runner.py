@@ -81,6 +81,9 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
     yaml_name = {"siqa": "siqa"}.get(name, name)
     c = load_yaml(str(TASKS_DIR / f"{yaml_name}.yaml"))
     if name == "humaneval":
+        cap = humaneval_max_gen_toks()
+        if cap is not None:
+            c["generation_kwargs"] = dict(c["generation_kwargs"], max_gen_toks=cap)
         return [c]
     c["dataset_kwargs"] = dict(c.get("dataset_kwargs") or {}, data_root=data_root)
     if name == "gsm8k":
@@ -91,6 +94,13 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
         if not (Path(data_root) / loaders.COMMONSENSE_FILES[name][1]).is_file():
             c.pop("training_split", None)
     return [c]
+
+
+def humaneval_max_gen_toks() -> int | None:
+    """FEDLORA_HUMANEVAL_MAX_GEN_TOKS caps generation below lm-eval's 1024 (recorded in the task's notes):
+    a small model that never emits a stop sequence costs 1024 tokens per problem, minutes on a CPU."""
+    v = os.environ.get("FEDLORA_HUMANEVAL_MAX_GEN_TOKS")
+    return int(v) if v else None
 
 
 def json_safe_copy(cfg: dict) -> dict:

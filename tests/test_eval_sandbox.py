@@ -253,3 +253,20 @@ def test_isolation_summary_names_the_layers():
     assert "RLIMIT_NPROC" in layers and "RLIMIT_AS" in layers
     if os.geteuid() == 0:
         assert "netns" in layers and "pidns" in layers and "uid=65534" in layers
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control needs the uid layer to be the only file protection")
+def test_control_the_attacks_work_without_the_layers(victim, tmp_path):
+    """The attack programs above are real: with the guard, namespaces and uid drop all off they succeed."""
+    off = dict(guard=False, namespaces=False, drop_uid=False)
+    assert run_program(f"import os\nos.remove({str(victim)!r})\nassert not os.path.exists({str(victim)!r})", **off).passed
+    assert not victim.exists()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()",
+                           **off).passed
+    finally:
+        server.close()

@@ -1,0 +1,121 @@
+"""`bench ablate`: a resumable grid of methods × rank setting × data heterogeneity × seeds.
+
+Each cell is an ordinary `bench run` with a deterministic run directory. A cell whose results record
+exists (same config hash and seed) is never run twice; a cell killed mid-run resumes from its last
+checkpoint. Every cell's config is built and validated before the first one starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import BenchError
+from .config import RANK_DISTRIBUTIONS, build_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="base preset (default quick unless --config)")
+    p.add_argument("--config", help="base YAML config")
+    p.add_argument("--methods", default="fedavg-lora,fedit,flora,flexlora")
+    p.add_argument("--ranks-grid", default="homo",
+                   help="';'-separated rank settings: homo | uniform | heavy-tail-light | heavy-tail-strong | normal | "
+                        "an explicit list like 16,8,4,4")
+    p.add_argument("--partitions", default=None,
+                   help="';'-separated data settings: iid | dirichlet:<alpha> | shards:<k> | predefined (default: the preset's)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key for every cell")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--runs-dir", default="runs/ablate")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and which are done, run nothing")
+
+
+def _rank_overrides(spec: str) -> tuple[str, dict]:
+    spec = spec.strip()
+    if spec in RANK_DISTRIBUTIONS and spec != "explicit":
+        return spec, {"rank_distribution": spec, "ranks": None}
+    try:
+        ranks = [int(x) for x in spec.split(",") if x]
+    except ValueError:
+        raise BenchError(f"ranks-grid: {spec!r} is neither a distribution ({', '.join(RANK_DISTRIBUTIONS[:-1])}) "
+                         "nor a comma-separated rank list; fix the entry") from None
+    return "r" + "-".join(map(str, ranks)), {"rank_distribution": "explicit", "ranks": ranks, "num_clients": len(ranks)}
+
+
+def _partition_overrides(spec: str) -> tuple[str, dict]:
+    kind, _, arg = spec.strip().partition(":")
+    try:
+        if kind == "dirichlet":
+            return f"dir{float(arg):g}", {"partition": "dirichlet", "dirichlet_alpha": float(arg)}
+        if kind == "shards":
+            return f"shards{int(arg)}", {"partition": "shards", "shards_per_client": int(arg)}
+    except ValueError:
+        raise BenchError(f"partitions: {spec!r} needs a number after ':', e.g. dirichlet:0.5 or shards:2") from None
+    if kind in ("iid", "predefined") and not arg:
+        return kind, {"partition": kind}
+    raise BenchError(f"partitions: unknown entry {spec!r}; use iid, dirichlet:<alpha>, shards:<k> or predefined")
+
+
+def plan_cells(args) -> list[tuple[str, object]]:
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BenchError(f"set: {item!r} must be KEY=VALUE, e.g. --set rounds=3")
+        extra[key.replace("-", "_")] = value
+    preset = args.preset or (None if args.config else "quick")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rank_specs = [_rank_overrides(s) for s in args.ranks_grid.split(";") if s.strip()]
+    part_specs = [_partition_overrides(s) for s in args.partitions.split(";") if s.strip()] if args.partitions else [("", {})]
+    cells = []
+    for method in methods:
+        for rank_tag, rank_over in rank_specs:
+            for part_tag, part_over in part_specs:
+                for seed in seeds:
+                    cell = "-".join(x for x in (method, rank_tag, part_tag, f"s{seed}") if x)
+                    over = {**extra, **rank_over, **part_over, "method": method, "seed": seed,
+                            "output_dir": str(Path(args.runs_dir) / cell), "results_dir": args.results_dir}
+                    cells.append((cell, build_config(preset=preset, config_file=args.config, overrides=over)))
+    return cells
+
+
+def _done(cfg, results_dir: Path) -> Path | None:
+    want = (cfg.method, cfg.config_hash(), cfg.seed)
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "complete" and \
+                (rec.get("method"), rec.get("config_hash"), rec.get("seed")) == want:
+            return path
+    return None
+
+
+def main(args) -> int:
+    from .engine import Interrupted, run_federated
+
+    cells = plan_cells(args)  # every cell validated before any runs
+    results = Path(args.results_dir)
+    todo = [(name, cfg) for name, cfg in cells if _done(cfg, results) is None]
+    print(f"[ablate] {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    if args.dry_run:
+        for name, cfg in cells:
+            print(f"  {'done' if _done(cfg, results) else 'todo'}  {name}")
+        return 0
+    for i, (name, cfg) in enumerate(todo, 1):
+        run_dir = Path(cfg.output_dir)
+        resume = str(run_dir) if (run_dir / "checkpoint" / "meta.json").is_file() else None
+        if not resume and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # a cell killed before its first checkpoint: start it clean
+        print(f"[ablate] cell {i}/{len(todo)}: {name}" + (" (resuming)" if resume else ""))
+        try:
+            run_federated(cfg, resume=resume)
+        except Interrupted as exc:
+            print(f"interrupted: {exc}. Re-run the same `bench ablate` command to continue the grid.")
+            return 130
+    print(f"[ablate] grid complete: {len(cells)} cells in {results}")
+    return 0

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    env = os.environ.get("BENCH_DATA_ROOT")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = data_root()
+    if not (root / "dolly_fedit_10clients").is_dir():
+        pytest.fail(f"the real data root is missing at {root}; set BENCH_DATA_ROOT (CI sets it to ../shared/data)")
+    return root
