@@ -94,7 +94,7 @@ def _done(cfg, results_dir: Path) -> Path | None:
 
 
 def main(args) -> int:
-    from .engine import Interrupted, run_federated
+    from .engine import Interrupted, checkpoint_dir, run_federated
 
     cells = plan_cells(args)  # every cell validated before any runs
     results = Path(args.results_dir)
@@ -106,7 +106,7 @@ def main(args) -> int:
         return 0
     for i, (name, cfg) in enumerate(todo, 1):
         run_dir = Path(cfg.output_dir)
-        resume = str(run_dir) if (run_dir / "checkpoint" / "meta.json").is_file() else None
+        resume = str(run_dir) if checkpoint_dir(run_dir) is not None else None
         if not resume and run_dir.exists():
             import shutil
 

@@ -474,9 +474,15 @@ def _check_output_paths(cfg: RunConfig, run_dir: Path, resume: str | None) -> No
 
 
 def _partition_hash(plan: Plan) -> str:
+    """Fingerprint of what each client trains on (the records of its shard, not just their indices),
+    the ranks and the held-out set: a resume must see the same partition as the killed run."""
     import hashlib
 
-    return hashlib.sha256(json.dumps({"shards": plan.shards, "ranks": plan.ranks}).encode()).hexdigest()
+    h = hashlib.sha256(json.dumps({"shards": plan.shards, "ranks": plan.ranks}).encode())
+    for shard in plan.shards:
+        h.update(json.dumps([plan.dataset.train[i] for i in shard], sort_keys=True, default=str).encode())
+    h.update(json.dumps(plan.dataset.test, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | None = None, log=print) -> dict:
