@@ -149,6 +149,10 @@ def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, nu
             if src is None:
                 missing[name] = f"no data at {looked} and the hub is unreachable"
                 continue
+            if name == "hellaswag":  # lm-eval's hellaswag preprocessing needs the hub dataset's fields
+                missing[name] = (f"{src['path']} exists but there is no offline HellaSwag task (lm-eval's "
+                                 "hellaswag needs the hub dataset) and the hub is unreachable")
+                continue
             from .tasks import loaders
 
             entry.update(mode="offline", source=src, data_root=str(Path(data_root).expanduser().resolve()))

@@ -95,7 +95,7 @@ class AggregationMethod:
 
 
 def client_weights(updates: list[ClientUpdate]) -> list[float]:
-    """p_k = n_k / Σ n over the clients that took part in this round (sums to 1 exactly in float64)."""
+    """p_k = n_k / Σ n over the clients that took part in this round, in float64 (Σ p_k = 1 within K ulp)."""
     total = sum(u.num_examples for u in updates)
     if total <= 0:
         raise ValueError("num_examples: every client in the round has 0 examples; nothing to aggregate")

@@ -20,17 +20,23 @@ def pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     r = a.shape[0]
     if r == rank:
         return a, b
-    a_p = torch.zeros(rank, a.shape[1], dtype=a.dtype)
-    b_p = torch.zeros(b.shape[0], rank, dtype=b.dtype)
+    a_p = torch.zeros(rank, a.shape[1], dtype=a.dtype, device=a.device)
+    b_p = torch.zeros(b.shape[0], rank, dtype=b.dtype, device=b.device)
     a_p[:r] = a
     b_p[:, :r] = b
     return a_p, b_p
 
 
 def product_fro_norm(b: Tensor, a: Tensor) -> float:
-    """‖B @ A‖_F without forming the d_out × d_in matrix: ‖BA‖² = tr((BᵀB)(AAᵀ)), m×m Grams."""
-    gram = (b.T @ b) * (a @ a.T).T
-    return float(gram.sum().clamp_min(0).sqrt())
+    """‖B @ A‖_F without forming the d_out × d_in matrix.
+
+    QR of B and of Aᵀ: B A = Q_b (R_b R_aᵀ) Q_aᵀ with orthonormal Q's, so ‖B A‖_F = ‖R_b R_aᵀ‖_F, an
+    m×m matrix. (The shortcut tr((BᵀB)(AAᵀ)) squares the condition number and cancels
+    catastrophically when B A is a small difference, e.g. the aggregation noise: floor √eps, not 0.)
+    """
+    _, r_b = torch.linalg.qr(b, mode="reduced")
+    _, r_a = torch.linalg.qr(a.T, mode="reduced")
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
 def factored_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -320,3 +320,11 @@ def test_cli_refusals(tmp_path, capsys, data_root):
     (tmp_path / "rec.json").write_text(json.dumps({"schema_version": 99}))
     assert _cli(["--run", str(tmp_path), "--tasks", "piqa", "--data-root", data_root]) == 2
     assert "schema_version 99" in capsys.readouterr().err
+
+
+def test_hellaswag_file_without_hub_is_still_missing(tmp_path):
+    f = tmp_path / "commonsense" / "hellaswag" / "test.json"
+    f.parent.mkdir(parents=True)
+    f.write_text("[]")
+    plan, missing = core.plan_tasks(["hellaswag"], data_root=str(tmp_path), limit=None, num_fewshot=None, hub=False)
+    assert plan == [] and "no offline HellaSwag task" in missing["hellaswag"] and str(f) in missing["hellaswag"]
