@@ -69,10 +69,12 @@ def plan_cells(args) -> list[tuple[str, object]]:
     rank_specs = [_rank_overrides(s) for s in args.ranks_grid.split(";") if s.strip()]
     part_specs = [_partition_overrides(s) for s in args.partitions.split(";") if s.strip()] if args.partitions else [("", {})]
     cells = []
-    for method in methods:
+    # breadth first: every method and setting gets seed 0 before any gets seed 1, so a grid that is
+    # stopped early still compares all methods
+    for seed in seeds:
         for rank_tag, rank_over in rank_specs:
             for part_tag, part_over in part_specs:
-                for seed in seeds:
+                for method in methods:
                     cell = "-".join(x for x in (method, rank_tag, part_tag, f"s{seed}") if x)
                     over = {**extra, **rank_over, **part_over, "method": method, "seed": seed,
                             "output_dir": str(Path(args.runs_dir) / cell), "results_dir": args.results_dir}
