@@ -204,6 +204,7 @@ class ClientModel:
                 self.model = get_peft_model(base, lora, adapter_name=f"r{r}")
             else:
                 self.model.add_adapter(f"r{r}", lora)
+        self.max_rank = max(plan.ranks)
         self.layers = {}
         prefix = "base_model.model."
         for name, mod in self.model.named_modules():
@@ -215,18 +216,24 @@ class ClientModel:
                 if not math.isclose(s, cfg.scaling(r), rel_tol=1e-9):
                     raise RuntimeError(f"scaling mismatch at {name}: peft {s}, config {cfg.scaling(r)}")
 
-    def load_client(self, rank: int, init: dict | None, seed: int) -> str:
-        """Activate the rank's slot: fresh peft-style init (A kaiming-uniform, B zero), then the
-        method's factors in the first rows/columns."""
+    def load_client(self, rank: int, init: dict | None, init_seed: int) -> str:
+        """Activate the rank's slot: peft-style fresh init (A kaiming-uniform, B zero), then the
+        method's factors in the first rows/columns.
+
+        The fresh A is the first `rank` rows of one max-rank draw seeded by (seed, round) alone: every
+        client of a round starts from the same global initialisation, as the server would send it
+        (FedIT, Flower). Independent per-client draws would make averaged A's shrink like 1/√K and
+        inflate FedAvg's aggregation noise with randomness that no real deployment has.
+        """
         adapter = f"r{rank}"
         self.model.set_adapter(adapter)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(init_seed)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-                fresh = torch.empty(a.shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-                a.copy_(fresh)
+                fresh = torch.empty(self.max_rank, a.shape[1], dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)  # bound depends on d_in only
+                a.copy_(fresh[:rank])
                 b.zero_()
                 if init is not None:
                     a0, b0 = init[name]
@@ -565,7 +572,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 init = method.configure(state, r_k, s_k)
                 bytes_down = tensor_bytes(init) if not method.merges_into_base else last_merge_bytes
                 seed = _seed(cfg.seed, rnd, k)
-                adapter = cm.load_client(r_k, init, seed)
+                adapter = cm.load_client(r_k, init, _seed(cfg.seed, rnd))
                 t = time.time()
                 steps_total = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(client_examples[k]) / cfg.batch_size))
 

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def measure_memory(model: str = "default", method: str = "flora", clients=MEMORY
     base = build_config(preset="quick", overrides=memory_overrides(1, model, method))
     shapes = target_module_shapes(model_path, base.target_modules)
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-perf-mem-"))
+    try:
+        runs = _memory_runs(model, method, clients, shapes, tmp, log)
+    finally:
+        if workdir is None:  # each run wrote a whole global model: do not leave them behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _memory_summary(runs, model_id, model, method, shapes)
+
+
+def _memory_runs(model, method, clients, shapes, tmp: Path, log) -> list[dict]:
     runs = []
     for n in clients:
         ovr = memory_overrides(n, model, method)
@@ -151,6 +161,10 @@ def measure_memory(model: str = "default", method: str = "flora", clients=MEMORY
         r["updates_held_in_round_bytes"] = sum(r["bytes_up"])
         runs.append(r)
         log(f"[perf] memory: {n} client(s): peak RSS {r['peak_rss_mb']:.0f} MiB")
+    return runs
+
+
+def _memory_summary(runs, model_id, model, method, shapes) -> dict:
     base_peak = runs[0]["peak_rss_mb"]
     for r in runs:
         r["ratio_vs_1_client"] = round(r["peak_rss_mb"] / base_peak, 4)
@@ -270,6 +284,17 @@ def measure_overhead(model: str = "default", method: str = "flora", quick: bool 
     cfg = build_config(preset="quick", overrides=overhead_overrides(model, method, quick))
     plan = preflight(cfg)
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-perf-loop-"))
+    try:
+        return _overhead(cfg, plan, method, quick, repeats, tmp, log)
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _overhead(cfg, plan, method, quick, repeats, tmp: Path, log) -> dict:
+    import gc
+
+    model = cfg.model
     batches: list = []
     log("[perf] overhead: engine warm-up run (records the batches) ...")
     warm = _engine_once(cfg, plan, tmp / "warmup", record_batches=batches)

@@ -19,6 +19,14 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 NUMPY_SEED = TORCH_SEED = FEWSHOT_SEED = 1234
 
 
+def _quiet_lm_eval() -> None:
+    """lm-eval warns once per custom_dataset task (57 lines for MMLU) that kwargs go through --metadata."""
+    import logging
+
+    logging.getLogger("lm_eval.api.task").addFilter(
+        lambda record: "Custom kwargs can be passed" not in record.getMessage())
+
+
 def _log(msg: str) -> None:
     print(f"[evaluators] {msg}", file=sys.stderr, flush=True)
 
@@ -155,6 +163,7 @@ def run_plan(plan: dict) -> dict:
 
     out_dir = Path(plan["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_lm_eval()
     t0 = time.monotonic()
     lm = make_lm(plan)
     load_s = time.monotonic() - t0

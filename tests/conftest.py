@@ -17,3 +17,11 @@ def shared_data() -> Path:
     if not (root / "dolly_fedit_10clients").is_dir():
         pytest.fail(f"the real data root is missing at {root}; set BENCH_DATA_ROOT (CI sets it to ../shared/data)")
     return root
+
+
+@pytest.fixture
+def offline_data_env(monkeypatch, shared_data):
+    """The real data root through BENCH_DATA_ROOT, and the hub off (as on every machine here)."""
+    monkeypatch.setenv("BENCH_DATA_ROOT", str(shared_data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return shared_data

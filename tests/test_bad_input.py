@@ -24,11 +24,8 @@ BASE = dict(method="flora", model="tiny-random-llama", dataset="{good}", partiti
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    if not (DATA / "dolly_fedit_10clients").is_dir():
-        pytest.fail(f"the real data root is missing at {DATA}; set BENCH_DATA_ROOT")
-    monkeypatch.setenv("BENCH_DATA_ROOT", str(DATA))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _env(offline_data_env):
+    """Every case runs against the real data root with the hub off."""
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,20 @@ def test_real_default_model_few_steps(tmp_path, shared_data, method):
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_clients_of_a_round_start_from_one_shared_initialisation(tmp_path, shared_data):
+    """Round 1 of FedAvg: every client starts from the same A (slices of one max-rank draw), as a
+    server's global init would be; a client's A after training differs from its start only by training."""
+    from bench.config import build_config
+    from bench.engine import ClientModel, preflight
+
+    cfg = build_config(preset="tiny", overrides={"method": "fedavg-lora", "data_root": str(shared_data)})
+    cm = ClientModel(preflight(cfg), __import__("torch").device("cpu"), __import__("torch").float32)
+    big = cm.factors(cm.load_client(4, None, 123))
+    small = cm.factors(cm.load_client(2, None, 123))
+    other = cm.factors(cm.load_client(2, None, 124))
+    for name in big:
+        assert torch.equal(small[name][0], big[name][0][:2])
+        assert not torch.equal(other[name][0], small[name][0])
+        assert not big[name][1].any()  # B starts at zero: the product is unchanged

@@ -21,11 +21,7 @@ FAST = ["--preset", "tiny", "--local-steps", "1", "--batch-size", "1", "--micro-
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    if not (DATA / "dolly_fedit_10clients").is_dir():
-        pytest.fail(f"the real data root is missing at {DATA}; set BENCH_DATA_ROOT")
-    monkeypatch.setenv("BENCH_DATA_ROOT", str(DATA))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _env(offline_data_env, monkeypatch):
     monkeypatch.delenv("BENCH_TEST_KILL_AT", raising=False)
 
 
