@@ -220,8 +220,20 @@ def _run_in_venv(plan: dict) -> dict:
         plan_path.write_text(json.dumps(plan))
         env = vllm_env()
         env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.run([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
-                              cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL)
+        # its own process group: vLLM's engine processes go with it if we are interrupted
+        proc = subprocess.Popen([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
+                                cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                import signal
+
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
         if proc.returncode != 0 or not result_path.is_file():
             raise BenchError(f"backend: the vllm worker ({py}) failed with exit code {proc.returncode}; see its "
                              "output above, or use --backend hf")

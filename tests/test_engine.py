@@ -166,3 +166,34 @@ def test_clients_of_a_round_start_from_one_shared_initialisation(tmp_path, share
         assert torch.equal(small[name][0], big[name][0][:2])
         assert not torch.equal(other[name][0], small[name][0])
         assert not big[name][1].any()  # B starts at zero: the product is unchanged
+
+
+def test_labelled_positions_shortcut_matches_full_logits_loss_and_gradients(shared_data, monkeypatch):
+    """token_loss applies the output layer to labelled positions only; it must equal the plain path."""
+    from bench import data as D
+    from bench import engine
+    from bench.config import build_config
+
+    cfg = build_config(preset="tiny", overrides={"method": "flora", "data_root": str(shared_data), "lora_dropout": 0.0})
+    plan = engine.preflight(cfg)
+    cm = engine.ClientModel(plan, torch.device("cpu"), torch.float32)
+    adapter = cm.load_client(4, None, 1)
+    with torch.no_grad():
+        for layer in cm.layers.values():
+            layer.lora_B[adapter].weight.normal_(0, 0.05)
+    examples = [D.tokenize(plan.dataset.train[i], cm.tokenizer, "alpaca", 64, False) for i in plan.shards[0][:4]]
+    batch = D.collate(examples, cm.tokenizer.pad_token_id)
+
+    def loss_and_grads():
+        cm.model.zero_grad()
+        loss, n = engine.token_loss(cm.model, batch, cm.device)
+        loss.backward()
+        return loss.item(), n, {k: p.grad.clone() for k, p in cm.model.named_parameters() if p.requires_grad}
+
+    fast = loss_and_grads()
+    assert "llama" in engine.PLAIN_LM_HEAD
+    monkeypatch.setattr(engine, "PLAIN_LM_HEAD", set())
+    full = loss_and_grads()
+    assert fast[1] == full[1] > 0
+    assert fast[0] == pytest.approx(full[0], rel=1e-5)
+    assert all(torch.allclose(fast[2][k], full[2][k], rtol=1e-4, atol=1e-6) for k in full[2])
