@@ -273,13 +273,19 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
         else:
             from .runner import run_plan
 
+            import torch
+
             env_backup = None
             if backend == "vllm":
                 env_backup = dict(os.environ)
                 os.environ.update(vllm_env())
+            threads = torch.get_num_threads()  # the hf backend may drop to 1 thread on a loaded CPU
             try:
                 result = run_plan(run)
             finally:
+                # restore: a caller that trains next (bench ablate) must keep its thread count, or its
+                # float reductions, and so its numbers, would depend on the load during evaluation
+                torch.set_num_threads(threads)
                 if env_backup is not None:
                     os.environ.clear()
                     os.environ.update(env_backup)

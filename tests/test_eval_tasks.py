@@ -328,3 +328,22 @@ def test_hellaswag_file_without_hub_is_still_missing(tmp_path):
     f.write_text("[]")
     plan, missing = core.plan_tasks(["hellaswag"], data_root=str(tmp_path), limit=None, num_fewshot=None, hub=False)
     assert plan == [] and "no offline HellaSwag task" in missing["hellaswag"] and str(f) in missing["hellaswag"]
+
+
+def test_evaluate_restores_the_callers_thread_count(tmp_path, monkeypatch, shared_data):
+    """The hf backend may use one thread on a loaded CPU; the caller (e.g. an ablation grid that trains
+    next) must get its own thread count back, or its numbers would depend on the load."""
+    import torch
+
+    from bench.models import resolve_model
+    from evaluators import evaluate
+
+    monkeypatch.setenv("FEDLORA_EVAL_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evaluate(resolve_model("tiny-random-llama")[0], ["openbookqa"], backend="hf", limit=2,
+                 data_root=str(shared_data), out_dir=str(tmp_path))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
