@@ -11,12 +11,17 @@ def data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
+def require_data_root() -> Path:
+    """The real data root, or a failure (never a skip: CI has ../shared, a missing one is a broken setup)."""
     root = data_root()
-    if not (root / "dolly_fedit_10clients").is_dir():
+    if not (root / "dolly_fedit_10clients").is_dir() or not (root / "commonsense").is_dir():
         pytest.fail(f"the real data root is missing at {root}; set BENCH_DATA_ROOT (CI sets it to ../shared/data)")
     return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_data_root()
 
 
 @pytest.fixture

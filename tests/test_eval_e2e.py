@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from evaluators import TASK_GROUPS, evaluate, runner
+from conftest import require_data_root
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,7 @@ SIZES = {"boolq": 3270, "piqa": 1838, "siqa": 1954, "winogrande": 1267, "arc_eas
 
 
 def _data_root() -> str:
-    root = Path(os.environ.get("BENCH_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (root / "commonsense").is_dir():
-        pytest.skip(f"no data root at {root}")
-    return str(root)
+    return str(require_data_root())
 
 
 @pytest.fixture(scope="module")

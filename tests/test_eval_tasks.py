@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,13 @@ from bench import BenchError
 from evaluators import TASK_GROUPS, evaluate, expand_tasks, validate_tasks
 from evaluators import core, runner
 from evaluators.tasks import loaders
+from conftest import require_data_root
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
 
 
 def _data_root() -> Path:
-    root = Path(os.environ.get("BENCH_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (root / "commonsense").is_dir():
-        pytest.skip(f"no data root at {root} (set BENCH_DATA_ROOT)")
-    return root
+    return require_data_root()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from evaluators import core, evaluate
+from conftest import require_data_root
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -21,10 +21,7 @@ LIMIT = 20
 
 
 def _data_root() -> str:
-    root = Path(os.environ.get("BENCH_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (root / "commonsense").is_dir():
-        pytest.skip(f"no data root at {root}")
-    return str(root)
+    return str(require_data_root())
 
 
 @pytest.fixture(scope="module")
