@@ -65,8 +65,12 @@ def load_sample_values(path: Path, metric: str | None) -> np.ndarray | None:
             return None
         if not isinstance(obj, dict):
             return None
+        # lm-eval's own per-sample lines (what evaluators writes) nest the metric under its filter:
+        # {"metrics": {"none": {"acc": 1.0}}}; flat {"acc": 1.0} lines are accepted too
+        nested = obj.get("metrics") if isinstance(obj.get("metrics"), dict) else {}
+        places = [obj] + [nested[f] for f in sorted(nested) if isinstance(nested[f], dict)]
         for k in keys:
-            v = obj.get(k)
+            v = next((place[k] for place in places if k in place), None)
             if isinstance(v, bool):
                 v = float(v)
             if isinstance(v, (int, float)) and math.isfinite(v):

@@ -396,3 +396,17 @@ def test_duplicate_seed_keeps_one_record(tmp_path):
     assert s["records"] == 1 and s["rows"] == 1
     assert [Path(x["file"]).name for x in s["skipped"]] == ["a.json"]
     assert "duplicate of b.json" in s["skipped"][0]["reason"]
+
+
+def test_per_sample_values_read_from_a_real_evaluator_output(tmp_path, shared_data):
+    """The bootstrap over samples reads the per-sample JSONL that evaluators actually writes."""
+    from bench.models import resolve_model
+    from evaluators import evaluate
+    from reports.stats import load_sample_values
+
+    section = evaluate(resolve_model("tiny-random-llama")[0], ["winogrande"], backend="hf", limit=4,
+                       data_root=str(shared_data), out_dir=str(tmp_path))
+    task = section["tasks"]["winogrande"]
+    vals = load_sample_values(Path(task["samples"]), task["metric"])
+    assert vals is not None and len(vals) == 4 and set(vals) <= {0.0, 1.0}
+    assert vals.mean() == pytest.approx(task["value"])
