@@ -59,13 +59,17 @@ def _resolve_samples(rec: Record, ref) -> Path | None:
     if not isinstance(ref, str) or not ref:
         return None
     p = Path(ref)
-    if p.is_absolute():
-        return p if p.is_file() else None
-    for base in (Path.cwd(), rec.path.parent, rec.path.parent.parent):
-        cand = base / p
-        if cand.is_file():
-            return cand
-    return None
+    if p.is_absolute() and p.is_file():
+        return p
+    if not p.is_absolute():
+        for base in (Path.cwd(), rec.path.parent, rec.path.parent.parent):
+            cand = base / p
+            if cand.is_file():
+                return cand
+    # committed results carry their per-sample files beside them (the run dirs stay on the machine
+    # that made them): <results>/samples/<run_id>/<file>
+    cand = rec.path.parent / "samples" / str(rec.data.get("run_id", "")) / p.name
+    return cand if cand.is_file() else None
 
 
 def _seed_value(rec: Record, task: str, notes: list[str]) -> tuple[SeedValue, str]:

@@ -410,3 +410,27 @@ def test_per_sample_values_read_from_a_real_evaluator_output(tmp_path, shared_da
     vals = load_sample_values(Path(task["samples"]), task["metric"])
     assert vals is not None and len(vals) == 4 and set(vals) <= {0.0, 1.0}
     assert vals.mean() == pytest.approx(task["value"])
+
+
+def test_per_sample_files_found_beside_committed_records(tmp_path, shared_data):
+    """A record moved off the machine that made it finds its samples under <results>/samples/<run_id>/."""
+    import json
+    import shutil
+
+    from bench.models import resolve_model
+    from evaluators import evaluate
+    from reports import build_report
+
+    section = evaluate(resolve_model("tiny-random-llama")[0], ["winogrande"], backend="hf", limit=4,
+                       data_root=str(shared_data), out_dir=str(tmp_path / "elsewhere"))
+    results = tmp_path / "results"
+    (results / "samples" / "ref-1").mkdir(parents=True)
+    shutil.move(section["tasks"]["winogrande"]["samples"], results / "samples" / "ref-1" / "winogrande.jsonl")
+    record = {"schema_version": 1, "kind": "reference", "status": "complete", "run_id": "ref-1", "method": "base",
+              "setting": {"model": "tiny-random-llama"}, "seed": 0, "eval": section, "timings": {"total_s": 1.0}}
+    (results / "ref-1.json").write_text(json.dumps(record))
+    build_report([str(results)], str(tmp_path / "out"))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv")))
+    assert [r["ci_basis"] for r in rows] == ["samples"]  # not the stderr fallback
