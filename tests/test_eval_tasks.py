@@ -344,30 +344,3 @@ def test_evaluate_restores_the_callers_thread_count(tmp_path, monkeypatch, share
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-
-
-def test_vllm_worker_killed_by_a_signal_is_retried_once(tmp_path, monkeypatch):
-    """vLLM-CPU's engine occasionally aborts (SIGABRT) on its own; the runner starts the worker once
-    more, and a second crash is an error. The stand-in worker aborts itself on its first start."""
-    import stat
-
-    from bench import BenchError
-    from evaluators import core
-
-    marker = tmp_path / "started-once"
-    worker = tmp_path / "python"
-    worker.write_text(f"""#!/bin/bash
-# called as: python -m evaluators.worker <plan> <result>
-if [ ! -e {marker} ]; then touch {marker}; kill -ABRT $$; fi
-echo '{{"tasks": {{}}, "throughput": {{"samples_per_s": 0, "tokens_per_s": 0}}}}' > "$4"
-""")
-    worker.chmod(worker.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(core, "vllm_venv_python", lambda: worker)
-    assert core._run_in_venv({"out_dir": str(tmp_path / "out")})["tasks"] == {}
-
-    always = tmp_path / "always-abort"
-    always.write_text("#!/bin/bash\nkill -ABRT $$\n")
-    always.chmod(always.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(core, "vllm_venv_python", lambda: always)
-    with pytest.raises(BenchError, match="exit code -6"):
-        core._run_in_venv({"out_dir": str(tmp_path / "out2")})
