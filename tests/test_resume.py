@@ -276,3 +276,27 @@ def test_atomic_replace_dir_crash_between_renames_keeps_a_complete_copy(tmp_path
     assert seen == [True]
     assert json.loads((run / "checkpoint" / "meta.json").read_text()) == {"round": 2}
     assert not (run / "checkpoint.old").exists()
+
+
+def test_kill_during_evaluation_then_resume_matches(tmp_path):
+    """SIGKILL while lm-eval scores the global model; the resumed run (all rounds checkpointed) redoes the
+    final steps and ends with the same weights, metrics and scores as an uninterrupted run."""
+    extra = ["--method", "flexlora", "--eval-tasks", "openbookqa", "--eval-limit", "2"]
+
+    def run(name, kill_at=None, resume=False):
+        run_dir, results = tmp_path / name, tmp_path / f"{name}-results"
+        args = ["--resume", str(run_dir)] if resume else \
+            [*COMMON, *extra, "--output-dir", str(run_dir), "--results-dir", str(results)]
+        return _bench(args, kill_at=kill_at), run_dir, results
+
+    p, ref_dir, ref_results = run("ref")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p, dir_, results = run("killed", kill_at="eval")
+    assert p.returncode == -signal.SIGKILL, "the eval kill point was not reached"
+    _check_crash_state(dir_, results)
+    p, _, _ = run("killed", resume=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref = {"dir": ref_dir, "record": json.loads((ref_results / "ref.json").read_text())}
+    killed = {"dir": dir_, "record": json.loads((results / "killed.json").read_text())}
+    _assert_same_run(ref, killed)
+    assert ref["record"]["eval"]["tasks"]["openbookqa"]["value"] == killed["record"]["eval"]["tasks"]["openbookqa"]["value"]
