@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,7 +294,3 @@ def collate(batch: list[dict], pad_id: int):
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     return ids, labels, mask
-
-
-def data_root_default() -> str | None:
-    return os.environ.get("BENCH_DATA_ROOT")
