@@ -350,6 +350,29 @@ def peak_bf16_tflops(name: str) -> float | None:
     return None
 
 
+def smollm2_135m_config():
+    """SmolLM2-135M-Instruct's architecture (its config.json), for machines that lack its weights: tokens/s and
+    MFU depend on the shapes, not on the weight values."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def default_model_source() -> tuple[str, object]:
+    """(label, source) of the default model for the GPU section: its real weights when they are on this machine,
+    else its architecture with random weights (same FLOPs), labelled as such."""
+    from bench import BenchError
+    from bench.models import resolve_model
+
+    try:
+        return "SmolLM2-135M-Instruct (default)", resolve_model("default")[0]
+    except BenchError:
+        return "SmolLM2-135M-Instruct architecture (random weights: the weights are not on this machine)", smollm2_135m_config()
+
+
 def llama_1b_config():
     from transformers import LlamaConfig
 
@@ -409,7 +432,7 @@ def aggregation_ms(device, dtype, *, shapes=((4096, 4096),), ranks=(64, 32, 16, 
     """Each method's aggregate() on one module of each shape, tensors on `device`; median ms."""
     import torch
 
-    from methods import METHODS, ClientUpdate, GlobalState, get_method
+    from methods import METHODS, ClientUpdate, GlobalState, client_weights, get_method
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     out = {}
@@ -419,16 +442,25 @@ def aggregation_ms(device, dtype, *, shapes=((4096, 4096),), ranks=(64, 32, 16, 
                             {"m": ((torch.randn(r, d_in, generator=g) / d_in ** 0.5).to(device, dtype),
                                    (torch.randn(d_out, r, generator=g) / r ** 0.5).to(device, dtype))})
                for k, r in enumerate(ranks)]
+        def dense_svd_flexlora():
+            # the public FlexLoRA code path, as in benchmarks.aggregation.dense_flexlora, on this device
+            dw = torch.zeros(d_out, d_in, device=device, dtype=dtype)
+            for u, p in zip(ups, client_weights(ups)):
+                a, b = u.factors["m"]
+                dw.addmm_(b, a, alpha=p * u.scaling)
+            return torch.linalg.svd(dw, full_matrices=False)
+
+        fns = {name: (lambda m=get_method(name): m.aggregate(ups, GlobalState())) for name in sorted(METHODS)}
+        fns["dense-svd flexlora (baseline)"] = dense_svd_flexlora
         row = {}
-        for name in sorted(METHODS):
-            method = get_method(name)
+        for name, fn in fns.items():
             try:
-                method.aggregate(ups, GlobalState())
+                fn()
                 sync()
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    method.aggregate(ups, GlobalState())
+                    fn()
                     sync()
                     times.append((time.perf_counter() - t) * 1e3)
                 row[name] = round(statistics.median(times), 3)
@@ -453,9 +485,8 @@ def measure_gpu(quick: bool = False, log=_quiet, *, device=None, dtype=None, mod
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_bf16_tflops(name) if dev.type == "cuda" and dtype == torch.bfloat16 else None
     if models is None:
-        from bench.models import resolve_model
-
-        models = {"SmolLM2-135M-Instruct (default)": resolve_model("default")[0], "llama-1.1b (from config)": llama_1b_config()}
+        label, source = default_model_source()
+        models = {label: source, "llama-1.1b (from config)": llama_1b_config()}
     steps, batch, seq = train_sizes or ((5, 4, 512) if quick else (20, 8, 1024))
     train = {}
     for label, source in models.items():

@@ -263,6 +263,7 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedlora-eval-"))
     run = {"model_path": str(model_path), "backend": backend, "batch_size": batch_size, "seed": seed,
            "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution),
+           "request_cache": str(request_cache_path(out, model_path, backend)),
            "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root")}
                      for t in plan]}
     if plan:
@@ -314,4 +315,16 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
     import importlib.metadata as md
 
     return {"backend": backend, "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
-            "throughput": result["throughput"], "tasks": tasks_out, "missing": missing}
+            "throughput": result["throughput"], "request_cache": result.get("request_cache"),
+            "tasks": tasks_out, "missing": missing}
+
+
+def request_cache_path(out_dir: Path, model_path: str, backend: str) -> Path:
+    """lm-eval's per-request cache (CachingLM, SQLite, one commit per answered request) for this model's weights,
+    backend and device, under the output folder: a killed evaluation scored again into the same folder (a
+    resumed `bench run`, or `bench eval --output-dir` the same) only computes the requests it had not answered.
+    Keyed by the weights' hash, so a changed model never reads another's answers."""
+    from bench.models import weights_hash
+
+    key = weights_hash(model_path)[:16] if Path(model_path).is_dir() else hashlib.sha256(model_path.encode()).hexdigest()[:16]
+    return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if _cuda() else 'cpu'}-{key}.sqlite"

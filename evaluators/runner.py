@@ -168,6 +168,9 @@ def run_plan(plan: dict) -> dict:
     lm = make_lm(plan)
     load_s = time.monotonic() - t0
     tokenizer = _tokenizer(lm, plan["model_path"])
+    cache_stats = None
+    if plan.get("request_cache"):
+        lm, cache_stats = _with_request_cache(lm, plan["request_cache"])
     results, total_samples, total_tokens, total_s = {}, 0, 0, 0.0
     old_allow = os.environ.get(ALLOW_ENV)
     if plan.get("allow_code_execution"):
@@ -204,9 +207,53 @@ def run_plan(plan: dict) -> dict:
     import importlib.metadata as md
 
     return {"tasks": results, "load_s": round(load_s, 2), "eval_s": round(total_s, 2),
-            "lm_eval_version": md.version("lm_eval"),
+            "lm_eval_version": md.version("lm_eval"), "request_cache": cache_stats,
             "throughput": {"samples_per_s": round(total_samples / total_s, 3) if total_s else 0.0,
                            "tokens_per_s": round(total_tokens / total_s, 1) if total_s else 0.0}}
+
+
+def _with_request_cache(lm, path: str):
+    """lm-eval's CachingLM around lm, counting how many requests it answered from the cache (the throughput
+    figures of a resumed evaluation are only comparable once those are known)."""
+    from lm_eval.api.model import CachingLM
+
+    stats = {"path": path, "requests": 0, "answered_from_cache": 0}
+
+    class CountingCache(CachingLM):
+        def get_cache_hook(self):
+            hook = super().get_cache_hook()
+            kill_at = os.environ.get("BENCH_TEST_KILL_AT", "")
+            if kill_at.startswith("eval-request:"):  # test hook (docs/reliability.md): SIGKILL after N answers
+                n_kill, add, added = int(kill_at.split(":")[1]), hook.add_partial, [0]
+
+                def add_then_maybe_die(attr, req, res):
+                    add(attr, req, res)
+                    added[0] += 1
+                    if added[0] == n_kill:
+                        self.dbdict.commit(blocking=True)
+                        sys.stderr.flush()
+                        os.kill(os.getpid(), 9)
+                hook.add_partial = add_then_maybe_die
+            return hook
+
+        def __getattr__(self, attr):
+            fn = super().__getattr__(attr)
+            if attr not in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                return fn
+
+            def counted(requests):
+                before = len(self.dbdict)
+                out = fn(requests)
+                stats["requests"] += len(requests)
+                stats["answered_from_cache"] += len(requests) - (len(self.dbdict) - before)
+                return out
+            return counted
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cached = CountingCache(lm, path)
+    if stats["path"] and len(cached.dbdict):
+        _log(f"request cache {path}: {len(cached.dbdict)} answers from an earlier, interrupted scoring are reused")
+    return cached, stats
 
 
 def _run_task(lm, t: dict, plan: dict) -> dict:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from methods import METHODS, AggregationMethod, ClientUpdate, GlobalState, client_weights, get_method
-from methods.factors import factored_svd, pad_rank, product_fro_norm, stack, svd_factors
+from methods.factors import factored_svd, orthonormal_basis, pad_rank, product_fro_norm, stack, svd_factors
 from methods.fedavg_lora import FedAvgLoRA
 from methods.fedit import FedIT
 from methods.flexlora import FlexLoRA
@@ -532,6 +532,87 @@ def test_flexlora_rank_sum_beyond_min_dim():
         else:
             tail = float((torch.linalg.svdvals(dw)[u.rank:] ** 2).sum())
             assert fro(dw - u.scaling * (b_c @ a_c)) ** 2 == pytest.approx(tail, rel=1e-9)
+
+
+def _conditioned(g: torch.Generator, n: int, m: int, kappa: float) -> torch.Tensor:
+    """n×m float64 matrix with singular values spread log-evenly from 1 to 1/kappa (exactly rank-deficient: inf)."""
+    u, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=DT))
+    v, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=DT))
+    s = torch.logspace(0, -math.log10(kappa), m, dtype=DT) if math.isfinite(kappa) else \
+        torch.cat([torch.ones(m - m // 3, dtype=DT), torch.zeros(m // 3, dtype=DT)])
+    return (u * s) @ v.T
+
+
+def _householder_calls(monkeypatch) -> list:
+    """Record when orthonormal_basis takes its Householder path (torch.linalg.qr), still running it."""
+    calls, real = [], torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+# (kappa, dtype, the path orthonormal_basis must take): CholeskyQR2 only where κ² u is small
+BASIS_CASES = [(1.0, torch.float64, "cholqr2"), (1e4, torch.float64, "cholqr2"), (1e6, torch.float64, "cholqr2"),
+               (3e8, torch.float64, "householder"),  # Cholesky succeeds, first pass too far from orthogonal
+               (1e12, torch.float64, "householder"), (math.inf, torch.float64, "householder"),
+               (10.0, torch.float32, "cholqr2"), (1e6, torch.float32, "householder"),
+               (math.inf, torch.float32, "householder")]
+
+
+@pytest.mark.parametrize("kappa,dtype,path", BASIS_CASES)
+@pytest.mark.parametrize("n,m", [(300, 40), (41, 40), (64, 1)])
+def test_orthonormal_basis_both_paths_are_a_qr(kappa, dtype, path, n, m, monkeypatch):
+    """Q orthonormal, R upper triangular, Q R = x to rounding, on either path; and the path is the one expected:
+    the fast CholeskyQR2 on well-conditioned input, Householder on ill-conditioned or rank-deficient input."""
+    if m == 1 and not math.isfinite(kappa):
+        pytest.skip("a single column has no rank deficiency short of zero")
+    x = _conditioned(gen(seed_of(kappa, n, m, "basis")), n, m, kappa).to(dtype)
+    calls = _householder_calls(monkeypatch)
+    q, r = orthonormal_basis(x)
+    assert ("householder" if calls else "cholqr2") == (path if m > 1 else "cholqr2")
+    u = torch.finfo(dtype).eps
+    assert q.shape == (n, m) and r.shape == (m, m)
+    assert torch.equal(r, torch.triu(r))
+    assert float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(m, dtype=dtype))) <= 50 * m * u
+    assert float(torch.linalg.matrix_norm(x - q @ r)) <= 50 * m * u * float(torch.linalg.matrix_norm(x))
+
+
+def test_orthonormal_basis_wide_and_zero_input():
+    g = gen(41)
+    wide = torch.randn(5, 9, generator=g, dtype=DT)
+    q, r = orthonormal_basis(wide)
+    assert q.shape == (5, 5) and r.shape == (5, 9)
+    assert_close(q @ r, wide, 1e-13, "wide QR")
+    q0, r0 = orthonormal_basis(torch.zeros(30, 4, dtype=DT))
+    assert float(r0.abs().max()) == 0.0 and q0.shape == (30, 4)
+
+
+@pytest.mark.parametrize("delta", [1e-2, 1e-5, 1e-9, 0.0])
+def test_factored_svd_on_realistic_flexlora_stacks(delta):
+    """What real rounds send: every client's A starts as rows of one shared A₀ (or of the last global factors)
+    and moves by a small local update, so the stack holds near-duplicate rows (exact duplicates at delta 0).
+    The factored SVD must still equal the dense one, whichever QR path the conditioning selects."""
+    g = gen(seed_of(delta, "realistic"))
+    d_out, d_in, ranks = 48, 36, (8, 4, 4, 2)
+    a0 = torch.randn(max(ranks), d_in, generator=g, dtype=DT) / d_in ** 0.5
+    b0 = torch.randn(d_out, max(ranks), generator=g, dtype=DT) / max(ranks) ** 0.5
+    ups = []
+    for k, r in enumerate(ranks):
+        a = a0[:r] + delta * torch.randn(r, d_in, generator=g, dtype=DT)
+        b = b0[:, :r] + delta * torch.randn(d_out, r, generator=g, dtype=DT)
+        ups.append(ClientUpdate(k, r, 16.0 / r, 10 + 7 * k, {"m": (a, b)}))
+    a_s, b_s = stack(ups, probs(ups), "m")
+    dense = dense_delta(ups, "m")
+    u, s, v = factored_svd(b_s, a_s)
+    s_ref = torch.linalg.svdvals(dense)
+    q = s.numel()
+    assert float((s - s_ref[:q]).abs().max()) <= 1e-12 * float(s_ref[0])
+    assert_close(u @ torch.diag(s) @ v.T, dense, 1e-12, "reconstruction")
+    m = get_method("flexlora")
+    state = m.aggregate(ups, GlobalState()).state
+    for up in ups:  # Eckart–Young for every client, as in test_flexlora_redistribution_is_best_rank_r
+        a_c, b_c = m.configure(state, up.rank, up.scaling)["m"]
+        err = fro(dense - up.scaling * (b_c @ a_c)) ** 2
+        assert err == pytest.approx(float((s_ref[up.rank:] ** 2).sum()), rel=1e-8, abs=1e-24 + 1e-12 * fro(dense) ** 2)
 
 
 def test_svd_factors_product_and_order():

@@ -80,10 +80,25 @@ def test_perf_gpu_code_path_on_cpu(tmp_path):
     t = r["train"]["tiny"]
     assert "error" not in t, t
     assert t["tokens"] == 3 * 2 * 32 and t["tokens_per_s"] > 0 and t["mfu"] is None
-    assert set(r["aggregation_ms"]["48x32"]) == {"fedavg-lora", "fedit", "flora", "flexlora"}
+    assert set(r["aggregation_ms"]["48x32"]) == {"fedavg-lora", "fedit", "flora", "flexlora", "dense-svd flexlora (baseline)"}
     assert all(isinstance(v, float) for v in r["aggregation_ms"]["48x32"].values()), r["aggregation_ms"]
     md = perf_cli.to_markdown({"created": "now", "quick": True, "machine": perf_cli._machine(), "seconds": {},
                                "sections": {"gpu": r}})
     assert "## GPU: cpu" in md and "| tiny |" in md
     assert engine_perf.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert engine_perf.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+
+
+def test_gpu_fallback_config_is_the_default_models_architecture():
+    """Without the default model's weights (a bare GPU machine), the GPU section builds its architecture from
+    smollm2_135m_config(): it must be the real model's shapes, or the tokens/s and MFU would describe another model."""
+    import json
+    from pathlib import Path
+
+    from bench.models import resolve_model
+
+    real = json.loads((Path(resolve_model("default")[0]) / "config.json").read_text())
+    ours = engine_perf.smollm2_135m_config().to_dict()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings"):
+        assert ours[key] == real[key], key

@@ -300,3 +300,55 @@ def test_kill_during_evaluation_then_resume_matches(tmp_path):
     killed = {"dir": dir_, "record": json.loads((results / "killed.json").read_text())}
     _assert_same_run(ref, killed)
     assert ref["record"]["eval"]["tasks"]["openbookqa"]["value"] == killed["record"]["eval"]["tasks"]["openbookqa"]["value"]
+
+
+def test_evaluation_killed_mid_scoring_resumes_from_the_request_cache(tmp_path):
+    """SIGKILL after 7 answered requests of a `bench eval`; scoring again into the same folder reuses those
+    answers (lm-eval's CachingLM, committed per request), computes only the rest, and ends with the same
+    scores and per-sample log-likelihoods as an uninterrupted evaluation."""
+    import sqlite3
+
+    from conftest import require_data_root
+
+    data_root = str(require_data_root())
+
+    def bench_eval(name, kill_at=None):
+        env = dict(os.environ, BENCH_DATA_ROOT=data_root)
+        env.pop("BENCH_TEST_KILL_AT", None)
+        if kill_at:
+            env["BENCH_TEST_KILL_AT"] = kill_at
+        return subprocess.run([sys.executable, "-m", "bench.cli", "eval", "--model", "tiny-random-llama",
+                               "--tasks", "openbookqa,arc_easy", "--limit", "6", "--output-dir", str(tmp_path / name),
+                               "--results-dir", str(tmp_path / f"{name}-results")],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    def record(name):
+        (path,) = (tmp_path / f"{name}-results").glob("*.json")
+        return json.loads(path.read_text())["eval"]
+
+    def loglikelihoods(name, task):
+        rows = [json.loads(x) for x in (tmp_path / name / "eval" / f"{task}.jsonl").read_text().splitlines()]
+        return [r["resps"] for r in sorted(rows, key=lambda r: r["doc_id"])]
+
+    p = bench_eval("ref")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = bench_eval("killed", kill_at="eval-request:7")
+    assert p.returncode == -signal.SIGKILL, "the eval-request kill point was not reached:\n" + p.stderr[-2000:]
+    assert not (tmp_path / "killed-results").exists() or not list((tmp_path / "killed-results").glob("*.json"))
+    (db,) = (tmp_path / "killed" / "eval" / "request-cache").glob("*.sqlite")
+    with sqlite3.connect(db) as con:  # intact and holding the committed answers
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert con.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0] == 7
+    p = bench_eval("killed")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, resumed = record("ref"), record("killed")
+    assert ref["request_cache"]["answered_from_cache"] == 0
+    assert resumed["request_cache"]["answered_from_cache"] == 7
+    assert resumed["request_cache"]["requests"] == ref["request_cache"]["requests"] > 7
+    for task in ("openbookqa", "arc_easy"):
+        assert resumed["tasks"][task]["value"] == ref["tasks"][task]["value"]
+        assert resumed["tasks"][task]["n"] == ref["tasks"][task]["n"] == 6
+        got, want = loglikelihoods("killed", task), loglikelihoods("ref", task)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert [float(x[0][0]) for x in g] == pytest.approx([float(x[0][0]) for x in w], abs=1e-4)
