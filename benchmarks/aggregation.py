@@ -84,7 +84,7 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, slow_ms: flo
 
 def dense_delta(updates: list[ClientUpdate]) -> torch.Tensor:
     a0, b0 = updates[0].factors["m"]
-    dw = torch.zeros(b0.shape[0], a0.shape[1], dtype=DTYPE)
+    dw = torch.zeros(b0.shape[0], a0.shape[1], dtype=a0.dtype, device=a0.device)
     for u, p in zip(updates, client_weights(updates)):
         a, b = u.factors["m"]
         dw.addmm_(b, a, alpha=p * u.scaling)

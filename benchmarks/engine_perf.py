@@ -432,7 +432,9 @@ def aggregation_ms(device, dtype, *, shapes=((4096, 4096),), ranks=(64, 32, 16, 
     """Each method's aggregate() on one module of each shape, tensors on `device`; median ms."""
     import torch
 
-    from methods import METHODS, ClientUpdate, GlobalState, client_weights, get_method
+    from methods import METHODS, ClientUpdate, GlobalState, get_method
+
+    from .aggregation import dense_flexlora
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     out = {}
@@ -442,16 +444,8 @@ def aggregation_ms(device, dtype, *, shapes=((4096, 4096),), ranks=(64, 32, 16, 
                             {"m": ((torch.randn(r, d_in, generator=g) / d_in ** 0.5).to(device, dtype),
                                    (torch.randn(d_out, r, generator=g) / r ** 0.5).to(device, dtype))})
                for k, r in enumerate(ranks)]
-        def dense_svd_flexlora():
-            # the public FlexLoRA code path, as in benchmarks.aggregation.dense_flexlora, on this device
-            dw = torch.zeros(d_out, d_in, device=device, dtype=dtype)
-            for u, p in zip(ups, client_weights(ups)):
-                a, b = u.factors["m"]
-                dw.addmm_(b, a, alpha=p * u.scaling)
-            return torch.linalg.svd(dw, full_matrices=False)
-
         fns = {name: (lambda m=get_method(name): m.aggregate(ups, GlobalState())) for name in sorted(METHODS)}
-        fns["dense-svd flexlora (baseline)"] = dense_svd_flexlora
+        fns["dense-svd flexlora (baseline)"] = lambda: dense_flexlora(ups)  # the public code's path, on this device
         row = {}
         for name, fn in fns.items():
             try:

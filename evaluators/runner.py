@@ -223,16 +223,17 @@ def _with_request_cache(lm, path: str):
         def get_cache_hook(self):
             hook = super().get_cache_hook()
             kill_at = os.environ.get("BENCH_TEST_KILL_AT", "")
-            if kill_at.startswith("eval-request:"):  # test hook (docs/reliability.md): SIGKILL after N answers
-                n_kill, add, added = int(kill_at.split(":")[1]), hook.add_partial, [0]
+            if kill_at.startswith("eval-request:"):  # the engine's kill hook, after the n-th committed answer
+                from bench.engine import _test_kill
+
+                add, added = hook.add_partial, [0]
 
                 def add_then_maybe_die(attr, req, res):
                     add(attr, req, res)
                     added[0] += 1
-                    if added[0] == n_kill:
+                    if kill_at == f"eval-request:{added[0]}":
                         self.dbdict.commit(blocking=True)
-                        sys.stderr.flush()
-                        os.kill(os.getpid(), 9)
+                        _test_kill(kill_at)
                 hook.add_partial = add_then_maybe_die
             return hook
 
@@ -251,7 +252,7 @@ def _with_request_cache(lm, path: str):
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cached = CountingCache(lm, path)
-    if stats["path"] and len(cached.dbdict):
+    if len(cached.dbdict):
         _log(f"request cache {path}: {len(cached.dbdict)} answers from an earlier, interrupted scoring are reused")
     return cached, stats
 
