@@ -17,7 +17,8 @@ FIELD_HELP = {
     "ranks": "explicit per-client ranks, e.g. 64,32,16,16,8,8,4,4,4,4",
     "rank_distribution": "homo | uniform | heavy-tail-light | heavy-tail-strong | normal | explicit",
     "rank_set": "ranks the distribution draws from, e.g. 4,8,16,32",
-    "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks (empty: no evaluation)",
+    "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks, also mmlu_stem etc. (empty: no evaluation)",
+    "eval_dtype": "auto | float32 | bfloat16 | float16 for scoring (auto: float32 on CPU, bfloat16 on GPU)",
     "max_update_norm": "exclude a client update whose ‖s·B·A‖_F exceeds this",
 }
 

@@ -72,6 +72,7 @@ class RunConfig:
     eval_limit: int | None = None
     eval_backend: str | None = None
     eval_num_fewshot: int | None = None
+    eval_dtype: str = "auto"
     # run
     seed: int = 0
     dtype: str = "auto"
@@ -112,8 +113,15 @@ class RunConfig:
         d = self.to_dict()
         for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "preset"):
             d.pop(k, None)
+        for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
+            if d.get(k) == default:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
+
+# a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
+# skip-what-is-done) still match the same experiment
+HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -287,6 +295,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.test_limit is None or cfg.test_limit >= 1, f"test_limit: must be ≥ 1, got {cfg.test_limit}")
     need(cfg.max_update_norm is None or cfg.max_update_norm > 0, f"max_update_norm: must be > 0, got {cfg.max_update_norm}")
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
+    need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: unknown {cfg.device!r}; use auto, cpu or cuda[:N]")
     need(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")

@@ -684,7 +684,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             t = time.time()
             record["eval"] = evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
                                       num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
-                                      out_dir=str(run_dir / "eval"), seed=cfg.seed)
+                                      out_dir=str(run_dir / "eval"), seed=cfg.seed, dtype=cfg.eval_dtype)
             timings["eval_s"] = time.time() - t
             signals.check(run_dir)
         timings["total_s"] = time.time() - t_start

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import BenchError
+from bench.config import DTYPES
 from bench.provenance import CODE, packages
 
 DEFAULT_TASKS = "mmlu,gsm8k,commonsense"
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "and write a kind=reference record to --results-dir")
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
                         help="comma-separated: mmlu, gsm8k, humaneval, commonsense (= boolq, piqa, siqa, hellaswag, "
-                             f"winogrande, arc_easy, arc_challenge, openbookqa) or any of those (default {DEFAULT_TASKS})")
+                             f"winogrande, arc_easy, arc_challenge, openbookqa) or any of those; MMLU in parts as lm-eval names "
+                             f"them: mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject> "
+                             f"(default {DEFAULT_TASKS})")
     parser.add_argument("--backend", choices=["vllm", "hf"], default=None,
                         help="vllm when a CUDA GPU and vllm are present, else hf")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None, metavar="K",
                         help="few-shot examples (default: mmlu 5 as FLoRA, gsm8k 5, others 0)")
     parser.add_argument("--batch-size", default="auto", help="'auto' or an integer (hf on CPU: auto = 8)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights' dtype for scoring (auto: float32 on CPU, bfloat16 on GPU; bfloat16 on a CPU "
+                             "with AVX512-BF16/AMX is ~2.5x faster with hf, see docs/evaluation.md)")
     parser.add_argument("--data-root", default=None,
                         help="offline benchmark data (default: env BENCH_DATA_ROOT)")
     parser.add_argument("--allow-code-execution", action="store_true",
@@ -139,7 +145,7 @@ def _main(args: argparse.Namespace) -> int:
         section = core.evaluate(str(model_dir), tasks, backend=backend, limit=args.limit,
                                 num_fewshot=args.num_fewshot, batch_size=batch_size, data_root=data_root,
                                 out_dir=str(run_dir / "eval"), seed=args.seed,
-                                allow_code_execution=args.allow_code_execution)
+                                allow_code_execution=args.allow_code_execution, dtype=args.dtype)
         eval_s = round(time.monotonic() - t0, 2)
         record = read_record(record_path)  # re-read: keep anything written meanwhile
         record["eval"] = section
@@ -158,13 +164,15 @@ def _main(args: argparse.Namespace) -> int:
     run_id = f"base-{_slug(model_id)}-s{args.seed}-{stamp}"
     out_root = Path(args.output_dir) if args.output_dir else Path("runs") / run_id
     results_dir = Path(args.results_dir)
+    load_start = _load_avg()
     t0 = time.monotonic()
     section = core.evaluate(model_path, tasks, backend=backend, limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=batch_size, data_root=data_root, out_dir=str(out_root / "eval"),
-                            seed=args.seed, allow_code_execution=args.allow_code_execution)
+                            seed=args.seed, allow_code_execution=args.allow_code_execution, dtype=args.dtype)
     eval_s = round(time.monotonic() - t0, 2)
     config = {"model": args.model, "tasks": tasks, "backend": section["backend"], "limit": args.limit,
-              "num_fewshot": args.num_fewshot, "batch_size": batch_size, "data_root": data_root,
+              "num_fewshot": args.num_fewshot, "batch_size": batch_size, "dtype": section["dtype"],
+              "data_root": data_root,
               "seed": args.seed, "allow_code_execution": bool(args.allow_code_execution)}
     hashed = {k: v for k, v in config.items() if k not in ("seed", "data_root")}
     record = {
@@ -180,7 +188,8 @@ def _main(args: argparse.Namespace) -> int:
         "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest(),
         "provenance": {"packages": packages(), **CODE, "python": platform.python_version(),
                        "platform": f"{platform.system()}-{platform.machine()}", "device": _device(),
-                       "threads": _threads(), "model_id": model_id, "model_hash": weights_hash(model_path),
+                       "threads": _threads(), "load_avg_1m_start": load_start, "load_avg_1m_end": _load_avg(),
+                       "model_id": model_id, "model_hash": weights_hash(model_path),
                        "data": {t["source"]["path"]: t["source"]["md5"] for t in section["tasks"].values()
                                 if "path" in t["source"]}},
         "clients": [],
@@ -198,6 +207,14 @@ def _main(args: argparse.Namespace) -> int:
     print(_summary(section))
     print(f"wrote {path}")
     return 0
+
+
+def _load_avg() -> float | None:
+    """The 1-minute load average: wall times taken on a busy machine are not comparable, so records say."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _threads() -> int:

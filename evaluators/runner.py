@@ -45,14 +45,13 @@ def make_lm(plan: dict):
         if batch_size in ("auto", None) and not cuda:
             # lm-eval's "auto" probes with full-context batches: minutes and many GB on a CPU
             batch_size = 8
-        return HFLM(pretrained=path, dtype="bfloat16" if cuda else "float32", batch_size=batch_size,
+        return HFLM(pretrained=path, dtype=plan["dtype"], batch_size=batch_size,
                     device="cuda" if cuda else "cpu", max_batch_size=64)
     if backend == "vllm":
         from lm_eval.models.vllm_causallms import VLLM
 
         cpu = os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or _vllm_is_cpu()
-        dtype = os.environ.get("FEDLORA_VLLM_DTYPE") or ("float32" if cpu else "bfloat16")
-        kwargs = dict(pretrained=path, dtype=dtype, batch_size="auto" if batch_size in ("auto", None) else batch_size,
+        kwargs = dict(pretrained=path, dtype=plan["dtype"], batch_size="auto" if batch_size in ("auto", None) else batch_size,
                       seed=plan.get("seed", 0), enforce_eager=True)
         if not cpu:
             kwargs["gpu_memory_utilization"] = float(os.environ.get("FEDLORA_VLLM_GPU_MEM", "0.85"))
@@ -93,10 +92,15 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
 
     from .tasks import loaders
 
-    if name == "mmlu":
+    from .core import mmlu_subjects_of
+
+    selected = mmlu_subjects_of(name)
+    if selected is not None:
         base = load_yaml(str(TASKS_DIR / "mmlu.yaml"))
         cfgs = []
         for subject in loaders.mmlu_subjects(data_root):
+            if selected and subject not in selected:
+                continue
             c = json_safe_copy(base)
             c["task"] = f"fedlora_mmlu_{subject}"
             c["task_alias"] = subject
@@ -138,11 +142,13 @@ def json_safe_copy(cfg: dict) -> dict:
 
 
 def hub_specs(name: str) -> list[str]:
-    from .core import HUB_TASKS
+    from .core import HUB_TASKS, mmlu_subjects_of
 
-    if name == "mmlu":
-        d = Path(__import__("lm_eval").__file__).parent / "tasks" / "mmlu" / "default"
-        return sorted(p.stem for p in d.glob("mmlu_*.yaml"))
+    subjects = mmlu_subjects_of(name)
+    if subjects is not None:  # lm-eval's per-subject tasks (its mmlu group is their size-weighted mean)
+        from .tasks.loaders import mmlu_category_of
+
+        return [f"mmlu_{s}" for s in (subjects or sorted(mmlu_category_of()))]
     return [HUB_TASKS[name]]
 
 
@@ -292,7 +298,9 @@ def _run_task(lm, t: dict, plan: dict) -> dict:
                    confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
     res = out["results"]
     logged = out["samples"]
-    primary = PRIMARY_METRIC[t["name"]]
+    from .core import task_family
+
+    primary = PRIMARY_METRIC[task_family(t["name"])]
     all_samples = []
     for n in names:
         for s in logged[n]:

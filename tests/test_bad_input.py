@@ -149,6 +149,7 @@ CASES = [
     ("num-clients-0", {"num_clients": 0}, [], "num_clients: must be ≥ 1, got 0"),
     ("max-update-norm", {"max_update_norm": 0}, [], "max_update_norm: must be > 0, got 0.0"),
     ("dtype", {"dtype": "float8"}, [], "dtype: unknown 'float8'; choose one of auto, float32, bfloat16, float16"),
+    ("eval-dtype", {"eval_dtype": "fp8"}, [], "eval_dtype: unknown 'fp8'; choose one of auto, float32, bfloat16, float16"),
     ("seed", {"seed": -1}, [], "seed: must be ≥ 0, got -1"),
     ("test-fraction", {"test_fraction": 1}, [], "test_fraction: must be in (0, 1), got 1.0"),
     ("method", {"method": "flor"}, [], "method: unknown method 'flor'; did you mean 'flora'?"),

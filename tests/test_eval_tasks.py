@@ -80,6 +80,82 @@ def test_unknown_task_is_one_line_with_did_you_mean():
         expand_tasks("nope")
 
 
+def test_mmlu_parts_are_lm_evals_categories_and_subjects(data_root):
+    """mmlu_stem / _humanities / _social_sciences / _other partition the 57 subjects of the data root exactly as
+    lm-eval's groups do (read from its own task files), and mmlu_<subject> is one subject."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    parts = {c: core.mmlu_subjects_of(f"mmlu_{c}") for c in loaders.MMLU_CATEGORIES}
+    every = [s for subjects in parts.values() for s in subjects]
+    assert sorted(every) == loaders.mmlu_subjects(data_root) and len(every) == len(set(every)) == 57
+    assert {c: len(v) for c, v in parts.items()} == {"stem": 19, "humanities": 13, "social_sciences": 12, "other": 13}
+    for category, subjects in parts.items():  # lm-eval's group yaml names the tag its subject files carry
+        group = load_yaml(str(LM_EVAL_TASKS / "mmlu" / "default" / f"_mmlu_{category}.yaml"))
+        assert group["task"] == [f"mmlu_{category}_tasks"]
+        for subject in subjects[:3]:
+            assert load_yaml(str(LM_EVAL_TASKS / "mmlu" / "default" / f"mmlu_{subject}.yaml"))["tag"] \
+                == f"mmlu_{category}_tasks"
+    assert core.mmlu_subjects_of("mmlu_anatomy") == ["anatomy"] and core.mmlu_subjects_of("mmlu") == []
+    assert core.mmlu_subjects_of("gsm8k") is None and core.mmlu_subjects_of("mmlu_nope") is None
+    assert expand_tasks("mmlu_stem,mmlu_anatomy") == ["mmlu_stem", "mmlu_anatomy"]
+    with pytest.raises(BenchError, match="did you mean 'mmlu_humanities'"):
+        expand_tasks("mmlu_humanites")
+    with pytest.raises(BenchError, match="did you mean 'mmlu_anatomy'"):
+        expand_tasks("mmlu_anatomyy")
+    # the parts plan like mmlu: 5-shot, their own files hashed, and the hub path names lm-eval's subject tasks
+    plan, missing = core.plan_tasks(["mmlu_stem", "mmlu_anatomy"], data_root=data_root, limit=None,
+                                    num_fewshot=None, hub=False)
+    assert not missing and [(p["num_fewshot"], p["source"]["files"]) for p in plan] == [(5, 19), (5, 1)]
+    assert [c["task"] for c in runner.offline_configs("mmlu_anatomy", data_root)] == ["fedlora_mmlu_anatomy"]
+    assert runner.hub_specs("mmlu_social_sciences") == [f"mmlu_{s}" for s in parts["social_sciences"]]
+    assert len(runner.hub_specs("mmlu")) == 57
+    _, missing = core.plan_tasks(["mmlu_anatomy"], data_root="/tmp", limit=None, num_fewshot=None, hub=False)
+    assert "/tmp/mmlu/test/anatomy_test.csv" in missing["mmlu_anatomy"]
+
+
+def test_mmlu_in_parts_scores_what_mmlu_scores(tmp_path, shared_data):
+    """A full MMLU run in parts (as the long CPU measurement does) gives each subject the same prompts, the same
+    per-document log-likelihoods (to float noise: batch neighbours differ) and so the same accuracy as one mmlu
+    run; the size-weighted mean of the parts is mmlu's score."""
+    from bench.models import resolve_model
+
+    root = tmp_path / "data"
+    subjects, n_test = ("abstract_algebra", "anatomy"), {"abstract_algebra": 9, "anatomy": 14}
+    for subject in subjects:  # a small data root: the first rows of two subjects' test files, their dev files
+        for split in ("test", "dev"):
+            src = Path(shared_data) / "mmlu" / split / f"{subject}_{split}.csv"
+            dst = root / "mmlu" / split / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if split == "dev":
+                dst.symlink_to(src)
+            else:
+                import csv
+                with open(src, newline="", encoding="utf-8") as f:
+                    rows = list(csv.reader(f))[: 1 + n_test[subject]]
+                with open(dst, "w", newline="", encoding="utf-8") as f:
+                    csv.writer(f).writerows(rows)
+    model = resolve_model("tiny-random-llama")[0]
+    whole = evaluate(model, ["mmlu"], backend="hf", data_root=str(root), out_dir=str(tmp_path / "whole"))
+    parts = evaluate(model, [f"mmlu_{s}" for s in subjects], backend="hf", data_root=str(root),
+                     out_dir=str(tmp_path / "parts"))["tasks"]
+    mmlu = whole["tasks"]["mmlu"]
+    assert mmlu["n"] == sum(n_test.values()) and [parts[f"mmlu_{s}"]["n"] for s in subjects] == [9, 14]
+    for subject in subjects:
+        assert parts[f"mmlu_{subject}"]["value"] == mmlu["metrics"]["subjects"][subject]
+    weighted = sum(parts[t]["value"] * parts[t]["n"] for t in parts) / mmlu["n"]
+    assert weighted == pytest.approx(mmlu["value"], abs=1e-12)
+
+    def per_doc(path):
+        return {(r["subtask"], r["doc_id"]): r for r in map(json.loads, open(path))}
+    joined = {k: v for s in subjects for k, v in per_doc(parts[f"mmlu_{s}"]["samples"]).items()}
+    reference = per_doc(mmlu["samples"])
+    assert joined.keys() == reference.keys()
+    for key, rec in joined.items():
+        assert rec["prompt"] == reference[key]["prompt"] and rec["metrics"] == reference[key]["metrics"]
+        got = [r[0][0] for r in rec["resps"]]
+        assert got == pytest.approx([r[0][0] for r in reference[key]["resps"]], abs=1e-4)
+
+
 def test_missing_data_root_folder_is_refused():
     with pytest.raises(BenchError, match="not a folder"):
         validate_tasks("piqa", "/nonexistent/data")
@@ -281,6 +357,8 @@ def test_refusals_before_any_work(data_root, tmp_path, monkeypatch):
         evaluate(str(tmp_path), ["piqa"], backend="tpu", data_root=data_root)
     with pytest.raises(BenchError, match="limit"):
         evaluate(str(tmp_path), ["piqa"], limit=0, data_root=data_root)
+    with pytest.raises(BenchError, match="dtype: unknown 'fp8'; choose one of auto, float32"):
+        evaluate(str(tmp_path), ["piqa"], dtype="fp8", data_root=data_root)
 
 
 def test_vllm_missing_message(monkeypatch, tmp_path):

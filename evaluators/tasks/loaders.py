@@ -211,6 +211,30 @@ def mmlu_subjects(data_root: str | os.PathLike) -> list[str]:
     return sorted(p.name[: -len("_test.csv")] for p in d.glob("*_test.csv")) if d.is_dir() else []
 
 
+MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
+
+
+def mmlu_category_of() -> dict[str, str]:
+    """subject -> category as lm-eval files them (its mmlu/default/mmlu_<subject>.yaml say
+    `"tag": "mmlu_<category>_tasks"`), so our mmlu_stem etc. hold exactly the subjects of lm-eval's groups."""
+    global _MMLU_CATEGORY_OF
+    if _MMLU_CATEGORY_OF is None:
+        import lm_eval
+
+        d = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+        tag = re.compile(r'^"?tag"?:\s*"?mmlu_(\w+?)_tasks"?\s*$', re.M)
+        found = {}
+        for f in sorted(d.glob("mmlu_*.yaml")):
+            m = tag.search(f.read_text(encoding="utf-8"))
+            if m and m.group(1) in MMLU_CATEGORIES:
+                found[f.stem[len("mmlu_"):]] = m.group(1)
+        _MMLU_CATEGORY_OF = found
+    return _MMLU_CATEGORY_OF
+
+
+_MMLU_CATEGORY_OF: dict[str, str] | None = None
+
+
 def load_mmlu(data_root: str, subject: str, **_: object):
     test = Path(data_root) / MMLU_DIRS[0] / f"{subject}_test.csv"
     dev = Path(data_root) / MMLU_DIRS[1] / f"{subject}_dev.csv"

@@ -1,0 +1,50 @@
+"""benchmarks.eval_full: a full-benchmark measurement in parts that a later session continues, and its summary."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import eval_full
+
+pytestmark = pytest.mark.slow
+
+
+def _small_mmlu(root: Path, shared: Path, rows: dict[str, int]) -> None:
+    for subject, n in rows.items():
+        for split in ("test", "dev"):
+            src = shared / "mmlu" / split / f"{subject}_{split}.csv"
+            dst = root / "mmlu" / split / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, newline="", encoding="utf-8") as f:
+                kept = list(csv.reader(f))[: 1 + (n if split == "test" else 5)]
+            with open(dst, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(kept)
+
+
+def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
+    root, results = tmp_path / "data", tmp_path / "results"
+    _small_mmlu(root, Path(shared_data), {"abstract_algebra": 3, "anatomy": 4})
+    common = ["run", "--task", "mmlu", "--model", "tiny-random-llama", "--data-root", str(root),
+              "--runs", str(tmp_path / "runs"), "--results", str(results)]
+    # session 1: a budget that holds the first part's estimate (3 docs x 2 s) but not both parts' (14 s)
+    assert eval_full.main(common + ["--budget-min", str(10 / 60)]) == 0
+    folder = results / "mmlu-hf-float32"
+    first = eval_full.records(folder)
+    assert list(first) == [("mmlu_abstract_algebra",)]
+    assert "stop: mmlu_anatomy" in capsys.readouterr().out
+    # session 2: only the part without a record runs
+    assert eval_full.main(common) == 0
+    both = eval_full.records(folder)
+    assert list(both) == [("mmlu_abstract_algebra",), ("mmlu_anatomy",)]
+    assert both[("mmlu_abstract_algebra",)]["run_id"] == first[("mmlu_abstract_algebra",)]["run_id"]
+    for rec in both.values():
+        assert rec["config"]["dtype"] == "float32" and rec["config"]["backend"] == "hf"
+        assert rec["provenance"]["load_avg_1m_start"] is not None and rec["timings"]["eval_s"] > 0
+    summary = (results / "SUMMARY.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| mmlu-hf-float32"))
+    wall = sum(r["timings"]["eval_s"] for r in both.values())
+    p = sum(t["value"] * t["n"] for r in both.values() for t in r["eval"]["tasks"].values()) / 7
+    assert "| 2/57 | 7 |" in row and f"({wall:,.0f} s)" in row and f"{p:.4f} ±" in row
