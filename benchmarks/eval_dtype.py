@@ -100,14 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
     p.add_argument("--out", default=str(RESULTS), help=f"output folder (default {RESULTS})")
     args = p.parse_args(argv)
-    data_root = args.data_root or os.environ.get("BENCH_DATA_ROOT")
-    if not data_root or not Path(data_root).is_dir():
-        print("error: data-root: pass --data-root <shared/data> or set BENCH_DATA_ROOT", file=sys.stderr)
+    from bench import BenchError
+    from benchmarks.eval_full import data_root_of
+
+    data_root = data_root_of(args.data_root)
+    if data_root is None:
         return 2
-    if args.limit < 1:
-        print(f"error: limit: {args.limit} is not a positive integer; pass --limit N with N >= 1", file=sys.stderr)
+    try:  # evaluate() refuses bad tasks or --limit in one line before the model loads
+        run(args.tasks, args.limit, args.model, data_root, Path(args.out))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(args.tasks, args.limit, args.model, str(Path(data_root).resolve()), Path(args.out))
     return 0
 
 

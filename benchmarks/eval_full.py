@@ -70,12 +70,20 @@ def _key(part: str) -> tuple:
     return tuple(expand_tasks(part))
 
 
-def run(args) -> int:
-    data_root = args.data_root or os.environ.get("BENCH_DATA_ROOT")
+def data_root_of(arg: str | None) -> str | None:
+    """--data-root, else $BENCH_DATA_ROOT, as an absolute path; None (after a one-line error) when neither is a folder:
+    a missing data root would make every part 'missing', not a measurement."""
+    data_root = arg or os.environ.get("BENCH_DATA_ROOT")
     if not data_root or not Path(data_root).is_dir():
         print("error: data-root: pass --data-root <shared/data> or set BENCH_DATA_ROOT", file=sys.stderr)
+        return None
+    return str(Path(data_root).resolve())
+
+
+def run(args) -> int:
+    data_root = data_root_of(args.data_root)
+    if data_root is None:
         return 2
-    data_root = str(Path(data_root).resolve())
     folder = group_dir(args.results, args.task, "hf", args.dtype)
     done = records(folder)
     todo = [p for p in parts_of(args.task, data_root) if _key(p) not in done]
