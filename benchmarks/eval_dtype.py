@@ -23,7 +23,8 @@ RESULTS = Path(__file__).parent / "results" / "eval_dtype"
 DTYPES = ("float32", "bfloat16")  # the first is the baseline
 
 
-def _samples(section: dict, task: str) -> dict:
+def samples_by_doc(section: dict, task: str) -> dict:
+    """A task's per-sample outputs (lm-eval's JSONL beside an evaluate() section), keyed by doc_id."""
     return {r["doc_id"]: r for r in map(json.loads, open(section["tasks"][task]["samples"], encoding="utf-8"))}
 
 
@@ -31,7 +32,7 @@ def compare(base: dict, other: dict) -> dict:
     """Per task: scores, answers in agreement, and relative log-likelihood changes of `other` against `base`."""
     out = {}
     for task, entry in base["tasks"].items():
-        ref, got = _samples(base, task), _samples(other, task)
+        ref, got = samples_by_doc(base, task), samples_by_doc(other, task)
         same, rel = 0, []
         for doc_id, r in ref.items():
             g = got[doc_id]
