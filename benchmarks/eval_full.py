@@ -1,7 +1,7 @@
 """Full-benchmark evaluation wall times of the base default model on this machine, measured in parts that
 survive across sessions.
 
-A full MMLU (14,042 documents, 5-shot) takes about 7 h on a 2-core CPU with the hf backend in float32:
+A full MMLU (14,042 documents, 5-shot) took 5.75 h on a 2-core CPU with the hf backend in float32:
 longer than one working session here. So it runs as its 57 subjects (`bench eval --tasks mmlu_<subject>`,
 which scores exactly what `mmlu` scores, tests/test_eval_tasks.py), one `bench eval` record per part in
 benchmarks/results/eval_full/<task>-<backend>-<dtype>/ (committed: the run folders are not). A later session
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.provenance import CODE
 
 RESULTS = Path(__file__).parent / "results" / "eval_full"
 TASKS = ("mmlu", "gsm8k", "commonsense")
@@ -84,6 +86,9 @@ def run(args) -> int:
     data_root = data_root_of(args.data_root)
     if data_root is None:
         return 2
+    if CODE["git_dirty"]:  # each part's record stamps the tree it ran from; a run's own SUMMARY.md counts too
+        print("warning: git: tracked files have uncommitted changes, so this run's records will say git_dirty: true; "
+              "commit them first (including the SUMMARY.md a previous run rewrote)", file=sys.stderr, flush=True)
     folder = group_dir(args.results, args.task, "hf", args.dtype)
     done = records(folder)
     todo = [p for p in parts_of(args.task, data_root) if _key(p) not in done]

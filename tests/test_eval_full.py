@@ -34,7 +34,10 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
     folder = results / "mmlu-hf-float32"
     first = eval_full.records(folder)
     assert list(first) == [("mmlu_abstract_algebra",)]
-    assert "stop: mmlu_anatomy" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "stop: mmlu_anatomy" in printed.out
+    # the records stamp the tree's git state, and the run says so before any work when that state is dirty
+    assert ("warning: git:" in printed.err) == first[("mmlu_abstract_algebra",)]["provenance"]["git_dirty"]
     # session 2: only the part without a record runs
     assert eval_full.main(common) == 0
     both = eval_full.records(folder)
