@@ -96,7 +96,9 @@ def _done(cfg, results_dir: Path) -> Path | None:
 
 
 def main(args) -> int:
-    from .engine import Interrupted, checkpoint_dir, run_federated
+    from .checkpoint import checkpoint_dir
+    from .cli import evaluator_for
+    from .engine import Interrupted, run_federated
 
     cells = plan_cells(args)  # every cell validated before any runs
     results = Path(args.results_dir)
@@ -115,7 +117,7 @@ def main(args) -> int:
             shutil.rmtree(run_dir)  # a cell killed before its first checkpoint: start it clean
         print(f"[ablate] cell {i}/{len(todo)}: {name}" + (" (resuming)" if resume else ""))
         try:
-            run_federated(cfg, resume=resume)
+            run_federated(cfg, resume=resume, evaluator=evaluator_for(cfg))
         except Interrupted as exc:
             print(f"interrupted: {exc}. Re-run the same `bench ablate` command to continue the grid.")
             return 130

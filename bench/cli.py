@@ -20,6 +20,12 @@ FIELD_HELP = {
     "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks, also mmlu_stem etc. (empty: no evaluation)",
     "eval_dtype": "auto | float32 | bfloat16 | float16 for scoring (auto: float32 on CPU, bfloat16 on GPU)",
     "max_update_norm": "exclude a client update whose ‖s·B·A‖_F exceeds this",
+    "method_options": "the method's own options, e.g. split=official (see `bench methods`)",
+    "alpha_policy": "shared (every client lora_alpha; s_k = α/r_k) | proportional (α_k = alpha_ratio·r_k; FLoRA's heterogeneous runs)",
+    "dtype": "training dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
+    "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
+    "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
+    "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
 }
 
 
@@ -55,19 +61,36 @@ def cmd_run(args) -> int:
         preset = None if (args.config or overrides.get("preset")) else "quick"
         cfg = build_config(preset=preset, config_file=args.config, overrides=overrides)
     try:
-        run_federated(cfg, resume=args.resume)
+        run_federated(cfg, resume=args.resume, evaluator=evaluator_for(cfg))
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
     return 0
 
 
+def evaluator_for(cfg):
+    """What scores a run's global model: the evaluators package, imported only when the run evaluates."""
+    if not cfg.eval_tasks:
+        return None
+    try:
+        import evaluators
+    except ImportError as exc:
+        raise BenchError(f"eval_tasks: evaluation needs the eval extra ({exc}); pip install 'fedlora-bench[eval]' "
+                         "or pass --no-eval") from None
+    return evaluators
+
+
 def cmd_methods(args) -> int:
     from methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:12s} {doc}")
+        print(f"{name:13s} {cls.description}")
+        print(f"{'':13s} {cls.citation}")
+        traits = [t for t, on in (("heterogeneous ranks", cls.heterogeneous_ranks), ("merges into the base", cls.merges_into_base),
+                                  ("averages factors", cls.averages_factors), ("personalized", cls.personalized)) if on]
+        print(f"{'':13s} [{', '.join(traits) or 'homogeneous ranks only'}]")
+        for opt, o in cls.options.items():
+            print(f"{'':13s} --method-option {opt}=…  (default {o.default!r}) {o.help}")
     return 0
 
 

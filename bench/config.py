@@ -24,6 +24,8 @@ PARTITIONS = ("iid", "dirichlet", "shards", "predefined")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "explicit")
 PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ALPHA_POLICIES = ("shared", "proportional")
+ENGINES = ("inprocess",)
 
 
 @dataclass
@@ -61,10 +63,15 @@ class RunConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
+    # shared: every client's lora_alpha is lora_alpha (s_k = α/r_k; peft's and FlexLoRA's convention);
+    # proportional: α_k = alpha_ratio · r_k, so every client's s_k = alpha_ratio (FLoRA's heterogeneous runs: 2·r_k)
+    alpha_policy: str = "shared"
+    alpha_ratio: float = 2.0
     rank: int = 8
     ranks: list[int] | None = None
     rank_distribution: str = "homo"
     rank_set: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    method_options: dict[str, Any] = field(default_factory=dict)   # the method's own options (bench methods lists them)
     # robustness
     max_update_norm: float | None = None   # a client update with ‖s·B·A‖_F above this is excluded
     # evaluation
@@ -75,11 +82,14 @@ class RunConfig:
     eval_dtype: str = "auto"
     # run
     seed: int = 0
-    dtype: str = "auto"
+    dtype: str = "auto"          # training dtype (auto: bfloat16 on CUDA, float32 on CPU)
+    export_dtype: str = "auto"   # the global model's dtype on disk (auto: float32, which holds every round's update)
     device: str = "auto"
+    engine: str = "inprocess"
     output_dir: str | None = None
     results_dir: str = "results"
-    save_client_adapters: bool = False
+    save_client_adapters: bool = False   # each client's upload and what it received, every round (audit trail)
+    keep_round_states: bool = False      # the server state after every round, not only the last checkpoint
 
     # ---- derived -------------------------------------------------------------------------
     def client_ranks(self) -> list[int]:
@@ -102,8 +112,12 @@ class RunConfig:
         rng = np.random.default_rng([self.seed, 7919])
         return [int(r) for r in rng.choice(rank_set, size=self.num_clients, p=probs / probs.sum())]
 
+    def alpha_for(self, rank: int) -> float:
+        """lora_alpha of a rank-`rank` client under the alpha policy."""
+        return self.alpha_ratio * rank if self.alpha_policy == "proportional" else self.lora_alpha
+
     def scaling(self, rank: int) -> float:
-        return self.lora_alpha / (rank ** 0.5 if self.use_rslora else rank)
+        return self.alpha_for(rank) / (rank ** 0.5 if self.use_rslora else rank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +125,7 @@ class RunConfig:
     def config_hash(self) -> str:
         """Hash of what determines the experiment (not the seed, not where outputs go)."""
         d = self.to_dict()
-        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "preset"):
+        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "preset"):
             d.pop(k, None)
         for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
             if d.get(k) == default:
@@ -121,7 +135,8 @@ class RunConfig:
 
 # a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
 # skip-what-is-done) still match the same experiment
-HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto"}
+HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
+                         "export_dtype": "auto", "engine": "inprocess"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -160,9 +175,15 @@ def _coerce(name: str, value: Any) -> Any:
         if typ.startswith("dict"):
             if isinstance(value, str):  # "instruction=question,output=answer"
                 pairs = [p for p in value.split(",") if p]
+                if any("=" not in p for p in pairs):
+                    raise TypeError
                 value = dict(p.split("=", 1) for p in pairs)
+                if typ.startswith("dict[str, Any]"):  # typed values: "tau=0.9,split=official"
+                    value = {k: yaml.safe_load(v) for k, v in value.items()}
             if not isinstance(value, dict):
                 raise TypeError
+            if typ.startswith("dict[str, Any]"):
+                return {str(k): v for k, v in value.items()}
             return {str(k): str(v) for k, v in value.items()}
         if typ.startswith("bool"):
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -297,6 +318,16 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
     need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
+    need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")
+    need(cfg.engine in ENGINES, f"engine: unknown {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    from methods import get_method
+
+    try:
+        get_method(cfg.method, cfg.method_options)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     need(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: unknown {cfg.device!r}; use auto, cpu or cuda[:N]")
     need(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
 

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2
 
 
 def _fsync_dir(path: Path) -> None:

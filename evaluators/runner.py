@@ -230,7 +230,7 @@ def _with_request_cache(lm, path: str):
             hook = super().get_cache_hook()
             kill_at = os.environ.get("BENCH_TEST_KILL_AT", "")
             if kill_at.startswith("eval-request:"):  # the engine's kill hook, after the n-th committed answer
-                from bench.engine import _test_kill
+                from bench.hooks import point as _test_kill
 
                 add, added = hook.add_partial, [0]
 

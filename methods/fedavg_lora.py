@@ -36,5 +36,10 @@ def average_factors(updates: list[ClientUpdate], state: GlobalState) -> Aggregat
 
 @register_method("fedavg-lora")
 class FedAvgLoRA(AggregationMethod):
+    description = "FedAvg of A and B separately (zero-padded to the largest rank); records the aggregation noise"
+    citation = ("McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, "
+                "AISTATS 2017, applied to LoRA's factors")
+    averages_factors = True
+
     def aggregate(self, updates, state):
         return average_factors(updates, state)

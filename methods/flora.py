@@ -7,16 +7,19 @@ next round with a fresh adapter at its own rank.
 from __future__ import annotations
 
 from . import register_method
-from .base import Aggregate, AggregationMethod, GlobalState, client_weights, module_names
+from .base import Aggregate, AggregationMethod, ClientTask, GlobalState, client_weights, module_names
 from .factors import stack
 
 
 @register_method("flora")
 class FLoRA(AggregationMethod):
+    description = "stack the clients' factors (exact Σ p_k s_k B_k A_k), merge into the base, fresh adapters each round"
+    citation = ("Wang et al., FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank "
+                "Adaptations, NeurIPS 2024; code github.com/ATP-1010/FederatedLLM")
     merges_into_base = True
 
-    def configure(self, state, rank, scaling):
-        return None  # fresh adapter every round: the previous rounds live in the base weights
+    def configure(self, state, client):
+        return ClientTask()  # fresh adapter every round: the previous rounds live in the base weights
 
     def aggregate(self, updates, state):
         weights = client_weights(updates)

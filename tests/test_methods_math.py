@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from methods import METHODS, AggregationMethod, ClientUpdate, GlobalState, client_weights, get_method
+from methods import METHODS, AggregationMethod, ClientSpec, ClientUpdate, GlobalState, client_weights, get_method
 from methods.factors import factored_svd, orthonormal_basis, pad_rank, product_fro_norm, stack, svd_factors
 from methods.fedavg_lora import FedAvgLoRA
 from methods.fedit import FedIT
@@ -114,6 +114,11 @@ def assert_close(x: torch.Tensor, y: torch.Tensor, rel: float = 1e-12, what: str
     assert err <= rel, f"{what}: relative error {err:.3e} > {rel:.0e}"
 
 
+def start_of(m, state, rank: int, scaling: float):
+    """The factors a client of this rank starts from (its task's init)."""
+    return m.configure(state, ClientSpec(0, rank, scaling, state.round + 1)).init
+
+
 def effective(adapter_pair) -> torch.Tensor:
     a, b = adapter_pair
     return b @ a
@@ -160,8 +165,8 @@ def test_flora_configure_is_fresh_and_merges_into_base():
     m = get_method("flora")
     assert m.merges_into_base is True
     state = GlobalState(adapter={"x": (torch.ones(2, 3, dtype=DT), torch.ones(4, 2, dtype=DT))})
-    assert m.configure(state, 8, 2.0) is None
-    assert m.configure(GlobalState(), 8, 2.0) is None
+    assert start_of(m, state, 8, 2.0) is None
+    assert start_of(m, GlobalState(), 8, 2.0) is None
     for other in ("fedavg-lora", "fedit", "flexlora"):
         assert get_method(other).merges_into_base is False
 
@@ -312,7 +317,7 @@ def test_configure_effective_update_is_global_slice(method, shape, ranks):
     for r in sorted(set(ranks)) + [max(ranks) + 3]:
         for alpha, mode in [(16.0, "lora"), (16.0, "rslora"), (3.0, "lora"), (1.0 * r, "lora")]:
             s = scaling_of(r, alpha, mode)
-            cfg = m.configure(state, r, s)
+            cfg = start_of(m, state, r, s)
             for name, (a_glob, b_glob) in state.adapter.items():
                 a_c, b_c = cfg[name]
                 R = a_glob.shape[0]
@@ -334,7 +339,7 @@ def test_configure_does_not_alias_state(method):
     m = get_method(method)
     state = m.aggregate(ups, GlobalState()).state
     before = {n: (a.clone(), b.clone()) for n, (a, b) in state.adapter.items()}
-    cfg = m.configure(state, 4, 1.0)  # s = 1: B / 1 must still be a copy
+    cfg = start_of(m, state, 4, 1.0)  # s = 1: B / 1 must still be a copy
     for a, b in cfg.values():
         a.add_(1.0)  # a client training in place
         b.add_(1.0)
@@ -344,7 +349,7 @@ def test_configure_does_not_alias_state(method):
 
 def test_configure_empty_state_is_fresh_init():
     for name in ALL_METHODS:
-        assert get_method(name).configure(GlobalState(), 8, 2.0) is None
+        assert start_of(get_method(name), GlobalState(), 8, 2.0) is None
 
 
 @pytest.mark.parametrize("method", ["fedavg-lora", "fedit", "flexlora"])
@@ -363,7 +368,7 @@ def test_untrained_round_is_a_fixed_point(method, alphas):
     ups = []
     for k, (alpha, mode) in enumerate(zip(alphas, modes)):
         s = scaling_of(R, alpha, mode)
-        ups.append(ClientUpdate(k, R, s, 3 + 4 * k, m.configure(state, R, s)))
+        ups.append(ClientUpdate(k, R, s, 3 + 4 * k, start_of(m, state, R, s)))
     new = m.aggregate(ups, state).state
     for name in shapes:
         assert_close(effective(new.adapter[name]), effective(state.adapter[name]), 1e-12, name)
@@ -491,7 +496,7 @@ def test_flexlora_redistribution_is_best_rank_r(shape, ranks):
         total = float((s_d ** 2).sum())
         for k, u in enumerate(ups):
             r, s_k = u.rank, u.scaling
-            a_c, b_c = m.configure(state, r, s_k)[name]
+            a_c, b_c = start_of(m, state, r, s_k)[name]
             approx = s_k * (b_c @ a_c)
             err = fro(dw - approx) ** 2
             tail = float((s_d[r:] ** 2).sum())  # Eckart–Young: Σ_{j>r} σ_j²
@@ -525,7 +530,7 @@ def test_flexlora_rank_sum_beyond_min_dim():
     dw = dense_delta(ups, "m")
     assert_close(b @ a, dw, 1e-12, "ΔW")
     for u in ups:
-        a_c, b_c = m.configure(state, u.rank, u.scaling)["m"]
+        a_c, b_c = start_of(m, state, u.rank, u.scaling)["m"]
         assert a_c.shape[0] == min(u.rank, 7)
         if u.rank >= 7:
             assert_close(u.scaling * (b_c @ a_c), dw, 1e-12, f"rank {u.rank}")
@@ -610,7 +615,7 @@ def test_factored_svd_on_realistic_flexlora_stacks(delta):
     m = get_method("flexlora")
     state = m.aggregate(ups, GlobalState()).state
     for up in ups:  # Eckart–Young for every client, as in test_flexlora_redistribution_is_best_rank_r
-        a_c, b_c = m.configure(state, up.rank, up.scaling)["m"]
+        a_c, b_c = start_of(m, state, up.rank, up.scaling)["m"]
         err = fro(dense - up.scaling * (b_c @ a_c)) ** 2
         assert err == pytest.approx(float((s_ref[up.rank:] ** 2).sum()), rel=1e-8, abs=1e-24 + 1e-12 * fro(dense) ** 2)
 
@@ -762,5 +767,7 @@ def test_unknown_method_lists_registered():
 
 
 def test_fedit_recipe():
-    assert FedIT.recipe["target_modules"] == ["q_proj", "v_proj"]
+    # Shepherd's main.py keyword defaults, as methods/fedit.py cites them
+    assert FedIT.recipe == {"client_fraction": 0.1, "rank": 16, "lora_alpha": 16.0, "lora_dropout": 0.05,
+                            "target_modules": ["q_proj"], "lr": 3e-4, "prompt_template": "alpaca"}
     assert FedAvgLoRA.recipe == {}

@@ -1,0 +1,123 @@
+"""Observers of a run: each gets the events of the rounds and owns one output. The engine calls them in
+order; none of them changes what the server or the clients compute.
+
+- MetricsLog:  metrics.jsonl, one line per round (rewritten atomically, so a reader never sees half a line)
+- Progress:    the human-readable log lines
+- AuditTrail:  with save_client_adapters, every client's upload (a PEFT folder), what it received (its task
+               and starting factors, the merges) and, for an excluded update, why
+- RoundStates: with keep_round_states, the server's state after every round (the checkpoint keeps only the last)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .io import atomic_write_json, atomic_write_text
+from .messages import Reply, TaskMessage
+
+
+def rss_mb() -> float | None:
+    """Resident set size of this process now (not the peak), in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class Observer:
+    def client_done(self, msg: TaskMessage, reply: Reply) -> None: ...
+
+    def round_done(self, result, row: dict) -> None: ...
+
+
+class MetricsLog(Observer):
+    def __init__(self, run_dir: Path, rounds: list[dict]):
+        self.path, self.rounds = run_dir / "metrics.jsonl", rounds
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rounds))
+
+    def round_done(self, result, row):
+        self.rounds.append(row)
+        self._write()
+
+
+class Progress(Observer):
+    def __init__(self, log, total_rounds: int):
+        self.log, self.total = log, total_rounds
+
+    def client_done(self, msg, reply):
+        if reply.error:
+            self.log(f"[bench]   round {msg.round} client {msg.client_id}: no update ({reply.error})")
+            return
+        m = reply.metrics
+        self.log(f"[bench]   round {msg.round} client {msg.client_id}: loss {m['first_loss']:.3f} → {m['last_loss']:.3f} "
+                 f"({m['steps']} steps, {m['seconds']:.1f} s)")
+
+    def round_done(self, result, row):
+        for c in row["clients"]:
+            if "excluded" in c:
+                self.log(f"[bench]   round {row['round']} client {c['id']}: EXCLUDED ({c['excluded']})")
+        noise = row.get("noise")
+        self.log(f"[bench] round {row['round']}/{self.total} done in {row['seconds']:.1f} s"
+                 + (f", aggregation noise {noise:.4f}" if noise else ""))
+
+
+class AuditTrail(Observer):
+    """clients/round_<r>/client_<k>/: the upload as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors), received.safetensors (init/<module>/<A|B>: the starting factors as sent,
+    un-scaled; merge/<round>/<module>/<A|B>: the base merges sent) and task.json (rank, scaling, p, seeds,
+    what trains / is kept / is sent, the method's info, and `excluded` with its reason)."""
+
+    def __init__(self, run_dir: Path, cfg, base_model: str):
+        self.root, self.cfg, self.base_model = run_dir / "clients", cfg, base_model
+
+    def folder(self, rnd: int, k: int) -> Path:
+        return self.root / f"round_{rnd}" / f"client_{k}"
+
+    def client_done(self, msg, reply):
+        from safetensors.torch import save_file
+
+        from .export import save_peft_adapter
+        from .messages import pack_task
+
+        out = self.folder(msg.round, msg.client_id)
+        cfg = self.cfg
+        if not reply.error and reply.factors:
+            save_peft_adapter(reply.factors, reply.rank, cfg.alpha_for(msg.rank), cfg.use_rslora, cfg.target_modules,
+                              self.base_model, out)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays, config = pack_task(msg)
+        save_file({k: v.contiguous() for k, v in arrays.items()}, str(out / "received.safetensors"))
+        atomic_write_json(out / "task.json", {**config, "task": json.loads(config["task"]),
+                                              "rank_sent": reply.rank, "error": reply.error})
+
+    def round_done(self, result, row):
+        for c in row["clients"]:
+            path = self.folder(row["round"], c["id"]) / "task.json"
+            if path.is_file():
+                rec = json.loads(path.read_text())
+                rec.update({k: c[k] for k in ("p", "excluded") if k in c})
+                atomic_write_json(path, rec)
+
+
+class RoundStates(Observer):
+    """rounds/round_<r>/: server.safetensors + meta.json, as a checkpoint holds them (bench.checkpoint.read_state)."""
+
+    def __init__(self, run_dir: Path, server):
+        self.root, self.server = run_dir / "rounds", server
+
+    def round_done(self, result, row):
+        import shutil
+
+        from .checkpoint import write_state
+        from .io import atomic_replace_dir
+
+        final = self.root / f"round_{row['round']}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_state(tmp, self.server.s, {"round_row": {k: row[k] for k in ("round", "sampled")}})
+        atomic_replace_dir(tmp, final)

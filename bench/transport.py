@@ -1,0 +1,32 @@
+"""Transports carry task messages to clients and replies back. The in-process one (the default) runs
+every client on this process's ClientRuntime, one after another; bench/flower/ carries the same
+messages over Flower's simulation and deployment engines."""
+from __future__ import annotations
+
+from .client import ClientRuntime
+from .messages import Reply, TaskMessage
+
+
+class InProcessTransport:
+    name = "inprocess"
+
+    def __init__(self, runtime: ClientRuntime):
+        self.runtime = runtime
+
+    def run(self, tasks: list[TaskMessage], on_reply=None) -> dict[int, Reply]:
+        """Each task's reply, by client id; on_reply(msg, reply) as each one arrives."""
+        replies = {}
+        for msg in tasks:
+            reply = self.runtime.train(msg)
+            if on_reply is not None:
+                on_reply(msg, reply)
+            replies[msg.client_id] = reply
+        return replies
+
+    # the clients' own state (personal factors, the base round) travels with the run's checkpoint
+    def state(self):
+        return self.runtime.state_tensors()
+
+    def restore(self, tensors, meta, merges) -> None:
+        self.runtime.apply_merges(merges)
+        self.runtime.load_state_tensors(tensors, meta)
