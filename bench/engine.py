@@ -34,6 +34,7 @@ from .config import RunConfig, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
 from .io import atomic_write_json
+from .messages import Reply
 from .observers import AuditTrail, MetricsLog, Progress, RoundStates, rss_mb
 from .record import build_record, load_avg, provenance, run_setting
 from .server import Server
@@ -197,6 +198,21 @@ def _run_id(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.preset or 'custom'}-s{cfg.seed}-{stamp}"
 
 
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def client_examples(cfg: RunConfig, plan: Plan, tok, clients) -> dict[int, list[dict]]:
+    """The tokenized training examples of the given clients (once per run, reused every round)."""
+    return {k: [data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, cfg.train_on_inputs)
+                for i in plan.shards[k]] for k in clients}
+
+
 def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
     test = plan.dataset.test
     if cfg.test_limit and len(test) > cfg.test_limit:
@@ -206,9 +222,11 @@ def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
 
 
 def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | None = None, log=print,
-                  evaluator=None) -> dict:
+                  evaluator=None, transport=None) -> dict:
     """Run (or resume) a federated experiment end to end; returns the results record.
 
+    transport: how task messages reach the clients (run/state/restore/name, see bench/transport.py);
+    None: this process trains every client itself (InProcessTransport over one ClientRuntime).
     Nothing is written until every input has been checked (preflight, output paths, the checkpoint
     to resume from)."""
     t_start, load_start = time.time(), load_avg()
@@ -246,18 +264,16 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
 
     timings = {"load_s": 0.0, "tokenize_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "checkpoint_s": 0.0}
     t = time.time()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(plan.model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    examples = {k: [data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, cfg.train_on_inputs)
-                    for i in shard] for k, shard in enumerate(plan.shards)}  # once per run, reused every round
-    timings["tokenize_s"] = time.time() - t
-    t = time.time()
-    runtime = ClientRuntime(cfg, ModelSpec(plan.model_path, device, dtype), plan.ranks, examples)
-    timings["load_s"] = time.time() - t
-    transport = hooks.wrap_transport(InProcessTransport(runtime))
+    tok = load_tokenizer(plan.model_path)
+    runtime = None
+    if transport is None:
+        examples = client_examples(cfg, plan, tok, range(cfg.num_clients))
+        timings["tokenize_s"] = time.time() - t
+        t = time.time()
+        runtime = ClientRuntime(cfg, ModelSpec(plan.model_path, device, dtype), plan.ranks, examples)
+        timings["load_s"] = time.time() - t
+        transport = InProcessTransport(runtime)
+    transport = hooks.wrap_transport(transport)
     server = ReplyFilter(Server(method, seed=cfg.seed, num_clients=cfg.num_clients, client_fraction=cfg.client_fraction,
                                 ranks=plan.ranks, scaling=cfg.scaling), plan.module_shapes, cfg.max_update_norm)
     rounds_log: list[dict] = []
@@ -286,17 +302,18 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             for o in observers:
                 o.client_done(msg, reply)
 
-        runtime.on_step = on_step
+        if runtime is not None:
+            runtime.on_step = on_step
         for rnd in range(server.round + 1, cfg.rounds + 1):
             t_round = time.time()
             tasks = server.configure(rnd, server.sample(rnd))
             replies = transport.run(tasks, on_reply=on_reply)
-            stale = [k for k, r in replies.items() if r.error and r.error.startswith("base out of sync")]
+            stale = [k for k, r in replies.items() if isinstance(r, Reply) and (r.error or "").startswith("base out of sync")]
             if stale:  # a client that lost its base (a restarted node): once more with every merge
                 again = server.configure(rnd, stale, resend=True)
                 replies.update(transport.run(again, on_reply=on_reply))
                 tasks = [m for m in tasks if m.client_id not in stale] + again
-            timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values())
+            timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values() if isinstance(r, Reply))
             signals.check()
             t = time.time()
             result = server.aggregate(rnd, tasks, replies)
@@ -322,6 +339,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
 
         # the global model, from the server's deltas. A kill from here on is resumed from the last
         # round's checkpoint: training is skipped, these steps redone.
+        engine_name = transport.name
         del runtime, transport
         t = time.time()
         out = run_dir / "global_model"
@@ -352,7 +370,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             signals.check()
         timings["total_s"] = time.time() - t_start
         record = build_record(
-            kind="run", run_id=run_id, method=cfg.method, engine="inprocess",
+            kind="run", run_id=run_id, method=cfg.method, engine=engine_name,
             method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
                          "merges_into_base": method.merges_into_base, "personalized": method.personalized},
             setting=run_setting(cfg, plan.ranks, plan.model_id), seed=cfg.seed, config=cfg.to_dict(),

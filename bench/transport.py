@@ -8,6 +8,10 @@ from .messages import Reply, TaskMessage
 
 
 class InProcessTransport:
+    """The transport contract (a Flower transport implements the same four members):
+    name; run(tasks, on_reply) -> {client id: Reply or server.Refused}; state() -> the clients' state to
+    checkpoint with the run, or None when the clients keep their own; restore(tensors, meta, merges)."""
+
     name = "inprocess"
 
     def __init__(self, runtime: ClientRuntime):
