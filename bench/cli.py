@@ -94,6 +94,22 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .audit import replay
+
+    report = replay(args.run_dir)
+    worst = max([max(r["init_rel_err"], r["merge_rel_err"]) for r in report["rounds"]] or [0.0])
+    for r in report["rounds"]:
+        print(f"round {r['round']}: {r['clients']} clients, starting factors rel. err {r['init_rel_err']:.2e}, "
+              f"merges rel. err {r['merge_rel_err']:.2e}, |p - recorded p| {r['p_abs_err']:.1e}")
+    ex = report["export_rel_err"]
+    print(f"global model - base vs replayed deltas: rel. err {ex['relative']:.2e} over {ex['modules']} modules"
+          + (f" ({ex['global_dtype']} on disk)" if "global_dtype" in ex else ""))
+    ok = worst <= 1e-5 and ex["relative"] <= 1e-2
+    print("audit: " + ("consistent" if ok else "INCONSISTENT"))
+    return 0 if ok else 1
+
+
 def cmd_presets(args) -> int:
     from .config import PRESETS_DIR, preset_names
 
@@ -111,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list registered aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)
+    p_audit = sub.add_parser("audit", help="re-derive a run (made with --save-client-adapters) from its files alone")
+    p_audit.add_argument("run_dir")
+    p_audit.set_defaults(func=cmd_audit)
     for name, module, help_text in (("eval", "evaluators.cli", "score a run's global model or a base model with lm-eval"),
                                     ("report", "reports.cli", "regenerate the leaderboard (and --plots) from results/"),
                                     ("ablate", "bench.ablate", "run a resumable grid of methods × ranks × data heterogeneity × seeds"),

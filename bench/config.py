@@ -26,6 +26,7 @@ PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ALPHA_POLICIES = ("shared", "proportional")
 ENGINES = ("inprocess",)
+REFERENCES = ("base", "centralized", "local-only")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunConfig:
     field_map: dict[str, str] = field(default_factory=dict)
     test_fraction: float = 0.05          # held-out share for sources without a test split
     test_limit: int | None = None        # cap on held-out examples for the test loss (seeded subset)
+    client_test_fraction: float = 0.0    # each client's own held-out split, taken from its shard (0: none)
     # clients and data partition
     num_clients: int = 10
     client_fraction: float = 1.0
@@ -80,6 +82,10 @@ class RunConfig:
     eval_backend: str | None = None
     eval_num_fewshot: int | None = None
     eval_dtype: str = "auto"
+    eval_seed: int = 0                   # picks --eval-limit subsets; fixed across training seeds, so scores pair by example
+    # reference rows (instead of a federated method): base (no training), centralized (one client with the
+    # pooled data, the largest rank, the same total steps), local-only (each client trains alone, nothing shared)
+    reference: str | None = None
     # run
     seed: int = 0
     dtype: str = "auto"          # training dtype (auto: bfloat16 on CUDA, float32 on CPU)
@@ -135,7 +141,7 @@ class RunConfig:
 
 # a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
 # skip-what-is-done) still match the same experiment
-HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
+HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
                          "export_dtype": "auto", "engine": "inprocess"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -314,6 +320,9 @@ def validate(cfg: RunConfig) -> None:
         need(cfg.rank_distribution != "explicit", "ranks: rank_distribution 'explicit' needs a ranks list, e.g. --ranks 16,8,4,4")
     need(0 < cfg.test_fraction < 1, f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
     need(cfg.test_limit is None or cfg.test_limit >= 1, f"test_limit: must be ≥ 1, got {cfg.test_limit}")
+    need(0 <= cfg.client_test_fraction < 1, f"client_test_fraction: must be in [0, 1), got {cfg.client_test_fraction}")
+    need(cfg.reference is None or cfg.reference in REFERENCES, f"reference: unknown {cfg.reference!r}"
+         f"{_did_you_mean(str(cfg.reference), REFERENCES)}; choose one of {', '.join(REFERENCES)}")
     need(cfg.max_update_norm is None or cfg.max_update_norm > 0, f"max_update_norm: must be > 0, got {cfg.max_update_norm}")
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
     need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -330,6 +339,7 @@ def validate(cfg: RunConfig) -> None:
         raise BenchError(str(exc)) from None
     need(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: unknown {cfg.device!r}; use auto, cpu or cuda[:N]")
     need(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
+    need(cfg.eval_seed >= 0, f"eval_seed: must be ≥ 0, got {cfg.eval_seed}")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

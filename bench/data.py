@@ -213,6 +213,23 @@ def partition(cfg, data: Dataset) -> list[list[int]]:
     return shards
 
 
+def client_test_splits(cfg, shards: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each client's own held-out split: a seeded client_test_fraction of its shard (at least one example),
+    taken out of its training data. Empty splits when client_test_fraction is 0."""
+    if not cfg.client_test_fraction:
+        return shards, [[] for _ in shards]
+    train, test = [], []
+    for k, shard in enumerate(shards):
+        if len(shard) < 2:
+            raise BenchError(f"client_test_fraction: client {k} has {len(shard)} example(s), too few to hold any out; "
+                             "use more examples per client or client_test_fraction 0")
+        order = np.random.default_rng([cfg.seed, 7777, k]).permutation(len(shard))
+        n_test = min(len(shard) - 1, max(1, int(round(len(shard) * cfg.client_test_fraction))))
+        test.append(sorted(shard[i] for i in order[:n_test]))
+        train.append(sorted(shard[i] for i in order[n_test:]))
+    return train, test
+
+
 def _dirichlet(by_class: dict[str, list[int]], k: int, alpha: float, min_size: int, rng) -> list[list[int]]:
     """Per class, split its examples among clients with proportions ~ Dir(α); redraw until every client
     holds at least min_size examples (the usual recipe of Hsu et al. 2019)."""

@@ -37,7 +37,8 @@ from .io import atomic_write_json
 from .messages import Reply
 from .observers import AuditTrail, MetricsLog, Progress, RoundStates, rss_mb
 from .record import build_record, load_avg, provenance, run_setting
-from .server import Server
+from .references import reference_run
+from .server import Server, sample_clients
 from .transport import InProcessTransport
 
 
@@ -57,6 +58,7 @@ class Plan:
     ranks: list[int]
     module_shapes: dict[str, tuple[int, int]]   # target module name -> (d_out, d_in)
     eval_tasks: list[str] = field(default_factory=list)
+    client_tests: list[list[int]] = field(default_factory=list)  # each client's own held-out split (indices into train)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -117,7 +119,7 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     dataset = data_mod.load_dataset(cfg)
-    shards = data_mod.partition(cfg, dataset)
+    shards, client_tests = data_mod.client_test_splits(cfg, data_mod.partition(cfg, dataset))
     eval_tasks: list[str] = []
     if cfg.eval_tasks:
         if evaluator is None:
@@ -132,7 +134,7 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
         name = min(shapes, key=lambda n: min(shapes[n]))
         raise BenchError(f"ranks: rank {max(ranks)} exceeds the smaller dimension ({smallest}) of target module {name}; "
                          f"use ranks ≤ {smallest}")
-    return Plan(cfg, model_path, model_id, dataset, shards, ranks, shapes, eval_tasks)
+    return Plan(cfg, model_path, model_id, dataset, shards, ranks, shapes, eval_tasks, client_tests)
 
 
 class _Signals:
@@ -195,7 +197,7 @@ def _partition_hash(plan: Plan) -> str:
 
 def _run_id(cfg: RunConfig) -> str:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return f"{cfg.method}-{cfg.preset or 'custom'}-s{cfg.seed}-{stamp}"
+    return f"{cfg.reference or cfg.method}-{cfg.preset or 'custom'}-s{cfg.seed}-{stamp}"
 
 
 def load_tokenizer(model_path: str):
@@ -231,7 +233,11 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     to resume from)."""
     t_start, load_start = time.time(), load_avg()
     plan = plan or preflight(cfg, evaluator)
-    method = get_method(cfg.method, cfg.method_options)
+    name = cfg.reference or cfg.method
+    # tcfg/tplan/method: what trains (a reference row trains differently); cfg/plan: what the record describes
+    tcfg, tplan, method = cfg, plan, get_method(cfg.method, cfg.method_options)
+    if cfg.reference:
+        tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     out_dtype = export_dtype(cfg.export_dtype)
@@ -254,12 +260,14 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         for stale in list(run_dir.glob(".checkpoint.tmp*")) + list(run_dir.glob(".global_model.tmp*")):
             shutil.rmtree(stale, ignore_errors=True)
 
-    log(f"[bench] run {run_id}: method={cfg.method} model={plan.model_id} dataset={cfg.dataset} ({plan.dataset.origin}) "
-        f"partition={cfg.partition} clients={cfg.num_clients} rounds={cfg.rounds} device={device} dtype={str(dtype)[6:]}")
+    log(f"[bench] run {run_id}: {'reference' if cfg.reference else 'method'}={name} model={plan.model_id} "
+        f"dataset={cfg.dataset} ({plan.dataset.origin}) partition={cfg.partition} clients={tcfg.num_clients} "
+        f"rounds={tcfg.rounds} device={device} dtype={str(dtype)[6:]}")
     clients_info = []
     for k, shard in enumerate(plan.shards):
         hist = data_mod.label_histogram(plan.dataset, shard)
-        clients_info.append({"id": k, "rank": plan.ranks[k], "num_examples": len(shard), "label_histogram": hist})
+        clients_info.append({"id": k, "rank": plan.ranks[k], "num_examples": len(shard), "label_histogram": hist,
+                             "test_examples": len(plan.client_tests[k]) if plan.client_tests else 0})
         log(f"[bench]   client {k}: rank {plan.ranks[k]:>3}  examples {len(shard):>5}  labels {hist}")
 
     timings = {"load_s": 0.0, "tokenize_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "checkpoint_s": 0.0}
@@ -267,27 +275,28 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     tok = load_tokenizer(plan.model_path)
     runtime = None
     if transport is None:
-        examples = client_examples(cfg, plan, tok, range(cfg.num_clients))
+        examples = client_examples(tcfg, tplan, tok, range(tcfg.num_clients))
         timings["tokenize_s"] = time.time() - t
         t = time.time()
-        runtime = ClientRuntime(cfg, ModelSpec(plan.model_path, device, dtype), plan.ranks, examples)
+        runtime = ClientRuntime(tcfg, ModelSpec(plan.model_path, device, dtype), tplan.ranks, examples)
         timings["load_s"] = time.time() - t
         transport = InProcessTransport(runtime)
     transport = hooks.wrap_transport(transport)
-    server = ReplyFilter(Server(method, seed=cfg.seed, num_clients=cfg.num_clients, client_fraction=cfg.client_fraction,
-                                ranks=plan.ranks, scaling=cfg.scaling), plan.module_shapes, cfg.max_update_norm)
+    server = ReplyFilter(Server(method, seed=tcfg.seed, num_clients=tcfg.num_clients, client_fraction=tcfg.client_fraction,
+                                ranks=tplan.ranks, scaling=tcfg.scaling), plan.module_shapes, tcfg.max_update_norm)
     rounds_log: list[dict] = []
     if ck:
-        server.s, meta, clients_state = ck
+        state, meta, clients_state = ck
+        server.restore(state)
         transport.restore(*(clients_state or ({}, {})), server.s.merges)
         rounds_log = meta["rounds"]
         log(f"[bench] resumed {run_dir} after round {server.round}"
-            + (" (all rounds done: redoing the final steps)" if server.round >= cfg.rounds else ""))
+            + (" (all rounds done: redoing the final steps)" if server.round >= tcfg.rounds else ""))
     elif resume:
         log(f"[bench] {run_dir} has no checkpoint yet: starting from round 1")
-    observers = [MetricsLog(run_dir, rounds_log), Progress(log, cfg.rounds)]
+    observers = [MetricsLog(run_dir, rounds_log), Progress(log, tcfg.rounds)]
     if cfg.save_client_adapters:
-        observers.append(AuditTrail(run_dir, cfg, plan.model_path))
+        observers.append(AuditTrail(run_dir, tcfg, plan.model_path))
     if cfg.keep_round_states:
         observers.append(RoundStates(run_dir, server))
     ck_meta = {"config_hash": config_hash, "method": cfg.method, "run_id": run_id, "partition_sha256": part_hash}
@@ -304,7 +313,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
 
         if runtime is not None:
             runtime.on_step = on_step
-        for rnd in range(server.round + 1, cfg.rounds + 1):
+        for rnd in range(server.round + 1, tcfg.rounds + 1):
             t_round = time.time()
             tasks = server.configure(rnd, server.sample(rnd))
             replies = transport.run(tasks, on_reply=on_reply)
@@ -323,7 +332,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 last = checkpoint_dir(run_dir)
                 keep = (f"the last good checkpoint (round {rnd - 1}) is intact in {last}" if last
                         else "no round had completed, so there is no checkpoint")
-                raise BenchError(f"clients: every client of round {rnd} was excluded ({result.excluded[0]['reason']}); "
+                first = result.excluded[0]
+                raise BenchError(f"clients: every client of round {rnd} was excluded (client {first['id']}: {first['reason']}); "
                                  f"{keep}; lower lr or raise max_update_norm")
             hooks.point(f"round{rnd}:aggregate")
             row = {"round": rnd, "sampled": result.sampled, "clients": result.clients,
@@ -337,11 +347,18 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             timings["checkpoint_s"] += time.time() - t
             signals.check()
 
-        # the global model, from the server's deltas. A kill from here on is resumed from the last
-        # round's checkpoint: training is skipped, these steps redone.
+        # After the last round: the clients' own models (personalized methods, local-only), then the global
+        # model from the server's deltas. A kill from here on is resumed from the last round's checkpoint:
+        # training is skipped, these steps redone.
+        t = time.time()
+        pooled = held_out_examples(cfg, plan, tok)
+        own = [[data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, False) for i in split]
+               for split in plan.client_tests]
+        personalized = None
+        if method.personalized and runtime is not None:
+            personalized = _own_models(runtime, pooled, own)
         engine_name = transport.name
         del runtime, transport
-        t = time.time()
         out = run_dir / "global_model"
         global_model = export_global_model(plan.model_path, server.global_delta(), out_dtype, out).to(device)
         if not server.s.merges and export_global_adapter(server.s.state.adapter, cfg.target_modules, plan.model_path,
@@ -350,29 +367,34 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         timings["save_s"] = time.time() - t
         signals.check()
         t = time.time()
-        test_examples = held_out_examples(cfg, plan, tok)
         hooks.point("test-loss")
-        sums, counts = held_out_losses(global_model, test_examples, tok.pad_token_id, device)
-        test = {"loss": mean_loss(sums, counts), "examples": len(sums), "loss_sums": sums, "tokens": counts}
+        test = _losses(global_model, pooled, tok.pad_token_id, device)
+        if any(own):
+            test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)} for k, ex in enumerate(own)]
+        if cfg.reference == "local-only":  # there is no global model: the row is the mean of the clients' own
+            test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
+                    **({"per_client": personalized["per_client_own"]} if any(own) else {})}
         del global_model
         timings["test_loss_s"] = time.time() - t
-        log(f"[bench] global model held-out loss on {len(sums)} {cfg.dataset} test examples: {test['loss']:.4f}")
+        log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
+            + (f"; each client's own split, mean {_mean([c['loss'] for c in test['per_client']]):.4f}" if "per_client" in test else ""))
         signals.check()
 
         eval_section = None
-        if plan.eval_tasks:
+        if plan.eval_tasks and cfg.reference != "local-only":
             hooks.point("eval")
             t = time.time()
             eval_section = evaluator.evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
                                               num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
-                                              out_dir=str(run_dir / "eval"), seed=cfg.seed, dtype=cfg.eval_dtype)
+                                              out_dir=str(run_dir / "eval"), seed=cfg.eval_seed, dtype=cfg.eval_dtype)
             timings["eval_s"] = time.time() - t
             signals.check()
         timings["total_s"] = time.time() - t_start
         record = build_record(
-            kind="run", run_id=run_id, method=cfg.method, engine=engine_name,
+            kind="run", run_id=run_id, method=name, engine=engine_name,
             method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
-                         "merges_into_base": method.merges_into_base, "personalized": method.personalized},
+                         "merges_into_base": method.merges_into_base, "personalized": method.personalized,
+                         "reference": cfg.reference},
             setting=run_setting(cfg, plan.ranks, plan.model_id), seed=cfg.seed, config=cfg.to_dict(),
             config_hash=config_hash,
             provenance=provenance(model_id=plan.model_id, model_path=plan.model_path, data=plan.dataset.files,
@@ -382,9 +404,43 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             dtypes={"training": str(dtype)[6:], "master": "float32", "export": str(out_dtype)[6:],
                     "eval": (eval_section or {}).get("dtype")},
             clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
+        if personalized is not None:
+            record["personalized"] = personalized
         record_path = Path(cfg.results_dir) / f"{run_id}.json"
         hooks.point("record")
         atomic_write_json(record_path, record)
         atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
     log(f"[bench] wrote {record_path} and {out} in {timings['total_s']:.0f} s")
     return record
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _losses(model, examples, pad, device) -> dict:
+    """Held-out loss (mean per labelled token) with its per-example sums and token counts, for pairing."""
+    sums, counts = held_out_losses(model, examples, pad, device)
+    return {"loss": mean_loss(sums, counts), "examples": len(sums), "loss_sums": sums, "tokens": counts}
+
+
+def _own_models(runtime: ClientRuntime, pooled: list[dict], own: list[list[dict]]) -> dict:
+    """Each client's own last model (current base + the adapter it last trained) on the pooled test set and on
+    its own split; the pooled figure per example is the mean over clients, so it pairs with a global model's."""
+    per_pooled, per_own = [], []
+    for k in sorted(runtime.last):
+        sets = runtime.own_losses(k, [pooled, own[k]] if own and own[k] else [pooled])
+        per_pooled.append({"client": k, "loss": mean_loss(*sets[0]), "loss_sums": sets[0][0], "tokens": sets[0][1]})
+        if len(sets) > 1:
+            per_own.append({"client": k, "loss": mean_loss(*sets[1]), "examples": len(sets[1][0]),
+                            "loss_sums": sets[1][0], "tokens": sets[1][1]})
+    n = len(per_pooled)
+    sums = [sum(c["loss_sums"][i] for c in per_pooled) / n for i in range(len(pooled))]
+    tokens = per_pooled[0]["tokens"] if per_pooled else []
+    out = {"clients": n, "pooled": {"loss": mean_loss(sums, tokens), "examples": len(pooled), "loss_sums": sums,
+                                    "tokens": tokens},
+           "per_client_pooled": [{"client": c["client"], "loss": c["loss"]} for c in per_pooled]}
+    if per_own:
+        out["per_client_own"] = per_own
+        out["own_loss"] = _mean([c["loss"] for c in per_own])
+    return out

@@ -23,6 +23,13 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def sample_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of round rnd: a pure function of (seed, round), nothing to checkpoint."""
+    rng = np.random.default_rng([seed, rnd])
+    m = max(1, round(fraction * num_clients))
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
 @dataclass
 class ServerState:
     """What a server checkpoint holds."""
@@ -62,14 +69,16 @@ class Server:
         self.scaling = scaling
         self.s = ServerState(ranks={k: r for k, r in enumerate(ranks)})
 
+    def restore(self, s: ServerState) -> None:
+        """Continue from a checkpointed state."""
+        self.s = s
+
     @property
     def round(self) -> int:
         return self.s.state.round
 
     def sample(self, rnd: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, rnd])
-        m = max(1, round(self.client_fraction * self.num_clients))
-        return sorted(rng.choice(self.num_clients, size=m, replace=False).tolist())
+        return sample_clients(self.seed, rnd, self.num_clients, self.client_fraction)
 
     def configure(self, rnd: int, clients: list[int], resend: bool = False) -> list[TaskMessage]:
         """One task message per client. resend: the client's base is unknown, send every merge."""
@@ -96,7 +105,7 @@ class Server:
             row = {**(_numbers(sent.metrics) if sent is not None else {}), **msg.task.info,
                    "id": k, "rank": msg.rank, "scaling": msg.scaling, "bytes_down": task_bytes(msg)}
             if sent is not None:
-                row.update({"examples": sent.num_examples, "bytes_up": factor_bytes(sent.factors)})
+                row.update({"examples": sent.num_examples, "bytes_up": factor_bytes(sent.factors), "base_round": sent.base_round})
                 if sent.rank != msg.rank:
                     row["rank_sent"] = sent.rank
             if isinstance(reply, Refused):

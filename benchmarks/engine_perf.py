@@ -80,9 +80,10 @@ def _memory_child(spec_path: str, out_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     from bench import data as data_mod
     from bench.config import build_config
-    from bench.engine import _rss_mb, preflight, run_federated
+    from bench.engine import preflight, run_federated
+    from bench.observers import rss_mb
 
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     cfg = build_config(preset="quick", overrides=spec["overrides"])
     plan = preflight(cfg)
     t = time.time()
@@ -202,12 +203,12 @@ def overhead_overrides(model: str, method: str, quick: bool) -> dict:
 
 def _engine_once(cfg, plan, workdir: Path, record_batches: list | None = None) -> dict:
     """One run_federated; its loop time is the rounds' own seconds plus metrics/checkpoint writing."""
-    from bench import data as data_mod, engine
+    from bench import client, data as data_mod, engine
 
     run_cfg = dataclasses.replace(cfg, output_dir=str(workdir / "run"), results_dir=str(workdir / "results"))
-    orig_train = engine.train_client
+    orig_train = client.local_train
     if record_batches is not None:  # a warm-up run records the exact batches the engine trains on
-        def recording_train(cm, examples, cfg_, seed, progress=None, on_step=None):
+        def recording_train(*args, **kwargs):
             steps, orig_collate = [], data_mod.collate
 
             def collate(batch, pad):
@@ -215,17 +216,17 @@ def _engine_once(cfg, plan, workdir: Path, record_batches: list | None = None) -
                 return orig_collate(batch, pad)
             data_mod.collate = collate
             try:
-                return orig_train(cm, examples, cfg_, seed, progress, on_step=on_step)
+                return orig_train(*args, **kwargs)
             finally:
                 data_mod.collate = orig_collate
                 record_batches.append(steps)
-        engine.train_client = recording_train
+        client.local_train = recording_train
     try:
         t = time.perf_counter()
         rec = engine.run_federated(run_cfg, plan=plan, log=_quiet)
         wall = time.perf_counter() - t
     finally:
-        engine.train_client = orig_train
+        client.local_train = orig_train
     tokens = sum(c["tokens"] for r in rec["rounds"] for c in r["clients"])
     steps = sum(c["steps"] for r in rec["rounds"] for c in r["clients"])
     loop_s = sum(r["seconds"] for r in rec["rounds"]) + rec["timings"]["checkpoint_s"]
@@ -331,8 +332,8 @@ def _overhead(cfg, plan, method, quick, repeats, tmp: Path, log) -> dict:
         "engine_runs": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in engine_runs],
         "bare_runs": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in bare_runs],
         "warmup_engine_timings": warm["timings"],
-        "definition": "engine loop time = Σ round seconds (load_client, train_client, factors, fault check, aggregate, "
-                      "merge) + metrics/checkpoint writing; train-only = the engine's train_s",
+        "definition": "engine loop time = Σ round seconds (configure; the client step: merges, adapter load, local_train, "
+                      "factors; reply filter, aggregate) + metrics/checkpoint writing; train-only = the engine's train_s",
     }
 
 
@@ -383,15 +384,13 @@ def llama_1b_config():
 
 def train_throughput(source, device, dtype, *, steps: int = 10, batch_size: int = 8, seq_len: int = 512,
                      rank: int = 16, warmup_steps: int = 2) -> dict:
-    """tokens/s of the engine's own train_client (one peft adapter, AdamW) on random full-length batches."""
-    import types
-
+    """tokens/s of the engine's own local_train (one peft adapter, AdamW) on random full-length batches."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from bench.client import local_train
     from bench.config import build_config
-    from bench.engine import train_client
 
     if isinstance(source, str):
         base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
@@ -406,15 +405,16 @@ def train_throughput(source, device, dtype, *, steps: int = 10, batch_size: int 
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": ids, "labels": ids} for ids in
                 torch.randint(3, vocab, (batch_size * 4, seq_len), generator=g).tolist()]
-    cm = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(pad_token_id=0), device=torch.device(device))
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    def cfg(n):
-        return build_config(overrides=dict(local_steps=n, batch_size=batch_size, micro_batch_size=batch_size, lr=1e-4))
+    def train(n, seed):
+        cfg = build_config(overrides=dict(local_steps=n, batch_size=batch_size, micro_batch_size=batch_size, lr=1e-4))
+        return local_train(model, examples, cfg, seed, torch.device(device), 0, params)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    train_client(cm, examples, cfg(warmup_steps), seed=0)
+    train(warmup_steps, 0)
     sync()
     t = time.perf_counter()
-    stats = train_client(cm, examples, cfg(steps), seed=1)
+    stats = train(steps, 1)
     sync()
     secs = time.perf_counter() - t
     tps = stats["tokens"] / secs

@@ -14,8 +14,8 @@ def test_grid_runs_every_cell_once_and_resumes(tmp_path, shared_data, capsys):
     assert main(_grid(tmp_path, shared_data)) == 0
     records = sorted((tmp_path / "results").glob("*.json"))
     assert len(records) == 4
-    settings = {(json.loads(p.read_text())["method"], json.loads(p.read_text())["setting"]["ranks"]) for p in records}
-    assert settings == {(m, r) for m in ("flora", "fedavg-lora") for r in ("homo[8]", "hetero[4,2,2]")}
+    settings = {(json.loads(p.read_text())["method"], tuple(json.loads(p.read_text())["setting"]["ranks"])) for p in records}
+    assert settings == {(m, r) for m in ("flora", "fedavg-lora") for r in ((8, 8, 8), (4, 2, 2))}
     capsys.readouterr()
     # second invocation: nothing left to do
     assert main(_grid(tmp_path, shared_data)) == 0

@@ -315,7 +315,7 @@ def test_resume_missing_run_dir(tmp_path, capsys, monkeypatch):
 
 def test_resume_corrupt_checkpoint(finished_run, tmp_path, capsys, monkeypatch):
     run = _copy_run(finished_run[0]["flora"], tmp_path)
-    state = run / "checkpoint" / "state.safetensors"
+    state = run / "checkpoint" / "server.safetensors"
     blob = bytearray(state.read_bytes())
     blob[-10] ^= 0xFF
     state.write_bytes(bytes(blob))
@@ -334,7 +334,7 @@ def test_resume_not_our_checkpoint(finished_run, tmp_path, capsys, monkeypatch):
     run = _copy_run(finished_run[0]["flora"], tmp_path)
     (run / "checkpoint" / "meta.json").write_text(json.dumps({"epoch": 3, "global_step": 100}))
     msg = refuse(tmp_path, capsys, monkeypatch, use_config=False, outputs=False, args=["--resume", str(run)])
-    assert msg.startswith(f"resume: {run / 'checkpoint' / 'meta.json'} is not a fedlora-bench v1 checkpoint")
+    assert msg.startswith(f"resume: {run / 'checkpoint' / 'meta.json'} is not a fedlora-bench v2 checkpoint")
 
 
 def test_resume_foreign_checkpoint(finished_run, tmp_path, capsys, monkeypatch):
@@ -350,10 +350,10 @@ def test_resume_checkpoint_tensors_garbage(finished_run, tmp_path, capsys, monke
     from bench.models import file_sha256
 
     run = _copy_run(finished_run[0]["flora"], tmp_path)
-    state = run / "checkpoint" / "state.safetensors"
+    state = run / "checkpoint" / "server.safetensors"
     state.write_bytes(b"\x00" * 64)
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
-    meta["state_sha256"] = file_sha256(state)
+    meta["sha256"]["server.safetensors"] = file_sha256(state)
     (run / "checkpoint" / "meta.json").write_text(json.dumps(meta))
     msg = refuse(tmp_path, capsys, monkeypatch, use_config=False, outputs=False, args=["--resume", str(run)])
     assert msg.startswith(f"resume: {state} does not hold fedlora-bench checkpoint tensors")

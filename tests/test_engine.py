@@ -30,7 +30,7 @@ def tiny_runs(tmp_path_factory, shared_data):
 def test_tiny_run_writes_complete_record_and_artifacts(tiny_runs, method):
     cfg, rec = tiny_runs[method]
     run_dir = __import__("pathlib").Path(rec["run_dir"])
-    assert rec["status"] == "complete" and rec["method"] == method and rec["schema_version"] == 1
+    assert rec["status"] == "complete" and rec["method"] == method and rec["schema_version"] == 2
     assert rec["config"]["method"] == method and len(rec["config_hash"]) == 64
     prov = rec["provenance"]
     assert prov["packages"]["torch"] and prov["git_commit"] and len(prov["model_hash"]) == 64
@@ -67,9 +67,12 @@ def test_tiny_global_model_changed_from_base_and_reloads(tiny_runs, method):
 
 
 def test_noise_recorded_only_for_factor_averaging(tiny_runs):
+    from methods import METHODS as REGISTRY
+
     for m in METHODS:
         noise = [r["noise"] for r in tiny_runs[m][1]["rounds"]]
-        if m in ("fedavg-lora", "fedit"):
+        assert tiny_runs[m][1]["method_info"]["averages_factors"] == REGISTRY[m].averages_factors
+        if REGISTRY[m].averages_factors:
             assert all(n > 0 for n in noise)  # heterogeneous clients: mean(B)mean(A) ≠ mean(BA)
             assert all(r["noise_per_module"] for r in tiny_runs[m][1]["rounds"])
         else:
@@ -151,17 +154,30 @@ def test_real_default_model_few_steps(tmp_path, shared_data, method):
     assert len(text.strip()) > 0
 
 
+def runtime_for(cfg, dtype=torch.float32):
+    """A real ClientRuntime over every client of cfg (what the in-process engine builds)."""
+    from bench.client import ClientRuntime, ModelSpec
+    from bench.engine import client_examples, load_tokenizer, preflight
+
+    plan = preflight(cfg)
+    tok = load_tokenizer(plan.model_path)
+    return ClientRuntime(cfg, ModelSpec(plan.model_path, torch.device("cpu"), dtype), plan.ranks,
+                         client_examples(cfg, plan, tok, range(cfg.num_clients))), plan
+
+
 def test_clients_of_a_round_start_from_one_shared_initialisation(tmp_path, shared_data):
     """Round 1 of FedAvg: every client starts from the same A (slices of one max-rank draw), as a
     server's global init would be; a client's A after training differs from its start only by training."""
     from bench.config import build_config
-    from bench.engine import ClientModel, preflight
 
     cfg = build_config(preset="tiny", overrides={"method": "fedavg-lora", "data_root": str(shared_data)})
-    cm = ClientModel(preflight(cfg), __import__("torch").device("cpu"), __import__("torch").float32)
-    big = cm.factors(cm.load_client(4, None, 123))
-    small = cm.factors(cm.load_client(2, None, 123))
-    other = cm.factors(cm.load_client(2, None, 124))
+    rt, _ = runtime_for(cfg)
+
+    def start(rank, seed):
+        rt._load(rt._slot(rank), rank, None, seed)
+        return rt._factors(f"r{rank}")
+
+    big, small, other = start(4, 123), start(2, 123), start(2, 124)
     for name in big:
         assert torch.equal(small[name][0], big[name][0][:2])
         assert not torch.equal(other[name][0], small[name][0])
@@ -170,14 +186,14 @@ def test_clients_of_a_round_start_from_one_shared_initialisation(tmp_path, share
 
 def test_labelled_positions_shortcut_matches_full_logits_loss_and_gradients(shared_data, monkeypatch):
     """token_loss applies the output layer to labelled positions only; it must equal the plain path."""
+    from bench import client
     from bench import data as D
-    from bench import engine
     from bench.config import build_config
 
     cfg = build_config(preset="tiny", overrides={"method": "flora", "data_root": str(shared_data), "lora_dropout": 0.0})
-    plan = engine.preflight(cfg)
-    cm = engine.ClientModel(plan, torch.device("cpu"), torch.float32)
-    adapter = cm.load_client(4, None, 1)
+    cm, plan = runtime_for(cfg)
+    adapter = cm._slot(4)
+    cm._load(adapter, 4, None, 1)
     with torch.no_grad():
         for layer in cm.layers.values():
             layer.lora_B[adapter].weight.normal_(0, 0.05)
@@ -186,13 +202,13 @@ def test_labelled_positions_shortcut_matches_full_logits_loss_and_gradients(shar
 
     def loss_and_grads():
         cm.model.zero_grad()
-        loss, n = engine.token_loss(cm.model, batch, cm.device)
+        loss, n = client.token_loss(cm.model, batch, cm.device)
         loss.backward()
         return loss.item(), n, {k: p.grad.clone() for k, p in cm.model.named_parameters() if p.requires_grad}
 
     fast = loss_and_grads()
-    assert "llama" in engine.PLAIN_LM_HEAD
-    monkeypatch.setattr(engine, "PLAIN_LM_HEAD", set())
+    assert "llama" in client.PLAIN_LM_HEAD
+    monkeypatch.setattr(client, "PLAIN_LM_HEAD", set())
     full = loss_and_grads()
     assert fast[1] == full[1] > 0
     assert fast[0] == pytest.approx(full[0], rel=1e-5)

@@ -68,22 +68,22 @@ def test_faulty_client_excluded_and_round_renormalised(method, poison, extra, re
     assert f"round 1 client {bad}: EXCLUDED ({excluded_row['excluded']})" in out
     record = json.loads((tmp_path / "results" / "run.json").read_text())
     assert record["rounds"][0]["excluded"] == [bad] and record["status"] == "complete"
-    assert not (run / "clients" / "round_1" / f"client_{bad}").exists()  # never aggregated, never saved
+    # never aggregated, but kept for audit: its upload and task, with the reason it was excluded
+    task = json.loads((run / "clients" / "round_1" / f"client_{bad}" / "task.json").read_text())
+    assert reason in task["excluded"] and "p" not in task
     # by hand: the method over the remaining clients, whose weights n_k / Σ n sum to 1 without the bad one
     alpha = 8.0  # tiny preset lora_alpha; scaling = alpha / rank
     kept = [c for c in row["clients"] if "excluded" not in c]
     updates = [_client_update(run, 1, c, alpha / c["rank"]) for c in kept]
     assert len(updates) == 2 and abs(sum(client_weights(updates)) - 1.0) < 1e-12
     agg = get_method(method).aggregate(updates, GlobalState())
-    ck = load_file(str(run / "checkpoint" / "state.safetensors"))
+    ck = load_file(str(run / "checkpoint" / "server.safetensors"))
     for name, (a, b) in agg.state.adapter.items():
-        assert torch.equal(ck[f"adapter::{name}::A"], a.contiguous()) and torch.equal(ck[f"adapter::{name}::B"], b.contiguous())
-    if method == "flora":  # merged into the base: W1 = W0 + B @ A (float64 product), bit for bit
+        assert torch.equal(ck[f"adapter/{name}/A"], a.contiguous()) and torch.equal(ck[f"adapter/{name}/B"], b.contiguous())
+    if method == "flora":  # the server keeps round 1's merge in factored form, bit for bit
         assert agg.merge
-        base = load_file(resolve_model("tiny-random-llama")[0] + "/model.safetensors")
         for name, (a, b) in agg.merge.items():
-            w0 = base[f"{name}.weight"]
-            assert torch.equal(ck[f"base::{name}"], w0 + (b.double() @ a.double()).float())
+            assert torch.equal(ck[f"merge/1/{name}/A"], a) and torch.equal(ck[f"merge/1/{name}/B"], b)
             # and the merge is Σ p_k s_k B_k A_k with p renormalised over the two remaining clients
             p = client_weights(updates)
             expect = sum(pk * u.scaling * (u.factors[name][1].double() @ u.factors[name][0].double()) for pk, u in zip(p, updates))
@@ -104,11 +104,12 @@ def test_every_client_failing_stops_with_last_good_checkpoint(tmp_path, capsys, 
     run = tmp_path / "run"
     assert rc == 2, err[-3000:]
     errors = [l for l in err.splitlines() if l.startswith("error:")]
-    assert errors == [f"error: clients: every client of round 2 was excluded (NaN/Inf or norm above max_update_norm); "
+    assert errors == [f"error: clients: every client of round 2 was excluded (client 0: non-finite values in "
+                      f"model.layers.0.self_attn.q_proj.A); "
                       f"the last good checkpoint (round 1) is intact in {run / 'checkpoint'}; lower lr or raise max_update_norm"]
     assert out.count("EXCLUDED (non-finite values") == 3
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
-    assert meta["round"] == 1 and file_sha256(run / "checkpoint" / "state.safetensors") == meta["state_sha256"]
+    assert meta["round"] == 1 and all(file_sha256(run / "checkpoint" / f) == h for f, h in meta["sha256"].items())
     assert [r["round"] for r in _metrics(run)] == [1]
     assert not (tmp_path / "results").exists() and not (run / "global_model").exists()
     # the fault gone (e.g. lr lowered in real life; here the hook unset), the run resumes from round 1

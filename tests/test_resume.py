@@ -75,8 +75,14 @@ def _check_crash_state(run_dir: Path, results: Path) -> None:
     for name in ("checkpoint", "checkpoint.old"):
         ck = run_dir / name
         if ck.is_dir() and (ck / "meta.json").is_file() and name == "checkpoint":
-            meta = json.loads((ck / "meta.json").read_text())
-            assert models.file_sha256(ck / "state.safetensors") == meta["state_sha256"]
+            assert _checkpoint_ok(ck, json.loads((ck / "meta.json").read_text()))
+
+
+def _checkpoint_ok(ck: Path, meta: dict) -> bool:
+    """Every file the checkpoint's meta lists is there with its checksum."""
+    from bench import models
+
+    return bool(meta.get("sha256")) and all(models.file_sha256(ck / f) == h for f, h in meta["sha256"].items())
 
 
 def _reference(tmp: Path, method: str) -> dict:
@@ -117,8 +123,7 @@ def _kill_chain(tmp: Path, method: str, steps: list[str]) -> dict:
             term = {"rc": rc, "stderr": err, "meta": meta, "dir": run_dir,
                     "record": results.exists() and bool(list(results.glob("*.json")))}
             if meta:
-                from bench import models
-                term["checkpoint_ok"] = models.file_sha256(ck / "state.safetensors") == meta["state_sha256"]
+                term["checkpoint_ok"] = _checkpoint_ok(ck, meta)
             continue
         p = _bench(args, kill_at=step)
         log.append((step, p.returncode, p.stdout[-3000:] + p.stderr[-2000:]))
@@ -249,7 +254,7 @@ def test_atomic_write_crash_keeps_old_file(tmp_path, monkeypatch):
 
 def test_atomic_replace_dir_crash_between_renames_keeps_a_complete_copy(tmp_path):
     from bench import io
-    from bench.engine import checkpoint_dir
+    from bench.checkpoint import checkpoint_dir
 
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)

@@ -1,0 +1,135 @@
+"""`bench audit RUN_DIR`: check a run from its files alone.
+
+A run made with --save-client-adapters keeps, per round and client, the upload (a PEFT folder), what the
+client received (received.safetensors) and its task (task.json: rank, scaling, p); metrics.jsonl keeps the
+rounds. The audit replays the server from those files with the run's own method and config:
+  - each client's starting factors and base merges, re-derived, against what it received;
+  - p_k re-derived from the example counts, against the recorded p;
+  - the exported global model minus the base, against the replayed merges plus the global adapter.
+Nothing of the run's process is needed: a reviewer can run it on a copied folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from methods import ClientSpec, ClientUpdate, GlobalState, get_method
+
+from . import BenchError
+
+PREFIX = "base_model.model."
+
+
+def _read_upload(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out: dict[str, list] = {}
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return {}
+    for key, t in load_file(str(path)).items():
+        name, which = key[len(PREFIX):].rsplit(".lora_", 1)
+        out.setdefault(name, [None, None])["AB".index(which[0])] = t
+    return {n: tuple(p) for n, p in out.items()}
+
+
+def _read_received(folder: Path) -> tuple[dict | None, dict[int, dict]]:
+    from safetensors.torch import load_file
+
+    from .messages import _take
+
+    arrays = load_file(str(folder / "received.safetensors"))
+    init = _take(arrays, "init").get("-")
+    merges = {int(r): f for r, f in _take(arrays, "merge").items()}
+    return init, merges
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    scale = float(torch.linalg.vector_norm(y.double()))
+    return float(torch.linalg.vector_norm(x.double() - y.double())) / scale if scale > 0 else float(torch.linalg.vector_norm(x.double()))
+
+
+def _pair_error(got, want) -> float:
+    """Relative error between two factor pairs, on each factor given (None on both sides: nothing to compare)."""
+    err = 0.0
+    for g, w in zip(got, want):
+        if (g is None) != (w is None):
+            return float("inf")
+        if g is not None:
+            err = max(err, _rel(g, w))
+    return err
+
+
+def replay(run_dir: str | Path) -> dict:
+    """Re-derive the run from its files; returns per-round maxima of the relative errors and the export check."""
+    from .config import build_config
+    from .models import resolve_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "clients").is_dir():
+        raise BenchError(f"audit: {run_dir}/clients is missing; audit needs a run made with --save-client-adapters")
+    cfg = build_config(config_file=str(run_dir / "config.yaml"))
+    method = get_method(cfg.method, cfg.method_options)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    state, merges, report = GlobalState(), {}, {"method": cfg.method, "rounds": []}
+    for row in rows:
+        rnd = row["round"]
+        init_err = merge_err = p_err = 0.0
+        updates = []
+        for c in row["clients"]:
+            folder = run_dir / "clients" / f"round_{rnd}" / f"client_{c['id']}"
+            task = json.loads((folder / "task.json").read_text())
+            init, got_merges = _read_received(folder)
+            want = method.configure(state, ClientSpec(c["id"], task["rank"], task["scaling"], rnd)).init
+            if (init is None) != (want is None):
+                init_err = float("inf")
+            for name in (want or {}):
+                init_err = max(init_err, _pair_error(init.get(name, (None, None)), want[name]))
+            for r, m in got_merges.items():
+                for name, pair in m.items():
+                    merge_err = max(merge_err, _rel(pair[1] @ pair[0], merges[r][name][1] @ merges[r][name][0]))
+            if "excluded" not in c:
+                updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"], c["examples"],
+                                            _read_upload(folder)))
+        agg = method.aggregate(updates, state)
+        total = sum(u.num_examples for u in updates)
+        for u, c in zip(updates, [c for c in row["clients"] if "excluded" not in c]):
+            p_err = max(p_err, abs(u.num_examples / total - c["p"]))
+        state = agg.state
+        if agg.merge:
+            merges[rnd] = agg.merge
+        report["rounds"].append({"round": rnd, "clients": len(row["clients"]), "init_rel_err": init_err,
+                                 "merge_rel_err": merge_err, "p_abs_err": p_err})
+    report["export_rel_err"] = _export_error(run_dir, resolve_model(cfg.model)[0], merges, state)
+    return report
+
+
+def _export_error(run_dir: Path, base_path: str, merges: dict, state: GlobalState) -> dict:
+    """‖(W_glob − W0) − (Σ merges + B A)‖ / ‖Σ merges + B A‖ over every module, from the files."""
+    from safetensors import safe_open
+
+    def weights(folder):
+        out = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+        return out
+
+    expect: dict[str, torch.Tensor] = {}
+    for m in list(merges.values()) + [state.adapter]:
+        for name, (a, b) in m.items():
+            if a is not None and b is not None:
+                expect[name] = expect.get(name, 0) + b.double() @ a.double()
+    if not expect:
+        return {"relative": 0.0, "modules": 0}
+    base, glob = weights(base_path), weights(run_dir / "global_model")
+    num = den = 0.0
+    for name, d in expect.items():
+        key = name + ".weight"
+        got = glob[key].double() - base[key].double()
+        num += float(torch.linalg.vector_norm(got - d)) ** 2
+        den += float(torch.linalg.vector_norm(d)) ** 2
+    return {"relative": (num / den) ** 0.5 if den > 0 else 0.0, "modules": len(expect),
+            "global_dtype": str(next(iter(glob.values())).dtype)[6:]}
