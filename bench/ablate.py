@@ -17,12 +17,14 @@ from .config import RANK_DISTRIBUTIONS, build_config
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="base preset (default quick unless --config)")
     p.add_argument("--config", help="base YAML config")
-    p.add_argument("--methods", default="fedavg-lora,fedit,flora,flexlora")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
     p.add_argument("--ranks-grid", default="homo",
                    help="';'-separated rank settings: homo | uniform | heavy-tail-light | heavy-tail-strong | normal | "
                         "an explicit list like 16,8,4,4")
     p.add_argument("--partitions", default=None,
                    help="';'-separated data settings: iid | dirichlet:<alpha> | shards:<k> | predefined (default: the preset's)")
+    p.add_argument("--references", default="",
+                   help="comma-separated reference rows run in every setting beside the methods: base, centralized, local-only")
     p.add_argument("--seeds", default="0")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key for every cell")
     p.add_argument("--results-dir", default="results")
@@ -65,7 +67,12 @@ def plan_cells(args) -> list[tuple[str, object]]:
         extra[key.replace("-", "_")] = value
     preset = args.preset or (None if args.config else "quick")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.methods is None:
+        from methods import METHODS
+
+        args.methods = ",".join(sorted(METHODS))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    references = [r.strip() for r in args.references.split(",") if r.strip()]
     rank_specs = [_rank_overrides(s) for s in args.ranks_grid.split(";") if s.strip()]
     part_specs = [_partition_overrides(s) for s in args.partitions.split(";") if s.strip()] if args.partitions else [("", {})]
     cells = []
@@ -74,16 +81,17 @@ def plan_cells(args) -> list[tuple[str, object]]:
     for seed in seeds:
         for rank_tag, rank_over in rank_specs:
             for part_tag, part_over in part_specs:
-                for method in methods:
+                for method in methods + references:
+                    which = {"reference": method} if method in references else {"method": method}
                     cell = "-".join(x for x in (method, rank_tag, part_tag, f"s{seed}") if x)
-                    over = {**extra, **rank_over, **part_over, "method": method, "seed": seed,
+                    over = {**extra, **rank_over, **part_over, **which, "seed": seed,
                             "output_dir": str(Path(args.runs_dir) / cell), "results_dir": args.results_dir}
                     cells.append((cell, build_config(preset=preset, config_file=args.config, overrides=over)))
     return cells
 
 
 def _done(cfg, results_dir: Path) -> Path | None:
-    want = (cfg.method, cfg.config_hash(), cfg.seed)
+    want = (cfg.reference or cfg.method, cfg.config_hash(), cfg.seed)
     for path in sorted(results_dir.glob("*.json")):
         try:
             rec = json.loads(path.read_text())

@@ -29,6 +29,11 @@ SOURCES = {
     **{name: dict(hub=None, train=f"commonsense/{d}/train.json", test=f"commonsense/{d}/test.json",
                   fields={"instruction": "instruction", "input": "input", "output": "output", "label": "answer"})
        for name, d in COMMONSENSE.items()},
+    # the four commonsense training sets together, labelled by task: a task-heterogeneous federation (FlexLoRA's
+    # setting) with `predefined` (one client per task) or `dirichlet` over the task label; test = the four test sets
+    "commonsense-mix": dict(hub=None, tasks={name: (f"commonsense/{d}/train.json", f"commonsense/{d}/test.json")
+                                             for name, d in COMMONSENSE.items()},
+                            fields={"instruction": "instruction", "input": "input", "output": "output"}),
 }
 
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -134,6 +139,8 @@ def load_dataset(cfg) -> Dataset:
     src = SOURCES[name]
     fields = {**src["fields"], **cfg.field_map}
     root = Path(cfg.data_root).expanduser() if cfg.data_root else None
+    if "tasks" in src:
+        return _task_mix(src, fields, root, name)
     first = src["train"].format(i=0)
     if root is not None and (root / first).is_file():
         files, parts = {}, []
@@ -158,6 +165,22 @@ def load_dataset(cfg) -> Dataset:
         where = root / first if root else f"<data root>/{first}"
         raise BenchError(f"dataset: {name} needs the data root ({where} not found); pass --data-root or set BENCH_DATA_ROOT")
     return _from_hub(src["hub"][0], src["hub"][1], fields, cfg)
+
+
+def _task_mix(src: dict, fields: dict, root: Path | None, name: str) -> Dataset:
+    """Several sources as one, each record labelled with its task; the predefined split is one client per task."""
+    if root is None:
+        raise BenchError(f"dataset: {name} needs the data root; pass --data-root or set BENCH_DATA_ROOT")
+    train, test, files, predefined = [], [], {}, []
+    for task, (train_file, test_file) in src["tasks"].items():
+        for rel, out in ((train_file, train), (test_file, test)):
+            p = root / rel
+            rows = map_fields(read_json_records(p), fields, str(p))
+            files[str(p)] = md5(p)
+            if out is train:
+                predefined.append(list(range(len(train), len(train) + len(rows))))
+            out.extend({**r, "label": task} for r in rows)
+    return Dataset(train, test, predefined, files, "data-root")
 
 
 def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg) -> Dataset:

@@ -218,7 +218,7 @@ def client_examples(cfg: RunConfig, plan: Plan, tok, clients) -> dict[int, list[
 def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
     test = plan.dataset.test
     if cfg.test_limit and len(test) > cfg.test_limit:
-        pick = np.random.default_rng([cfg.seed, 31337]).permutation(len(test))[: cfg.test_limit]
+        pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
         test = [test[i] for i in sorted(pick)]
     return [data_mod.tokenize(r, tokenizer, cfg.prompt_template, cfg.cutoff_len, False) for r in test]
 
