@@ -1,57 +1,104 @@
-"""reports: leaderboard tables and heterogeneity-ablation plots regenerated from results records.
+"""reports: the leaderboard, the paired comparison against a baseline, and the ablation plots, regenerated from
+results records.
 
-Reads `results/*.json` (schema_version 1, see ARCHITECTURE.md) and never runs a model. Every output file is
+Reads `results/*.json` (schema_version 2, see ARCHITECTURE.md) and never runs a model. Every output file is
 written atomically (bench.io) and deterministically: the same records give byte-identical files.
 
     from reports import build_report
-    summary = build_report(["results/"], "results/", plots=True)
+    summary = build_report(["results/"], "results/", plots=True, baseline="fedit")
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from bench import BenchError
 from bench.io import atomic_write_text
 
-from .leaderboard import build_rows, dumps_summary_row, frames, render_csv, render_html, render_markdown, task_metrics
+from .leaderboard import (build_rows, dumps_summary_row, leaderboard_frames, render_csv, render_html,
+                          render_markdown, report_metrics, sort_rows, task_metrics)
+from .paired import analyse, paired_frame, paired_html, paired_markdown
 from .records import load_records
 from .stats import N_BOOT
 
-OUTPUT_FILES = ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html")
+OUTPUT_FILES = ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html", "paired.csv")
+DEFAULT_BASELINE = "fedit"
+DEFAULT_METRIC = "test_loss"
 
 
-def build_report(results_dirs: list[str], out_dir: str, plots: bool = False) -> dict:
-    """Build LEADERBOARD.md, leaderboard.csv, leaderboard.html (and with `plots`, <out>/plots/*.png|svg).
+def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, baseline: str | None = None,
+                 metric: str | None = None) -> dict:
+    """Build LEADERBOARD.md, leaderboard.csv, leaderboard.html, paired.csv (and with `plots`, <out>/plots/*.png|svg).
 
-    Returns a summary: {"rows": int, "records": int, "table": [row digests], "skipped": [{"file", "reason"}],
-    "notes": [str], "files": [paths written], "plots_skipped": [{"plot", "reason"}], "plots_removed": [paths]}.
-    Invalid, partial or newer-schema records are skipped and listed, never raised. A missing results folder
-    raises bench.BenchError.
+    baseline: the method every other is compared with (default fedit; a default with no rows gives no paired
+    table, a named one with no rows is refused). metric: the main metric (default test_loss, else the task
+    average): it orders the rows and heads the paired table.
+    Returns a summary: {"rows", "records", "table": [row digests], "comparisons": int, "baseline", "metric",
+    "skipped": [{"file", "reason"}], "notes": [str], "files": [paths written], "plots_skipped": [{"plot", "reason"}],
+    "plots_removed": [paths]}. Invalid, partial or old-schema records are skipped and listed, never raised. A missing
+    results folder, or a --baseline / --metric that names nothing in the records, raises bench.BenchError.
     """
     if isinstance(results_dirs, (str, Path)):
         results_dirs = [str(results_dirs)]
     records, skipped = load_records([str(d) for d in results_dirs])
     notes: list[str] = []
-    metrics = task_metrics(records, notes)
+    tasks = task_metrics(records, notes)
     rows = build_rows(records, notes)
-    num, disp, kinds = frames(rows, metrics)
+    metrics = report_metrics(rows, tasks, notes)
+    main = _main_metric(metric, metrics, notes)
+    methods = sorted({r.method for r in rows})
+    why_none = None
+    if baseline is not None and baseline not in methods:
+        raise BenchError(f"baseline: no rows for method {baseline!r} in {', '.join(map(str, results_dirs))}; "
+                         f"methods with rows: {', '.join(methods) or 'none'}; pass one of them to --baseline")
+    if baseline is None:
+        baseline = DEFAULT_BASELINE
+        if baseline not in methods:
+            why_none = (f"No paired comparison: no rows for the default baseline {baseline!r}; pass --baseline "
+                        f"with one of: {', '.join(methods) or 'none'}.")
+            baseline = None
+    comparisons = analyse(rows, metrics, baseline, notes)
+    if baseline and not comparisons:
+        why_none = f"No paired comparison: no other row shares a setting with a {baseline!r} row."
+    rows = sort_rows(rows, main)
+    frame, board = leaderboard_frames(rows, metrics)
+    notes = list(dict.fromkeys(notes))   # one line per distinct note, in the order they arose
     out = Path(out_dir)
     files = []
-    for name, text in (("LEADERBOARD.md", render_markdown(disp, kinds, len(records), skipped, notes, N_BOOT)),
-                       ("leaderboard.csv", render_csv(num)),
-                       ("leaderboard.html", render_html(disp, kinds, len(records), skipped, notes, N_BOOT))):
+    for name, text in (
+            ("LEADERBOARD.md", render_markdown(board, paired_markdown(comparisons, metrics, main, baseline, why_none)
+                                               if main else [], len(records), skipped, notes, N_BOOT)),
+            ("leaderboard.csv", render_csv(frame)),
+            ("leaderboard.html", render_html(board, paired_html(comparisons, metrics, main, baseline, why_none)
+                                             if main else "", len(records), skipped, notes, N_BOOT)),
+            ("paired.csv", render_csv(paired_frame(comparisons, metrics)))):
         atomic_write_text(out / name, text)
         files.append(str(out / name))
     summary = {"rows": len(rows), "records": len(records), "table": [dumps_summary_row(r) for r in rows],
+               "comparisons": len(comparisons), "baseline": baseline, "metric": main.name if main else None,
                "skipped": [s.as_dict() for s in skipped], "notes": notes, "files": files,
                "plots_skipped": [], "plots_removed": []}
     if plots:
         from .plots import make_plots  # matplotlib only when asked
 
-        p = make_plots(rows, out)
+        p = make_plots(rows, comparisons, metrics, main, out)
         summary["files"] += p["files"]
         summary["plots_skipped"] = p["skipped"]
         summary["plots_removed"] = p["removed"]
     return summary
 
 
-__all__ = ["build_report", "OUTPUT_FILES"]
+def _main_metric(name: str | None, metrics: dict, notes: list[str]):
+    if name is not None:
+        if name not in metrics:
+            raise BenchError(f"metric: no record has {name!r}; metrics in these records: "
+                             f"{', '.join(metrics) or 'none'}; pass one of them to --metric")
+        return metrics[name]
+    for candidate in (DEFAULT_METRIC, "avg"):
+        if candidate in metrics:
+            if candidate != DEFAULT_METRIC:
+                notes.append(f"no record has {DEFAULT_METRIC!r}; the main metric is {metrics[candidate].label!r}")
+            return metrics[candidate]
+    return next(iter(metrics.values()), None)
+
+
+__all__ = ["build_report", "OUTPUT_FILES", "DEFAULT_BASELINE", "DEFAULT_METRIC"]

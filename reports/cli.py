@@ -1,4 +1,5 @@
-"""`bench report`: regenerate the leaderboard (and with --plots the ablation plots) from results records.
+"""`bench report`: regenerate the leaderboard, the paired comparison against a baseline (and with --plots the
+ablation plots) from results records.
 
 Wiring (bench/cli.py): `from reports import cli as report_cli`; `report_cli.add_arguments(subparser)`;
 dispatch `report_cli.main(args)`.
@@ -19,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the first --results folder)")
     parser.add_argument("--plots", action="store_true",
                         help="also draw the heterogeneity-ablation plots (PNG + SVG) into <out>/plots/")
+    parser.add_argument("--baseline", metavar="METHOD", default=None,
+                        help="the method every other is compared with, paired by seed and example (default: fedit)")
+    parser.add_argument("--metric", metavar="NAME", default=None,
+                        help="the main metric: test_loss (default), client_loss, personal_loss, avg or a task name; "
+                             "it orders the rows and heads the paired table")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,11 +33,12 @@ def main(args: argparse.Namespace) -> int:
     results = args.results or ["results/"]
     out = args.out or results[0]
     try:
-        summary = build_report(results, out, plots=args.plots)
+        summary = build_report(results, out, plots=args.plots, baseline=args.baseline, metric=args.metric)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"report: {summary['rows']} rows from {summary['records']} records")
+    print(f"report: {summary['rows']} rows from {summary['records']} records; "
+          f"{summary['comparisons']} paired comparisons against {summary['baseline'] or 'no baseline'}")
     for s in summary["skipped"]:
         print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
     for n in summary["notes"]:

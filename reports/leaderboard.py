@@ -1,15 +1,15 @@
-"""The leaderboard: one row per method × setting, aggregated over seeds (pandas), rendered as
-LEADERBOARD.md (GitHub), leaderboard.csv and a static, sortable leaderboard.html.
+"""The leaderboard: one row per method × setting × scoring dtypes, aggregated over seeds, rendered as
+LEADERBOARD.md (GitHub), leaderboard.csv and a static, sortable leaderboard.html, each with the paired
+comparison against the baseline (reports.paired) at the top.
 
-Deterministic: rows and columns are sorted stably, the bootstrap is seeded from each row's key, and no
-timestamp or absolute path goes into any file.
+Deterministic: rows and columns are sorted stably, the bootstrap is seeded, and no timestamp or absolute path goes
+into any file.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .records import SETTING_ORDER, Record, Skipped, setting_key
-from .stats import Estimate, SeedValue, bootstrap_tasks, bootstrap_values, load_sample_values
+from .metrics import AVG, HEADLINE, Metric, record_parts, task_metric, task_samples
+from .records import DTYPE_FIELDS, SETTING_ORDER, Record, Skipped, group_key
+from .stats import Estimate, Series
 
 SETTING_LABELS = {"model": "Model", "dataset": "Dataset", "partition": "Partition", "ranks": "Ranks",
                   "rank_distribution": "Rank dist.", "num_clients": "Clients", "rounds": "Rounds",
-                  "client_fraction": "Client frac.", "preset": "Preset"}
-AVG = "avg"
+                  "client_fraction": "Client frac.", "preset": "Preset", "export_dtype": "Export dtype",
+                  "eval_dtype": "Eval dtype"}
 
 
 @dataclass
@@ -31,14 +32,15 @@ class Row:
     kind: str
     method: str
     setting: dict
+    dtypes: dict
     records: list[Record]
-    tasks: dict[str, Estimate] = field(default_factory=dict)
-    avg: Estimate | None = None
-    test_loss: Estimate | None = None
+    reference: bool
+    est: dict[str, Estimate] = field(default_factory=dict)    # metric name -> estimate (reports.paired fills it)
+    basis: dict[str, str] = field(default_factory=dict)       # metric name -> what its CI resamples
     bytes_up: float | None = None
     bytes_down: float | None = None
     wall_s: float | None = None
-    ci_basis: str = ""
+    _series: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -50,83 +52,44 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return (self.kind, self.method, setting_key(self.setting))
+        return group_key(self.records[0])
+
+    @property
+    def id(self) -> str:
+        return json.dumps(self.key)
+
+    @property
+    def fields(self) -> dict:
+        """The setting and the scoring dtypes: what the tables show beside the method."""
+        return {**self.setting, **{f"{k}_dtype": v for k, v in self.dtypes.items()}}
+
+    def series(self, metric: str, tasks: list[str], notes: list[str]) -> Series:
+        """seed -> the record's parts for `metric`; records without that data are left out."""
+        if metric not in self._series:
+            out = {}
+            for i, r in enumerate(self.records):
+                parts = record_parts(r, metric, tasks, notes)
+                if parts:
+                    out[r.seed if isinstance(r.seed, int) else -1 - i] = parts
+            self._series[metric] = out
+        return self._series[metric]
+
+    def record_of(self, seed) -> Record:
+        return next(r for i, r in enumerate(self.records) if (r.seed if isinstance(r.seed, int) else -1 - i) == seed)
 
 
 # ---------------------------------------------------------------------------------------------- building
 
-def _resolve_samples(rec: Record, ref) -> Path | None:
-    if not isinstance(ref, str) or not ref:
-        return None
-    p = Path(ref)
-    if p.is_absolute() and p.is_file():
-        return p
-    if not p.is_absolute():
-        for base in (Path.cwd(), rec.path.parent, rec.path.parent.parent):
-            cand = base / p
-            if cand.is_file():
-                return cand
-    # committed results carry their per-sample files beside them (the run dirs stay on the machine
-    # that made them): <results>/samples/<run_id>/<file>
-    cand = rec.path.parent / "samples" / str(rec.data.get("run_id", "")) / p.name
-    return cand if cand.is_file() else None
-
-
-def _seed_value(rec: Record, task: str, notes: list[str]) -> tuple[SeedValue, str]:
-    t = rec.tasks[task]
-    path = _resolve_samples(rec, t.get("samples"))
-    if path is not None:
-        vals = load_sample_values(path, t.get("metric"))
-        if vals is not None and vals.size > 1:
-            return SeedValue(float(t["value"]), t.get("stderr"), vals), "samples"
-        notes.append(f"{rec.path.name}: per-sample file for task {task!r} has no usable "
-                     f"{t.get('metric') or 'value'!r} values; used the stored value and stderr")
-    if t.get("stderr"):
-        return SeedValue(float(t["value"]), float(t["stderr"])), "stderr"
-    return SeedValue(float(t["value"])), ""
-
-
-def task_metrics(records: list[Record], notes: list[str]) -> dict[str, str]:
-    """task name → its metric (the most common one; a conflict is noted)."""
-    seen: dict[str, Counter] = {}
-    for r in records:
-        for t, entry in r.tasks.items():
-            seen.setdefault(t, Counter())[str(entry.get("metric") or "")] += 1
-    out = {}
-    for t in sorted(seen):
-        (metric, _), *rest = sorted(seen[t].items(), key=lambda kv: (-kv[1], kv[0]))
-        if rest:
-            notes.append(f"task {t!r} is scored with different metrics across records "
-                         f"({', '.join(sorted(seen[t]))}); the column is labelled {metric!r}")
-        out[t] = metric
-    return out
-
-
 def build_rows(records: list[Record], notes: list[str]) -> list[Row]:
+    """Group records into rows (no statistics yet: reports.paired.analyse computes them, per context)."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault((r.kind, r.method, setting_key(r.setting)), []).append(r)
+        groups.setdefault(group_key(r), []).append(r)
     rows = []
-    for (kind, method, _), recs in groups.items():
+    for recs in groups.values():
         recs = sorted(recs, key=lambda r: (r.seed if isinstance(r.seed, int) else -1, r.run_id))
-        row = Row(kind, method, dict(recs[0].setting), recs)
-        per_task: dict[str, list[SeedValue]] = {}
-        seed_index: dict[str, list[int]] = {}
-        bases: set[str] = set()
-        for i, r in enumerate(recs):
-            for t in sorted(r.tasks):
-                sv, basis = _seed_value(r, t, notes)
-                per_task.setdefault(t, []).append(sv)
-                seed_index.setdefault(t, []).append(i)
-                if basis:
-                    bases.add(basis)
-        if len(recs) > 1:
-            bases.add("seeds")
-        row.ci_basis = "+".join(b for b in ("seeds", "samples", "stderr") if b in bases)
-        row.tasks, row.avg = bootstrap_tasks(list(row.key), per_task, len(recs), seed_index)
-        losses = [r.data["test_loss"] for r in recs if r.data.get("test_loss") is not None]
-        if losses:
-            row.test_loss = bootstrap_values(["test_loss", *row.key], losses)
+        first = recs[0]
+        row = Row(first.kind, first.method, dict(first.setting), first.dtypes, recs, first.is_reference)
         comms = [r.data.get("communication") for r in recs]
         if all(isinstance(c, dict) and c.get("bytes_up") is not None for c in comms):
             row.bytes_up = float(np.mean([c["bytes_up"] for c in comms]))
@@ -136,48 +99,106 @@ def build_rows(records: list[Record], notes: list[str]) -> list[Row]:
             row.wall_s = float(np.mean(walls))
         hashes = {r.data.get("config_hash") for r in recs if r.data.get("config_hash")}
         if len(hashes) > 1:
-            notes.append(f"{method} {_setting_str(row.setting)}: its {len(recs)} records have "
+            notes.append(f"{row.method} {setting_text(row.fields)}: its {len(recs)} records have "
                          f"{len(hashes)} different config_hash values (same setting, different configs)")
         rows.append(row)
-    # the average is comparable only over the same task set: blank it where a row lacks a leaderboard task
-    all_tasks = sorted({t for row in rows for t in row.tasks})
-    for row in rows:
-        if row.avg is not None and set(row.tasks) != set(all_tasks):
-            row.avg = None
-    rows.sort(key=_row_sort_key)
     return rows
 
 
-def _setting_str(setting: dict) -> str:
-    return ", ".join(f"{k}={setting[k]}" for k in setting_columns([setting]))
+def task_metrics(records: list[Record], notes: list[str]) -> dict[str, Metric]:
+    """task name → its Metric: the most common metric name (a conflict is noted) and the chance level from the
+    per-sample files (mean over records that list choices)."""
+    seen: dict[str, Counter] = {}
+    chances: dict[str, list[float]] = {}
+    for r in records:
+        for t, entry in r.tasks.items():
+            seen.setdefault(t, Counter())[str(entry.get("metric") or "")] += 1
+            c = entry.get("chance")
+            if c is None:
+                s = task_samples(r, t, notes)
+                c = s.chance if s is not None else None
+            if isinstance(c, (int, float)):
+                chances.setdefault(t, []).append(float(c))
+    out = {}
+    for t in sorted(seen):
+        (metric, _), *rest = sorted(seen[t].items(), key=lambda kv: (-kv[1], kv[0]))
+        if rest:
+            notes.append(f"task {t!r} is scored with different metrics across records "
+                         f"({', '.join(sorted(seen[t]))}); the column is labelled {metric!r}")
+        out[t] = task_metric(t, metric, float(np.mean(chances[t])) if t in chances else None)
+    return out
 
 
-def _val_key(v):
-    if v is None:
-        return (0, 0.0, "")
-    if isinstance(v, bool):
-        return (1, float(v), "")
-    if isinstance(v, (int, float)):
-        return (1, float(v), "")
-    # natural order: numbers inside strings compare as numbers (alpha=0.5 < alpha=10, [4,2] < [16,8])
-    parts = re.split(r"(\d+(?:\.\d+)?)", str(v))
-    return (2, 0.0, tuple(float(p) if i % 2 else p for i, p in enumerate(parts)))
+def report_metrics(rows: list[Row], tasks: dict[str, Metric], notes: list[str]) -> dict[str, Metric]:
+    """Every metric some row has, in display order: the held-out losses, the task average, each task."""
+    task_list = sorted(tasks)
+    out = {}
+    for name, m in HEADLINE.items():
+        if any(r.series(name, task_list, notes) for r in rows):
+            out[name] = m
+    if tasks:
+        out[AVG.name] = AVG
+    out.update({t: tasks[t] for t in task_list})
+    return out
 
 
-def setting_columns(settings: list[dict]) -> list[str]:
-    keys = set().union(*settings) if settings else set()
-    return [k for k in SETTING_ORDER if k in keys] + sorted(keys - set(SETTING_ORDER))
+def sort_rows(rows: list[Row], main: Metric | None) -> list[Row]:
+    """By setting (natural order), reference rows first within a setting, then the main metric (best first)."""
+    cols = field_columns([r.fields for r in rows])
 
-
-def _row_sort_key(row: Row):
-    cols = setting_columns([row.setting])
-    base = tuple(_val_key(row.setting.get(k)) for k in SETTING_ORDER)
-    extra = tuple((k, _val_key(row.setting.get(k))) for k in cols if k not in SETTING_ORDER)
-    avg = -row.avg.mean if row.avg is not None else math.inf
-    return (base, extra, 0 if row.kind == "reference" else 1, avg, row.method)
+    def key(row: Row):
+        base = tuple(val_key(row.fields.get(k)) for k in cols)
+        e = row.est.get(main.name) if main else None
+        score = math.inf if e is None else (e.mean if main.lower_is_better else -e.mean)
+        return (base, 0 if row.reference else 1, score, row.method)
+    return sorted(rows, key=key)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
+
+def fmt_value(v) -> str:
+    """A setting value as the tables show it: ranks "16,8,4,4", a partition "dirichlet(alpha=0.5)" or "iid"."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return ",".join(fmt_value(x) for x in v)
+    if isinstance(v, dict):
+        rest = {k: x for k, x in v.items() if k != "kind"}
+        inner = ", ".join(f"{k}={fmt_value(x)}" for k, x in sorted(rest.items()))
+        return f"{v.get('kind')}({inner})" if inner else str(v.get("kind"))
+    return str(v)
+
+
+def val_key(v):
+    """Natural order of setting values: None first, numbers by value, lists element-wise, partitions by kind
+    then parameters."""
+    if v is None:
+        return (0,)
+    if isinstance(v, (bool, int, float)):
+        return (1, float(v))
+    if isinstance(v, list):
+        return (2, tuple(val_key(x) for x in v))
+    if isinstance(v, dict):
+        return (3, str(v.get("kind")), tuple((k, val_key(x)) for k, x in sorted(v.items()) if k != "kind"))
+    return (4, str(v))
+
+
+def field_columns(fields: list[dict]) -> list[str]:
+    keys = set().union(*fields) if fields else set()
+    dtypes = [f"{k}_dtype" for k in DTYPE_FIELDS]
+    return ([k for k in SETTING_ORDER if k in keys] + sorted(keys - set(SETTING_ORDER) - set(dtypes))
+            + [k for k in dtypes if k in keys])
+
+
+def setting_text(fields: dict, keys=None) -> str:
+    keys = field_columns([fields]) if keys is None else keys
+    return ", ".join(f"{SETTING_LABELS.get(k, k).lower().rstrip('.')}: {fmt_value(fields.get(k))}"
+                     for k in keys if fields.get(k) is not None)
+
 
 def fmt_bytes(n: float | None) -> str:
     if n is None:
@@ -203,161 +224,165 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s / 3600:.2f} h"
 
 
-def fmt_est(e: Estimate | None, n_row: int | None = None) -> str:
+def decimals(ests: list[Estimate | None]) -> int:
+    """Decimals for a column: enough to show two significant digits of its narrowest CI half-width (3 to 6)."""
+    hws = [e.half_width for e in ests if e is not None and e.half_width]
+    if not hws:
+        return 3
+    return int(min(6, max(3, 1 - math.floor(math.log10(min(hws))))))
+
+
+def fmt_est(e: Estimate | None, digits: int = 3, n_row: int | None = None) -> str:
     if e is None:
         return ""
-    s = f"{e.mean:.3f}"
+    s = f"{e.mean:.{digits}f}"
     if e.half_width is not None:
-        s += f" ± {e.half_width:.3f}"
+        s += f" ± {e.half_width:.{digits}f}"
     if n_row is not None and e.n != n_row:
         s += f" (n={e.n})"
     return s
 
 
 def method_label(row: Row) -> str:
-    return f"{row.method} (reference)" if row.kind == "reference" else row.method
+    return f"{row.method} (reference)" if row.reference else row.method
 
 
 def _num(x) -> float | None:
     return None if x is None else float(x)
 
 
-def frames(rows: list[Row], metrics: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """(numeric frame for the CSV, display frame for MD/HTML, display column kinds)."""
-    scols = setting_columns([r.setting for r in rows])
-    shared = shared_setting(rows, scols)
-    dcols = [k for k in scols if k not in shared]   # shown in the MD/HTML table; the CSV keeps every column
-    tasks = sorted(metrics)
-    num_records, disp_records = [], []
-    for r in rows:
-        num = {"kind": r.kind, "method": r.method}
-        disp = {"Method": method_label(r)}
-        for k in scols:
-            v = r.setting.get(k)
-            num[k] = v
-            if k in dcols:
-                disp[SETTING_LABELS.get(k, k)] = "" if v is None else str(v)
-        num["n_seeds"] = r.n
-        num["seeds"] = ";".join(str(s) for s in r.seeds if s is not None)
-        disp["n"] = str(r.n)
-        for t in tasks:
-            e = r.tasks.get(t)
-            num[t] = _num(e.mean) if e else None
-            num[f"{t}_ci_low"] = _num(e.lo) if e else None
-            num[f"{t}_ci_high"] = _num(e.hi) if e else None
-            num[f"{t}_n"] = e.n if e else None
-            disp[_task_header(t, metrics[t])] = fmt_est(e, r.n)
-        for name, e, label in ((AVG, r.avg, "Avg"), ("test_loss", r.test_loss, "Test loss")):
-            num[name] = _num(e.mean) if e else None
-            num[f"{name}_ci_low"] = _num(e.lo) if e else None
-            num[f"{name}_ci_high"] = _num(e.hi) if e else None
-            disp[label] = fmt_est(e, r.n)
-        total = None if r.bytes_up is None else r.bytes_up + r.bytes_down
-        num["bytes_up"], num["bytes_down"], num["bytes_total"] = r.bytes_up, r.bytes_down, total
-        disp["Comm. (up+down)"] = fmt_bytes(total)
-        num["wall_s"] = r.wall_s
-        disp["Wall time"] = fmt_seconds(r.wall_s)
-        num["ci_basis"] = r.ci_basis
-        num_records.append(num)
-        disp_records.append(disp)
-    num_cols = (["kind", "method", *scols, "n_seeds", "seeds"]
-                + [c for t in tasks for c in (t, f"{t}_ci_low", f"{t}_ci_high", f"{t}_n")]
-                + [c for m in (AVG, "test_loss") for c in (m, f"{m}_ci_low", f"{m}_ci_high")]
-                + ["bytes_up", "bytes_down", "bytes_total", "wall_s", "ci_basis"])
-    disp_cols = (["Method", *[SETTING_LABELS.get(k, k) for k in dcols], "n"]
-                 + [_task_header(t, metrics[t]) for t in tasks]
-                 + ["Avg", "Test loss", "Comm. (up+down)", "Wall time"])
-    kinds = (["text"] * (1 + len(dcols)) + ["num"] + ["num"] * (len(tasks) + 4))
-    num_df = pd.DataFrame(num_records, columns=num_cols)
-    if not tasks:   # no eval at all (e.g. --no-eval runs): no Avg column in the MD/HTML tables
-        i = disp_cols.index("Avg")
-        del disp_cols[i], kinds[i]
-        for d in disp_records:
-            d.pop("Avg", None)
-    disp_df = pd.DataFrame(disp_records, columns=disp_cols).fillna("")
-    # sort keys for the HTML page (numbers where the display is a formatted number)
-    sort_vals = []
-    for r in rows:
-        vals = [method_label(r)] + ["" if r.setting.get(k) is None else r.setting.get(k) for k in dcols] + [r.n]
-        vals += [r.tasks[t].mean if t in r.tasks else None for t in tasks]
-        vals += [r.avg.mean if r.avg else None] if tasks else []
-        vals += [r.test_loss.mean if r.test_loss else None,
-                 None if r.bytes_up is None else r.bytes_up + r.bytes_down, r.wall_s]
-        sort_vals.append(vals)
-    disp_df.attrs["sort_values"] = sort_vals
-    disp_df.attrs["reference"] = [r.kind == "reference" for r in rows]
-    disp_df.attrs["shared"] = shared
-    return num_df, disp_df, kinds
-
-
-def shared_setting(rows: list[Row], scols: list[str]) -> dict:
-    """Setting fields with one value across the federated rows (reference rows: that value or unset); the
-    MD/HTML tables state them once above the table instead of repeating a constant column."""
+def shared_fields(rows: list[Row], cols: list[str]) -> dict:
+    """Fields with one value across the federated rows (reference rows: that value or unset); the MD/HTML tables
+    state them once above the table instead of repeating a constant column."""
     runs = [r for r in rows if r.kind == "run"] or rows
     if len(rows) < 2:
         return {}
     out = {}
-    for k in scols:
-        vals = {json.dumps(r.setting.get(k), sort_keys=True) for r in runs}
-        if len(vals) != 1 or runs[0].setting.get(k) is None:
+    for k in cols:
+        vals = {json.dumps(r.fields.get(k), sort_keys=True) for r in runs}
+        if len(vals) != 1 or runs[0].fields.get(k) is None:
             continue
-        v = runs[0].setting.get(k)
-        if all(r.setting.get(k) in (None, v) for r in rows):
+        v = runs[0].fields.get(k)
+        if all(r.fields.get(k) in (None, v) for r in rows):
             out[k] = v
     return out
 
 
-def shared_text(shared: dict) -> str:
-    return ", ".join(f"{SETTING_LABELS.get(k, k).lower().rstrip('.')}: {v}" for k, v in shared.items())
+# ---------------------------------------------------------------------------------------------- tables
+
+@dataclass
+class Table:
+    """One rendered table: display cells, their sort values (HTML), which rows are references, column kinds."""
+
+    columns: list[str]
+    cells: list[list[str]]
+    sort_values: list[list]
+    reference: list[bool]
+    numeric: list[bool]
+    shared: dict
 
 
-def _task_header(task: str, metric: str) -> str:
-    return f"{task} ({metric})" if metric else task
+def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric]) -> tuple[pd.DataFrame, Table]:
+    """(numeric frame for leaderboard.csv, the display table for MD/HTML)."""
+    cols = field_columns([r.fields for r in rows])
+    shared = shared_fields(rows, cols)
+    shown = [k for k in cols if k not in shared]
+    tasks = [m for m in metrics.values() if m.name not in HEADLINE and m.name != AVG.name]
+    display_metrics = tasks + ([AVG] if AVG.name in metrics else []) + [metrics[k] for k in HEADLINE if k in metrics]
+    digits = {m.name: decimals([r.est.get(m.name) for r in rows]) for m in display_metrics}
+    num_rows, cells, sort_values = [], [], []
+    for r in rows:
+        num = {"kind": r.kind, "reference": r.reference, "method": r.method}
+        num.update({k: fmt_value(r.fields.get(k)) if r.fields.get(k) is not None else None for k in cols})
+        num["n_seeds"] = r.n
+        num["seeds"] = ";".join(str(s) for s in r.seeds if s is not None)
+        line = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + [str(r.n)]
+        sv = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + [r.n]
+        for m in display_metrics:
+            e = r.est.get(m.name)
+            num[m.name] = _num(e.mean) if e else None
+            num[f"{m.name}_ci_low"] = _num(e.lo) if e else None
+            num[f"{m.name}_ci_high"] = _num(e.hi) if e else None
+            num[f"{m.name}_n"] = e.n if e else None
+            num[f"{m.name}_ci_basis"] = r.basis.get(m.name, "") if e else ""
+            line.append(fmt_est(e, digits[m.name], r.n))
+            sv.append(e.mean if e else None)
+        total = None if r.bytes_up is None else r.bytes_up + r.bytes_down
+        num.update({"bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "bytes_total": total, "wall_s": r.wall_s})
+        line += [fmt_bytes(total), fmt_seconds(r.wall_s)]
+        sv += [total, r.wall_s]
+        num_rows.append(num)
+        cells.append(line)
+        sort_values.append(sv)
+    for m in tasks:
+        if m.chance is not None:
+            for num in num_rows:
+                num[f"{m.name}_chance"] = m.chance
+    columns = (["Method"] + [SETTING_LABELS.get(k, k) for k in shown] + ["n"] + [m.label for m in display_metrics]
+               + ["Comm. (up+down)", "Wall time"])
+    numeric = [False] * (1 + len(shown)) + [True] * (1 + len(display_metrics) + 2)
+    num_cols = (["kind", "reference", "method", *cols, "n_seeds", "seeds"]
+                + [c for m in display_metrics for c in [m.name, f"{m.name}_ci_low", f"{m.name}_ci_high", f"{m.name}_n",
+                                                        f"{m.name}_ci_basis"]
+                   + ([f"{m.name}_chance"] if m in tasks and m.chance is not None else [])]
+                + ["bytes_up", "bytes_down", "bytes_total", "wall_s"])
+    frame = pd.DataFrame(num_rows, columns=num_cols)
+    return frame, Table(columns, cells, sort_values, [r.reference for r in rows], numeric, shared)
 
 
-# ---------------------------------------------------------------------------------------------- rendering
-
-NOTE = ("Scores: mean ± half-width of the 95% bootstrap CI (2.5th–97.5th percentile; {boot} replicates, "
-        "seeded) over seeds and, where per-sample outputs exist, over samples; with no per-sample file the "
-        "stored value ± stderr is resampled. n = seeds; a cell with fewer seeds says so. Avg = mean over "
-        "all task columns (blank where a row lacks a task). Comm. = bytes uploaded + downloaded over the "
-        "run, mean over seeds. Wall time = timings.total_s, mean over seeds. Reference rows are the base "
-        "model without federated training. See docs/reports.md.")
+def render_csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, lineterminator="\n", float_format="%.6g")
 
 
-def _shared_line(disp: pd.DataFrame) -> str:
-    note = " (reference rows set only some of these)" if any(disp.attrs.get("reference", [])) else ""
-    return f"Same for every row{note}: {shared_text(disp.attrs['shared'])}."
+# ---------------------------------------------------------------------------------------------- documents
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _counts(rows: int, records: int, skipped: int) -> str:
-    return f"{_plural(rows, 'row')} from {_plural(records, 'record')}; {skipped} skipped."
+NOTE = ("Each cell: mean over seeds ± half-width of the 95% bootstrap CI (2.5th–97.5th percentile, {boot} "
+        "seeded replicates, resampling seeds and, within each seed, examples: held-out examples for the losses, "
+        "documents for the tasks; ci_basis in the CSV). n = seeds; a cell with fewer seeds says so. Test loss: the "
+        "global model's mean token loss on the pooled held-out split; Client loss (global): the global model on "
+        "each client's own held-out split, mean over clients; Client loss (own model): each client's own model on "
+        "its own split (a method without personal state serves the global model, so it equals the global one). "
+        "Avg = mean over all task columns (blank where a row lacks a task); a task's chance level is the mean "
+        "of 1/(number of choices) over its documents. Comm. = bytes uploaded + downloaded over the run, mean over "
+        "seeds. Wall time = timings.total_s, mean over seeds. Reference rows: the base model without federated "
+        "training, centralized training, local-only training. Rows scored in different dtypes are never pooled. "
+        "See docs/reports.md.")
 
 
 def _md_cell(s: str) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(disp: pd.DataFrame, kinds: list[str], n_records: int, skipped: list[Skipped],
-                    notes: list[str], n_boot: int) -> str:
-    lines = ["# fedlora-bench leaderboard", ""]
-    lines.append(_counts(len(disp), n_records, len(skipped)))
-    lines.append("")
-    if disp.attrs.get("shared"):
-        lines += [_md_cell(_shared_line(disp)), ""]
-    if len(disp):
-        cols = list(disp.columns)
-        lines.append("| " + " | ".join(_md_cell(c) for c in cols) + " |")
-        lines.append("|" + "|".join("---:" if k == "num" else ":---" for k in kinds) + "|")
-        for _, row in disp.iterrows():
-            cells = [_md_cell(str(row[c])) for c in cols]
-            lines.append("| " + " | ".join(cells) + " |")
-    else:
-        lines.append("_No complete records._")
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def counts_line(rows: int, records: int, skipped: int) -> str:
+    return f"{_plural(rows, 'row')} from {_plural(records, 'record')}; {skipped} skipped."
+
+
+def shared_line(table: Table) -> str:
+    note = " (reference rows set only some of these)" if any(table.reference) else ""
+    return f"Same for every row{note}: {setting_text(table.shared, list(table.shared))}."
+
+
+def md_table(table: Table) -> list[str]:
+    lines = []
+    if table.shared:
+        lines += [_md_cell(shared_line(table)), ""]
+    lines.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
+    lines.append("|" + "|".join("---:" if n else ":---" for n in table.numeric) + "|")
+    for cells in table.cells:
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return lines
+
+
+def render_markdown(board: Table, paired: list[str], n_records: int, skipped: list[Skipped], notes: list[str],
+                    n_boot: int) -> str:
+    lines = ["# fedlora-bench leaderboard", "", counts_line(len(board.cells), n_records, len(skipped)), ""]
+    lines += paired
+    lines += ["## Leaderboard", ""]
+    lines += md_table(board) if board.cells else ["_No complete records._"]
     lines += ["", NOTE.format(boot=n_boot)]
     if skipped:
         lines += ["", "## Skipped records", ""]
@@ -368,10 +393,6 @@ def render_markdown(disp: pd.DataFrame, kinds: list[str], n_records: int, skippe
     return "\n".join(lines) + "\n"
 
 
-def render_csv(num: pd.DataFrame) -> str:
-    return num.to_csv(index=False, lineterminator="\n", float_format="%.6g")
-
-
 _HTML_TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -380,6 +401,7 @@ _HTML_TEMPLATE = """<!DOCTYPE html>
 <style>
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem; color: #1b1f23; }}
 h1 {{ font-size: 1.5rem; }}
+h2 {{ font-size: 1.2rem; margin-top: 2rem; }}
 table {{ border-collapse: collapse; font-size: 0.9rem; }}
 th, td {{ border: 1px solid #d0d7de; padding: 0.35rem 0.6rem; white-space: nowrap; }}
 th {{ background: #f6f8fa; cursor: pointer; user-select: none; position: sticky; top: 0; }}
@@ -389,44 +411,48 @@ th.desc::after {{ content: " \\25BC"; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 tr.reference td {{ background: #fff8c5; font-style: italic; }}
 tbody tr:nth-child(even):not(.reference) td {{ background: #fafbfc; }}
+td.sig {{ font-weight: 600; }}
 p.note, li {{ max-width: 70rem; font-size: 0.85rem; color: #57606a; }}
 </style>
 </head>
 <body>
 <h1>fedlora-bench leaderboard</h1>
 <p>{summary} Click a column header to sort.</p>
+{paired}
+<h2>Leaderboard</h2>
+{shared}
 {table}
 <p class="note">{note}</p>
 {extra}
 <script>
 (function () {{
-  var table = document.getElementById("leaderboard");
-  if (!table) return;
-  var heads = table.tHead.rows[0].cells;
   function key(cell) {{
     var v = cell.getAttribute("data-sort");
     if (v === null || v === "") return null;
     var f = parseFloat(v);
-    return (cell.className === "num" && !isNaN(f)) ? f : v.toLowerCase();
+    return (cell.classList.contains("num") && !isNaN(f)) ? f : v.toLowerCase();
   }}
-  Array.prototype.forEach.call(heads, function (th, col) {{
-    th.addEventListener("click", function () {{
-      var dir = th.classList.contains("asc") ? -1 : 1;
-      Array.prototype.forEach.call(heads, function (h) {{ h.classList.remove("asc", "desc"); }});
-      th.classList.add(dir === 1 ? "asc" : "desc");
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      rows.forEach(function (r, i) {{ r._i = i; }});
-      rows.sort(function (a, b) {{
-        var x = key(a.cells[col]), y = key(b.cells[col]);
-        if (x === null && y === null) return a._i - b._i;
-        if (x === null) return 1;
-        if (y === null) return -1;
-        if (x < y) return -dir;
-        if (x > y) return dir;
-        return a._i - b._i;
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (table) {{
+    var heads = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, col) {{
+      th.addEventListener("click", function () {{
+        var dir = th.classList.contains("asc") ? -1 : 1;
+        Array.prototype.forEach.call(heads, function (h) {{ h.classList.remove("asc", "desc"); }});
+        th.classList.add(dir === 1 ? "asc" : "desc");
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.forEach(function (r, i) {{ r._i = i; }});
+        rows.sort(function (a, b) {{
+          var x = key(a.cells[col]), y = key(b.cells[col]);
+          if (x === null && y === null) return a._i - b._i;
+          if (x === null) return 1;
+          if (y === null) return -1;
+          if (x < y) return -dir;
+          if (x > y) return dir;
+          return a._i - b._i;
+        }});
+        rows.forEach(function (r) {{ body.appendChild(r); }});
       }});
-      rows.forEach(function (r) {{ body.appendChild(r); }});
     }});
   }});
 }})();
@@ -444,44 +470,43 @@ def _sort_attr(v) -> str:
     return str(v)
 
 
-def render_html(disp: pd.DataFrame, kinds: list[str], n_records: int, skipped: list[Skipped],
-                notes: list[str], n_boot: int) -> str:
+def html_table(table: Table, table_id: str, strong: list[list[bool]] | None = None) -> str:
+    """A sortable table (the inline script sorts every table.sortable by the clicked column's data-sort)."""
     e = html.escape
-    summary = _counts(len(disp), n_records, len(skipped))
-    if disp.attrs.get("shared"):
-        summary += " " + _shared_line(disp)
-    if len(disp):
-        head = "".join(f'<th scope="col">{e(c)}</th>' for c in disp.columns)
-        body = []
-        sort_vals = disp.attrs["sort_values"]
-        refs = disp.attrs["reference"]
-        for i, (_, row) in enumerate(disp.iterrows()):
-            cells = []
-            for j, c in enumerate(disp.columns):
-                cls = ' class="num"' if kinds[j] == "num" else ""
-                cells.append(f'<td{cls} data-sort="{e(_sort_attr(sort_vals[i][j]))}">{e(str(row[c]))}</td>')
-            body.append(f'<tr class="{"reference" if refs[i] else "run"}">' + "".join(cells) + "</tr>")
-        table = (f'<table id="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
-                 + "\n".join(body) + "\n</tbody>\n</table>")
-    else:
-        table = "<p><em>No complete records.</em></p>"
+    head = "".join(f'<th scope="col">{e(c)}</th>' for c in table.columns)
+    body = []
+    for i, cells in enumerate(table.cells):
+        tds = []
+        for j, c in enumerate(cells):
+            cls = " ".join(x for x in ("num" if table.numeric[j] else "", "sig" if strong and strong[i][j] else "") if x)
+            cls = f' class="{cls}"' if cls else ""
+            tds.append(f'<td{cls} data-sort="{e(_sort_attr(table.sort_values[i][j]))}">{e(c)}</td>')
+        body.append(f'<tr class="{"reference" if table.reference[i] else "run"}">' + "".join(tds) + "</tr>")
+    return (f'<table id="{table_id}" class="sortable">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(body) + "\n</tbody>\n</table>")
+
+
+def render_html(board: Table, paired_html: str, n_records: int, skipped: list[Skipped], notes: list[str],
+                n_boot: int) -> str:
+    e = html.escape
     extra = ""
     if skipped:
         extra += "<h2>Skipped records</h2>\n<ul>\n" + "".join(
             f"<li><code>{e(Path(s.file).name)}</code>: {e(s.reason)}</li>\n" for s in skipped) + "</ul>\n"
     if notes:
         extra += "<h2>Notes</h2>\n<ul>\n" + "".join(f"<li>{e(n)}</li>\n" for n in notes) + "</ul>\n"
-    return _HTML_TEMPLATE.format(summary=e(summary), table=table, note=e(NOTE.format(boot=n_boot)),
-                                 extra=extra)
+    return _HTML_TEMPLATE.format(
+        summary=e(counts_line(len(board.cells), n_records, len(skipped))), paired=paired_html,
+        shared=f"<p>{e(shared_line(board))}</p>" if board.shared else "",
+        table=html_table(board, "leaderboard") if board.cells else "<p><em>No complete records.</em></p>",
+        note=e(NOTE.format(boot=n_boot)), extra=extra)
 
 
 def dumps_summary_row(row: Row) -> dict:
     """A JSON-friendly digest of a row for build_report's summary."""
-    return {"kind": row.kind, "method": row.method, "setting": row.setting, "n_seeds": row.n,
-            "avg": None if row.avg is None else row.avg.mean,
-            "tasks": {t: e.mean for t, e in sorted(row.tasks.items())},
-            "test_loss": None if row.test_loss is None else row.test_loss.mean}
+    return {"kind": row.kind, "reference": row.reference, "method": row.method, "setting": row.setting,
+            "dtypes": row.dtypes, "n_seeds": row.n, **{m: e.mean for m, e in sorted(row.est.items())}}
 
 
-__all__ = ["Row", "build_rows", "frames", "render_markdown", "render_csv", "render_html", "task_metrics",
-           "fmt_bytes", "fmt_seconds"]
+__all__ = ["Row", "Table", "build_rows", "task_metrics", "report_metrics", "sort_rows", "leaderboard_frames",
+           "render_markdown", "render_csv", "render_html", "fmt_bytes", "fmt_seconds", "fmt_value"]

@@ -1,7 +1,8 @@
-"""Load results records for reporting: only complete, valid records count.
+"""Load results records for reporting: only complete, valid schema-2 records count (ARCHITECTURE.md).
 
 Every file that cannot be used is returned as a `Skipped(file, reason)` — never an exception — so one bad
-record never takes the report down. Validation follows ARCHITECTURE.md (schema_version 1).
+record never takes the report down. A setting is structured data (ranks a list, the partition a dict):
+nothing here or downstream parses a setting out of a string.
 """
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import BenchError
-from bench.io import read_record
+from bench.io import RECORD_SCHEMA_VERSION, read_record
 
 # Setting keys in the order the leaderboard shows them; any other key follows, sorted by name.
 SETTING_ORDER = ("model", "dataset", "partition", "ranks", "rank_distribution", "num_clients", "rounds",
                  "client_fraction", "preset")
-# The labels a partial run may carry (the schema has no completion flag yet; see docs/reports.md).
+# The dtypes a score depends on: rows never pool records scored in different precisions (docs/evaluation.md:
+# bf16 changes 21 of 100 MMLU answers). export: the global model's weights, which the held-out losses score.
+DTYPE_FIELDS = ("export", "eval")
+# Runs that are references rather than aggregation methods (kind "run", the federated setting's fields): the
+# engine's names for them (issue #17). A record may also say so itself with method_info.reference.
+REFERENCE_RUNS = ("centralized", "local-only")
+# The labels a partial run may carry besides "complete".
 _PARTIAL_STATUSES = {"partial", "running", "failed", "interrupted", "incomplete"}
 
 
@@ -33,6 +40,7 @@ class Skipped:
 class Record:
     path: Path
     data: dict = field(repr=False)
+    cache: dict = field(default_factory=dict, repr=False)   # per-example data read once (reports.metrics)
 
     @property
     def kind(self) -> str:
@@ -60,8 +68,29 @@ class Record:
         return ev.get("tasks") or {}
 
     @property
-    def client_ranks(self) -> list[int]:
-        return [c["rank"] for c in self.data.get("clients") or [] if _is_num(c.get("rank"))]
+    def dtypes(self) -> dict:
+        """The export and eval dtypes (None where the record has no such step)."""
+        d = self.data.get("dtypes") or {}
+        out = {k: d.get(k) for k in DTYPE_FIELDS}
+        if out["eval"] is None and self.tasks:
+            out["eval"] = (self.data.get("eval") or {}).get("dtype")
+        return out
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.kind == "reference" or self.method in REFERENCE_RUNS
+                or (self.data.get("method_info") or {}).get("reference") is True)
+
+    def trait(self, name: str) -> bool | None:
+        """A method trait (averages_factors, merges_into_base, personalized): the record's method_info, else the
+        registry's class attribute for a registered method, else None."""
+        info = self.data.get("method_info") or {}
+        if isinstance(info.get(name), bool):
+            return info[name]
+        from methods import METHODS
+
+        cls = METHODS.get(self.method)
+        return getattr(cls, name, None) if cls is not None else None
 
 
 def _is_num(x) -> bool:
@@ -72,10 +101,49 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _losses_problem(obj, where: str) -> str | None:
+    """Per-example held-out losses: {"loss", "loss_sums": [...], "tokens": [...]} (loss_sums/tokens optional)."""
+    if not isinstance(obj, dict):
+        return f"field '{where}' must be an object"
+    if obj.get("loss") is not None and not _is_num(obj["loss"]):
+        return f"field '{where}.loss' must be a number or null"
+    sums, tokens = obj.get("loss_sums"), obj.get("tokens")
+    if sums is None and tokens is None:
+        return None
+    if not isinstance(sums, list) or not isinstance(tokens, list) or len(sums) != len(tokens):
+        return f"fields '{where}.loss_sums' and '{where}.tokens' must be lists of the same length"
+    if not all(_is_num(s) for s in sums) or not all(_is_int(t) and t >= 0 for t in tokens):
+        return f"field '{where}.loss_sums' must hold finite numbers and '{where}.tokens' counts ≥ 0"
+    return None
+
+
+def _per_client_problem(obj, where: str) -> str | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, list):
+        return f"field '{where}' must be a list"
+    seen = set()
+    for i, c in enumerate(obj):
+        if not isinstance(c, dict) or not _is_int(c.get("client")):
+            return f"field '{where}[{i}].client' missing or not an integer"
+        if c["client"] in seen:
+            return f"field '{where}' lists client {c['client']} twice"
+        seen.add(c["client"])
+        why = _losses_problem(c, f"{where}[{i}]")
+        if why:
+            return why
+    return None
+
+
 def validate(rec: dict) -> str | None:
     """Return why `rec` cannot be reported, or None when it is a complete, valid record."""
     if not isinstance(rec, dict):
         return "not a JSON object"
+    version = rec.get("schema_version")
+    if version != RECORD_SCHEMA_VERSION:
+        return (f"schema_version {version} (settings as strings, no per-example losses) is no longer read; "
+                f"re-run it with the current code (bench run / bench ablate / bench eval --model) to write "
+                f"schema_version {RECORD_SCHEMA_VERSION}")
     kind = rec.get("kind")
     if kind not in ("run", "reference"):
         return f"field 'kind' is {kind!r}; expected 'run' or 'reference'"
@@ -87,13 +155,24 @@ def validate(rec: dict) -> str | None:
     if not isinstance(setting.get("model"), str):
         return "missing required field 'setting.model'"
     for k, v in setting.items():
-        if isinstance(v, (dict, list)):
+        if k == "ranks" and v is not None:
+            if not isinstance(v, list) or not v or not all(_is_int(r) and r > 0 for r in v):
+                return "field 'setting.ranks' must be a list of positive integers"
+        elif k == "partition" and v is not None:
+            if not isinstance(v, dict) or not isinstance(v.get("kind"), str):
+                return "field 'setting.partition' must be an object with a string 'kind'"
+        elif isinstance(v, (dict, list)):
             return f"field 'setting.{k}' must be a scalar, not {type(v).__name__}"
+    if kind == "run" and (setting.get("ranks") is None or setting.get("partition") is None):
+        return "missing required field 'setting.ranks' / 'setting.partition' (a run record has both)"
     status = rec.get("status")
     if isinstance(status, str) and status.lower() in _PARTIAL_STATUSES:
         return f"partial record (status {status!r})"
     if rec.get("complete") is False:
         return "partial record (complete: false)"
+    for name in ("dtypes", "method_info"):
+        if rec.get(name) is not None and not isinstance(rec[name], dict):
+            return f"field '{name}' must be an object"
 
     ev = rec.get("eval")
     if ev is not None and not isinstance(ev, dict):
@@ -108,10 +187,25 @@ def validate(rec: dict) -> str | None:
             return f"field 'eval.tasks.{name}.stderr' must be a number or null"
     if rec.get("test_loss") is not None and not _is_num(rec.get("test_loss")):
         return "field 'test_loss' must be a number or null"
+    test = rec.get("test")
+    if test is not None:
+        why = _losses_problem(test, "test") or _per_client_problem(test.get("per_client"), "test.per_client")
+        if why:
+            return why
+    pers = rec.get("personalized")
+    if pers is not None:
+        if not isinstance(pers, dict):
+            return "field 'personalized' must be an object"
+        why = _per_client_problem(pers.get("per_client"), "personalized.per_client")
+        if why:
+            return why
+        if pers.get("loss") is not None and not _is_num(pers["loss"]):
+            return "field 'personalized.loss' must be a number or null"
+    has_loss = (test or {}).get("loss") is not None or (pers or {}).get("per_client")
 
     if kind == "reference":
-        if not tasks and rec.get("test_loss") is None:
-            return "partial record: a reference record with no eval.tasks and no test_loss"
+        if not tasks and not has_loss:
+            return "partial record: a reference record with no eval.tasks and no held-out loss"
         return None
 
     # kind == "run"
@@ -133,6 +227,8 @@ def validate(rec: dict) -> str | None:
             return f"field 'rounds[{i}].round' missing or not an integer"
         if r.get("noise") is not None and not _is_num(r.get("noise")):
             return f"field 'rounds[{i}].noise' must be a number or null"
+        if not isinstance(r.get("clients", []), list) or any(not isinstance(c, dict) for c in r.get("clients", [])):
+            return f"field 'rounds[{i}].clients' must be a list of objects"
     expected = setting.get("rounds")
     if _is_int(expected) and len(rounds) < expected:
         return f"partial record: {len(rounds)} of {expected} rounds"
@@ -146,8 +242,8 @@ def validate(rec: dict) -> str | None:
 def load_records(results_dirs: list[str]) -> tuple[list[Record], list[Skipped]]:
     """Read every `*.json` directly inside each results folder (sorted; dotfiles ignored).
 
-    Duplicates (the same run_id in two folders; or the same method, setting and seed twice) keep one record,
-    deterministically, and report the other as skipped.
+    Duplicates (the same file through two folders; or the same method, setting, dtypes and seed twice) keep one
+    record, deterministically, and report the other as skipped.
     """
     records: list[Record] = []
     skipped: list[Skipped] = []
@@ -189,13 +285,15 @@ def setting_key(setting: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in setting.items()))
 
 
+def group_key(rec: Record) -> tuple:
+    """What makes records rows of their own: kind, method, setting and the dtypes they were scored in."""
+    return (rec.kind, rec.method, setting_key(rec.setting), tuple(sorted(rec.dtypes.items())))
+
+
 def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
     by_id: dict[tuple, Record] = {}
     for r in records:
-        if r.kind == "run":
-            key = ("run", r.method, setting_key(r.setting), r.seed)
-        else:
-            key = ("reference", r.method, setting_key(r.setting), r.run_id)
+        key = (*group_key(r), r.seed if _is_int(r.seed) else r.run_id)
         prev = by_id.get(key)
         if prev is None:
             by_id[key] = r
@@ -203,9 +301,9 @@ def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record]
         # keep the later run_id (run ids end in a timestamp), then the later path: deterministic
         keep, drop = (r, prev) if (r.run_id, str(r.path)) > (prev.run_id, str(prev.path)) else (prev, r)
         by_id[key] = keep
-        what = f"seed {r.seed}" if r.kind == "run" else f"run_id {r.run_id}"
-        skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting and {what}); "
-                                               f"kept run_id {keep.run_id}"))
+        what = f"seed {r.seed}" if _is_int(r.seed) else f"run_id {r.run_id}"
+        skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, dtypes and "
+                                               f"{what}); kept run_id {keep.run_id}"))
     kept = sorted(by_id.values(), key=lambda r: (str(r.path)))
     skipped.sort(key=lambda s: (s.file, s.reason))
     return kept, skipped

@@ -1,35 +1,49 @@
-"""Seeded (deterministic) bootstrap confidence intervals over seeds and, where available, over samples.
+"""Seeded hierarchical bootstrap over seeds and examples: the leaderboard's CIs and the paired differences.
 
-For one leaderboard row with seeds s = 1..n, each seed has a stored score v_s and a within-seed spread
-source, used to draw a within-seed deviation d_s per bootstrap replicate:
-  * per-sample outputs (the task's `samples` JSONL): d_s = mean(resampled samples) − mean(samples);
-  * otherwise the stored `stderr`: d_s ~ Normal(0, stderr);
-  * otherwise d_s = 0.
-Replicate b draws n seeds with replacement, s_1..s_n, and takes mean_k (v_{s_k} + d_{s_k,b,k}). The 95% CI is
-the 2.5th–97.5th percentile of the replicates; the point estimate is the mean of the stored v_s. The task
-average is bootstrapped with the same seed draws for every task (seeds are paired across tasks).
+A metric of one record (one seed) is the mean over its *parts* of a ratio Σ num / Σ den over the part's examples:
+  held-out loss: one part; num = an example's summed token loss, den = its labelled tokens (so Σ/Σ = token mean);
+  loss on each client's own split: one part per client (every client counts equally);
+  a task score: one part; num = the document's metric, den = 1; the task average: one part per task.
+A value stored without per-example data is a part of one example (nothing to resample within its seed).
+
+Replicate b of B:
+  1. draw n seeds with replacement (a row: its n seeds; a paired difference: the n seeds both rows have);
+  2. at each position j, resample every part's examples with replacement (stratified by part). The resample of
+     (position j, replicate b) is row b·J + j of a weight matrix drawn once per (context, seed, part, example
+     set): every row and comparison in a context (same setting and dtypes) sees the same resampled examples, so
+     a difference is paired by example as well as by seed;
+  3. the replicate is the mean over positions of the seed's metric under its resample.
+CI: 2.5th–97.5th percentile of the replicates (for a difference: of method − baseline replicates); SE: their
+standard deviation; MDD = (z_0.975 + z_0.80) · SE, the difference a two-sided test at α = 0.05 detects with 80%
+power at this study's size. Resampling seeds *and* examples counts the example noise once more on top of the
+seed-to-seed spread it already contains, so the intervals lean wide (conservative), never narrow.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
 N_BOOT = 2000
 CI_LEVEL = 0.95
-_CHUNK = 4_000_000  # resampled sample values materialised at once
+POWER = 0.80
+ALPHA = 0.05
+MDD_FACTOR = NormalDist().inv_cdf(1 - ALPHA / 2) + NormalDist().inv_cdf(POWER)   # 1.960 + 0.842 = 2.802
+_CHUNK = 4_000_000  # resampled example indices materialised at once
 
 
 @dataclass(frozen=True)
 class Estimate:
     mean: float
-    lo: float | None   # None: no spread information at all (one seed, no samples, no stderr)
+    lo: float | None   # None: no spread information (one seed and no per-example data)
     hi: float | None
     n: int             # seeds
+    se: float | None = None
 
     @property
     def half_width(self) -> float | None:
@@ -37,25 +51,235 @@ class Estimate:
             return None
         return (self.hi - self.lo) / 2
 
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo is not None and (self.lo > 0 or self.hi < 0)
+
+    @property
+    def mdd(self) -> float | None:
+        return None if self.se is None else MDD_FACTOR * self.se
+
 
 def rng_for(*key) -> np.random.Generator:
-    """A generator seeded from a stable hash of `key`: the same row always gets the same draws."""
+    """A generator seeded from a stable hash of `key`: the same inputs always get the same draws."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def load_sample_values(path: Path, metric: str | None) -> np.ndarray | None:
-    """Per-sample metric values from an lm-eval samples JSONL (one object per line, the metric as a key).
+@dataclass(frozen=True)
+class Part:
+    """One stratum of a seed's metric: its examples (sorted by key), numerators and denominators."""
 
-    Returns None when the file is absent, unreadable, or carries no numeric value for the metric.
+    keys: tuple
+    num: np.ndarray = field(repr=False)
+    den: np.ndarray = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    @property
+    def value(self) -> float:
+        return float(self.num.sum() / self.den.sum())
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.keys).encode()).hexdigest()[:16]
+
+    def restrict(self, keys: tuple) -> Part:
+        if keys == self.keys:
+            return self
+        where = {k: i for i, k in enumerate(self.keys)}
+        idx = np.array([where[k] for k in keys], dtype=int)
+        return Part(keys, self.num[idx], self.den[idx])
+
+
+def make_part(keys, num, den=None) -> Part | None:
+    """A Part sorted by key; examples with a zero denominator (no labelled token) carry nothing and are left out.
+    None when nothing is left or a key repeats."""
+    num = np.asarray(num, dtype=float)
+    den = np.ones_like(num) if den is None else np.asarray(den, dtype=float)
+    keys = [tuple(k) if isinstance(k, list) else k for k in keys]
+    if len(set(keys)) != len(keys) or not (len(keys) == num.size == den.size):
+        return None
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    keep = [i for i in order if den[i] > 0]
+    if not keep:
+        return None
+    return Part(tuple(keys[i] for i in keep), num[keep], den[keep])
+
+
+def scalar_part(value: float) -> Part:
+    return Part(("value",), np.array([float(value)]), np.array([1.0]))
+
+
+# seed -> part name -> Part: one row's data for one metric
+Series = dict[int, dict[str, Part]]
+
+
+def series_value(series: Series) -> float:
+    """The point estimate: mean over seeds of the mean over parts."""
+    return float(np.mean([np.mean([p.value for p in parts.values()]) for parts in series.values()]))
+
+
+def align(a: Series, b: Series) -> tuple[Series, Series]:
+    """The seeds both series have, each part restricted to the examples both have (a seed with a part that
+    the other lacks, or with no example in common, is left out)."""
+    out_a, out_b = {}, {}
+    for seed in sorted(set(a) & set(b)):
+        pa, pb = a[seed], b[seed]
+        if set(pa) != set(pb):
+            continue
+        ra, rb = {}, {}
+        for name in sorted(pa):
+            common = tuple(sorted(set(pa[name].keys) & set(pb[name].keys)))
+            if not common:
+                break
+            ra[name], rb[name] = pa[name].restrict(common), pb[name].restrict(common)
+        else:
+            out_a[seed], out_b[seed] = ra, rb
+    return out_a, out_b
+
+
+class Resampler:
+    """The example resamples of one context, shared by every row and comparison in it (see the module doc).
+
+    prepare() takes every (tag, seed, part name, Part) the context will ask for, so that each weight matrix is
+    drawn once and applied to all parts with the same examples at once; values() answers from that, or draws
+    the (deterministic) matrix again for a part it was not given.
     """
+
+    def __init__(self, key, positions: int):
+        self.key = key
+        self.J = max(1, positions)
+        self._values: dict[tuple, np.ndarray] = {}
+
+    def _id(self, tag, seed, name, part: Part) -> tuple:
+        return (tag, seed, name, part.fingerprint)
+
+    def prepare(self, items) -> None:
+        groups: dict[tuple, list[tuple[tuple, Part]]] = {}
+        for tag, seed, name, part in items:
+            vid = self._id(tag, seed, name, part)
+            if vid not in self._values:
+                groups.setdefault((seed, name, part.fingerprint), []).append((vid, part))
+        for (seed, name, fp), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            uniq = dict(members)
+            vals = self._compute(seed, name, fp, list(uniq.values()))
+            for vid, v in zip(uniq, vals):
+                self._values[vid] = v
+
+    def values(self, tag, seed, name, part: Part) -> np.ndarray:
+        vid = self._id(tag, seed, name, part)
+        if vid not in self._values:
+            self._values[vid] = self._compute(seed, name, part.fingerprint, [part])[0]
+        return self._values[vid]
+
+    def _compute(self, seed, name, fp, parts: list[Part]) -> list[np.ndarray]:
+        rows, m = N_BOOT * self.J, parts[0].size
+        if m == 1:
+            return [np.full(rows, p.value) for p in parts]
+        num = np.stack([p.num for p in parts], axis=1)   # (m, S)
+        den = np.stack([p.den for p in parts], axis=1)
+        rng = rng_for("examples", self.key, seed, name, fp)
+        out = np.empty((rows, len(parts)))
+        step = max(1, _CHUNK // m)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            idx = rng.integers(0, m, size=(stop - start, m), dtype=np.int32)
+            # counts of each example in each resample, one bincount for the whole chunk
+            w = np.bincount((idx + (np.arange(stop - start, dtype=np.int64) * m)[:, None]).ravel(),
+                            minlength=(stop - start) * m).reshape(stop - start, m).astype(float)
+            out[start:stop] = (w @ num) / (w @ den)
+        return [out[:, i] for i in range(len(parts))]
+
+
+def seed_draws(key, n: int) -> np.ndarray:
+    """(B, n) seed positions drawn with replacement; the same key and n always give the same draws."""
+    return rng_for("seeds", key, n).integers(0, n, size=(N_BOOT, n))
+
+
+def replicates(res: Resampler, tag, series: Series, draws: np.ndarray) -> np.ndarray:
+    """(B,) replicate means of `series` (its seeds in sorted order are the draws' 0..n-1)."""
+    seeds = sorted(series)
+    per_seed = np.stack([np.mean([res.values(tag, s, name, part) for name, part in sorted(series[s].items())],
+                                 axis=0) for s in seeds])                                  # (n, B·J)
+    n = len(seeds)
+    positions = np.arange(N_BOOT)[:, None] * res.J + np.arange(n)[None, :]
+    return per_seed[draws, positions].mean(axis=1)
+
+
+def has_spread(series: Series) -> bool:
+    return len(series) > 1 or any(p.size > 1 for parts in series.values() for p in parts.values())
+
+
+def estimate(point: float, reps: np.ndarray | None, n: int) -> Estimate:
+    if reps is None:
+        return Estimate(point, None, None, n)
+    a = (1 - CI_LEVEL) / 2
+    lo, hi = np.quantile(reps, [a, 1 - a])
+    se = float(reps.std(ddof=1))
+    # a percentile interval holds the point estimate when the resamples are centred; guard rounding
+    return Estimate(point, float(min(lo, point)), float(max(hi, point)), n, se)
+
+
+def bootstrap_series(res: Resampler, tag, key, series: Series) -> Estimate:
+    """Mean ± CI of one row's metric."""
+    point = series_value(series)
+    if not has_spread(series):
+        return Estimate(point, None, None, len(series))
+    return estimate(point, replicates(res, tag, series, seed_draws(key, len(series))), len(series))
+
+
+def bootstrap_difference(res: Resampler, tags: tuple, key, a: Series, b: Series) -> Estimate:
+    """a − b, paired: a and b aligned (align()), the same seed draws and the same example resamples."""
+    n = len(a)
+    point = series_value(a) - series_value(b)
+    if not (has_spread(a) or has_spread(b)):
+        return Estimate(point, None, None, n)
+    draws = seed_draws(key, n)
+    return estimate(point, replicates(res, tags[0], a, draws) - replicates(res, tags[1], b, draws), n)
+
+
+def bootstrap_values(key, values: list[float]) -> Estimate:
+    """Mean ± CI over seeds of a per-seed scalar with no per-example data (e.g. aggregation noise at a round)."""
+    vals = np.asarray(values, dtype=float)
+    point = float(vals.mean())
+    if vals.size < 2:
+        return Estimate(point, None, None, int(vals.size))
+    return estimate(point, vals[seed_draws(("values", key), vals.size)].mean(axis=1), int(vals.size))
+
+
+# ---------------------------------------------------------------------------------------------- per-sample files
+
+@dataclass(frozen=True)
+class Samples:
+    """One task's per-document values from an lm-eval samples JSONL, keyed (subtask, doc_id)."""
+
+    keys: tuple
+    values: np.ndarray
+    chance: float | None   # mean of 1/(number of choices) over multiple-choice documents; None otherwise
+
+
+def _metric_places(obj: dict, metric: str) -> list[tuple[dict, str]]:
+    """Where a document's value of `metric` may sit: lm-eval's per-sample lines (as evaluators writes them) nest
+    it under its filter, {"metrics": {"none": {"acc": 1.0}}}; a metric named "m,filter" sits under that filter;
+    flat {"acc": 1.0} lines are accepted too."""
+    nested = obj.get("metrics") if isinstance(obj.get("metrics"), dict) else {}
+    name, _, flt = metric.partition(",")
+    if flt:
+        return [(nested.get(flt) if isinstance(nested.get(flt), dict) else {}, name)]
+    return [(obj, name)] + [(nested[f], name) for f in sorted(nested) if isinstance(nested[f], dict)]
+
+
+def load_samples(path: Path, metric: str | None) -> Samples | None:
+    """None when the file is absent, unreadable, or a line lacks a numeric value of the metric."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-    keys = [k for k in (metric, "value", "score") if k]
-    vals = []
-    for line in text.splitlines():
+    keys, vals, inv_choices = [], [], []
+    for i, line in enumerate(text.splitlines()):
         line = line.strip()
         if not line:
             continue
@@ -65,123 +289,22 @@ def load_sample_values(path: Path, metric: str | None) -> np.ndarray | None:
             return None
         if not isinstance(obj, dict):
             return None
-        # lm-eval's own per-sample lines (what evaluators writes) nest the metric under its filter:
-        # {"metrics": {"none": {"acc": 1.0}}}; flat {"acc": 1.0} lines are accepted too
-        nested = obj.get("metrics") if isinstance(obj.get("metrics"), dict) else {}
-        places = [obj] + [nested[f] for f in sorted(nested) if isinstance(nested[f], dict)]
-        for k in keys:
-            v = next((place[k] for place in places if k in place), None)
-            if isinstance(v, bool):
-                v = float(v)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                vals.append(float(v))
+        value = None
+        for m in [x for x in (metric, "value", "score") if x]:
+            value = next((place[name] for place, name in _metric_places(obj, m) if name in place), None)
+            if value is not None:
                 break
-        else:
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             return None
-    return np.asarray(vals, dtype=float) if vals else None
-
-
-def _sample_deviations(rng: np.random.Generator, samples: np.ndarray, count: int) -> np.ndarray:
-    """`count` bootstrap deviations of the sample mean: mean(resample) − mean(samples)."""
-    m = samples.size
-    out = np.empty(count)
-    step = max(1, _CHUNK // m)
-    base = samples.mean()
-    for start in range(0, count, step):
-        stop = min(count, start + step)
-        idx = rng.integers(0, m, size=(stop - start, m))
-        out[start:stop] = samples[idx].mean(axis=1) - base
-    return out
-
-
-@dataclass
-class SeedValue:
-    value: float
-    stderr: float | None = None
-    samples: np.ndarray | None = None
-
-
-def seed_replicates(rng: np.random.Generator, seeds: list[SeedValue], draws: np.ndarray) -> np.ndarray:
-    """Replicate means (B,) for one task, given the seed draws (B, n): each drawn seed gets its own
-    within-seed deviation (from its samples or its stderr)."""
-    values = np.array([s.value for s in seeds])
-    cells = values[draws].astype(float)
-    for i, s in enumerate(seeds):
-        mask = draws == i
-        count = int(mask.sum())
-        if not count:
-            continue
-        if s.samples is not None and s.samples.size > 1:
-            cells[mask] += _sample_deviations(rng, s.samples, count)
-        elif s.stderr is not None and s.stderr > 0:
-            cells[mask] += rng.normal(0.0, s.stderr, size=count)
-    return cells.mean(axis=1)
-
-
-def has_spread(seeds: list[SeedValue]) -> bool:
-    return len(seeds) > 1 or any((s.samples is not None and s.samples.size > 1) or (s.stderr or 0) > 0
-                                 for s in seeds)
-
-
-def estimate_from_replicates(point: float, reps: np.ndarray | None, n: int) -> Estimate:
-    if reps is None:
-        return Estimate(point, None, None, n)
-    alpha = (1 - CI_LEVEL) / 2
-    lo, hi = np.quantile(reps, [alpha, 1 - alpha])
-    # a percentile interval always holds the point estimate when the deviations are centred; guard rounding
-    return Estimate(point, float(min(lo, point)), float(max(hi, point)), n)
-
-
-def bootstrap_tasks(key, per_task: dict[str, list[SeedValue]], n_seeds: int,
-                    seed_index: dict[str, list[int]]) -> tuple[dict[str, Estimate], Estimate | None]:
-    """Estimates for each task and for the task average.
-
-    per_task[t]: the SeedValues of the seeds that have task t; seed_index[t]: their positions in 0..n_seeds-1.
-    The average is estimated only over seeds that have every task (it is None when there are none).
-    """
-    rng = rng_for("tasks", key)
-    out: dict[str, Estimate] = {}
-    for t in sorted(per_task):
-        seeds = per_task[t]
-        point = float(np.mean([s.value for s in seeds]))
-        if not has_spread(seeds):
-            out[t] = Estimate(point, None, None, len(seeds))
-            continue
-        trng = rng_for("task", key, t)
-        tdraws = trng.integers(0, len(seeds), size=(N_BOOT, len(seeds)))
-        out[t] = estimate_from_replicates(point, seed_replicates(trng, seeds, tdraws), len(seeds))
-    # the average: paired over seeds that carry every task
-    tasks = sorted(per_task)
-    if not tasks or not n_seeds:
-        return out, None
-    common = set(range(n_seeds))
-    for t in tasks:
-        common &= set(seed_index[t])
-    if not common:
-        return out, None
-    common_l = sorted(common)
-    n = len(common_l)
-    adraws = rng.integers(0, n, size=(N_BOOT, n))
-    per_seed_avg = []
-    reps_sum = np.zeros(N_BOOT)
-    spread = n > 1
-    for t in tasks:
-        pos = {p: i for i, p in enumerate(seed_index[t])}
-        seeds = [per_task[t][pos[p]] for p in common_l]
-        spread = spread or has_spread(seeds)
-        reps_sum += seed_replicates(rng_for("avg", key, t), seeds, adraws)
-        per_seed_avg.append([s.value for s in seeds])
-    point = float(np.mean(np.mean(np.array(per_seed_avg), axis=0)))
-    reps = reps_sum / len(tasks) if spread else None
-    return out, estimate_from_replicates(point, reps, n)
-
-
-def bootstrap_values(key, values: list[float]) -> Estimate:
-    """Mean ± CI over seeds for a per-seed scalar (test loss, noise at a round): bootstrap over seeds."""
-    vals = np.asarray(values, dtype=float)
-    point = float(vals.mean())
-    if vals.size < 2:
-        return Estimate(point, None, None, int(vals.size))
-    rng = rng_for("values", key)
-    draws = rng.integers(0, vals.size, size=(N_BOOT, vals.size))
-    return estimate_from_replicates(point, vals[draws].mean(axis=1), int(vals.size))
+        doc = obj.get("doc_id")
+        keys.append((str(obj.get("subtask") or obj.get("task") or ""), doc if isinstance(doc, int) else i))
+        vals.append(float(value))
+        # a multiple-choice document lists its choices; a generated answer has none (no chance level)
+        choices = obj.get("continuations")
+        inv_choices.append(1 / len(choices) if isinstance(choices, list) and len(choices) > 1 else None)
+    if not vals or len(set(keys)) != len(keys):
+        return None
+    chance = float(np.mean(inv_choices)) if all(c is not None for c in inv_choices) else None
+    return Samples(tuple(keys), np.asarray(vals), chance)

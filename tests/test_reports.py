@@ -1,17 +1,16 @@
-"""reports/: leaderboard + plots from results records (constructed records and records written by real
-tiny `bench run`s). Fast except the real-run fixture (three tiny runs, ~20 s each on 2 CPU cores)."""
+"""reports/: leaderboard, paired comparisons and plots from records written by real tiny runs (tests/report_study.py:
+one session-scoped study of 12 tiny runs and 2 base-model evaluations). Every number checked here comes from those runs; a test that
+needs a broken or relabelled record derives it from a real one."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
+import math
 import re
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,195 +19,283 @@ import pytest
 pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
 
+from report_study import build_study  # noqa: E402  (tests/ is on sys.path under pytest)
+
 from reports import build_report  # noqa: E402
 from reports import cli as report_cli  # noqa: E402
-from reports.plots import dirichlet_alpha, rank_cv  # noqa: E402
-from reports.stats import SeedValue, bootstrap_tasks  # noqa: E402
+from reports.leaderboard import build_rows  # noqa: E402
+from reports.plots import partition_alpha, rank_cv, round_losses  # noqa: E402
+from reports.records import load_records  # noqa: E402
+from reports.stats import MDD_FACTOR  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-
-# ------------------------------------------------------------------------------------------- record factory
-
-RANK_SETTINGS = {"homo[8,8,8,8]": [8, 8, 8, 8], "hetero[16,8,4,4]": [16, 8, 4, 4],
-                 "hetero[32,8,2,2]": [32, 8, 2, 2]}
-BASE = {"kind": "run", "schema_version": 1}
+PLOTS = ("score_vs_rank_heterogeneity", "score_vs_data_heterogeneity", "noise_vs_round", "score_vs_communication",
+         "paired_vs_rank_heterogeneity")
 
 
-def make_record(method: str, seed: int, *, ranks="hetero[16,8,4,4]", partition="dirichlet(alpha=0.5)",
-                tasks=None, rounds=3, kind="run", run_dir=None) -> dict:
-    setting = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset": "dolly", "partition": partition,
-               "ranks": ranks, "rank_distribution": "explicit", "num_clients": 4, "rounds": rounds,
-               "client_fraction": 1.0, "preset": "quick"}
-    rng = np.random.default_rng(zlib.crc32(f"{method}|{seed}|{ranks}|{partition}".encode()))
-    bonus = {"flora": 0.04, "flexlora": 0.03, "fedit": 0.0, "fedavg-lora": 0.01, "base": -0.08}[method]
-    hetero = {"homo[8,8,8,8]": 0.0, "hetero[16,8,4,4]": 0.01, "hetero[32,8,2,2]": 0.03}[ranks]
-    tasks = tasks if tasks is not None else ["arc-easy", "piqa"]
-    task_entries = {}
-    for t in tasks:
-        v = 0.55 + bonus - (hetero if method in ("fedavg-lora", "fedit") else 0) + rng.normal(0, 0.01)
-        task_entries[t] = {"metric": "acc", "value": round(float(v), 4), "stderr": 0.02, "n": 50, "limit": 50,
-                           "num_fewshot": 0}
-        if run_dir is not None:
-            rd = Path(run_dir) / "eval"
-            rd.mkdir(parents=True, exist_ok=True)
-            hits = (rng.random(50) < v).astype(int)
-            task_entries[t]["value"] = float(hits.mean())
-            (rd / f"{t}.jsonl").write_text("".join(json.dumps({"doc_id": i, "acc": int(h)}) + "\n"
-                                                  for i, h in enumerate(hits)))
-            task_entries[t]["samples"] = str(rd / f"{t}.jsonl")
-    rec = {
-        "schema_version": 1, "kind": kind, "method": method, "setting": setting, "seed": seed,
-        "eval": {"backend": "hf", "tasks": task_entries, "missing": {}},
-        "test_loss": 2.1 - bonus + rng.normal(0, 0.02),
-    }
-    if kind == "reference":
-        rec["setting"] = {"model": setting["model"]}
-        rec["run_id"] = f"base-s{seed}"
-        return rec
-    avg_noise = method in ("fedavg-lora", "fedit")
-    rec.update({
-        "run_id": f"{method}-{ranks}-{partition}-s{seed}",
-        "config_hash": "h-" + method,
-        "clients": [{"id": i, "rank": r, "num_examples": 100} for i, r in enumerate(RANK_SETTINGS[ranks])],
-        "rounds": [{"round": k, "clients": [], "noise": (0.3 + 0.05 * k + hetero * 5 + rng.normal(0, 0.02))
-                    if avg_noise else 0.0} for k in range(1, rounds + 1)],
-        "communication": {"bytes_up": 3_000_000 + (2_000_000 if method == "flora" else 0),
-                          "bytes_down": 3_000_000 * (4 if method == "flora" else 1)},
-        "timings": {"total_s": 300.0 + seed, "train_s": 250.0},
-    })
-    return rec
+@pytest.fixture(scope="session")
+def study(tmp_path_factory, shared_data) -> Path:
+    """The study's results folder. REPORT_STUDY=<dir> reuses one built by `python -m tests.report_study <dir>`
+    (when working on reports/ alone)."""
+    import os
+
+    if os.environ.get("REPORT_STUDY"):
+        return Path(os.environ["REPORT_STUDY"]) / "results"
+    return build_study(tmp_path_factory.mktemp("study"), shared_data)
 
 
-def write(folder: Path, name: str, obj) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    p = folder / name
-    p.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
-    return p
+@pytest.fixture(scope="session")
+def built(study, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("built") / "out"
+    return out, build_report([str(study)], str(out), plots=True)
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """A results folder with several methods × seeds × settings, a reference row, and broken records."""
-    root = tmp_path_factory.mktemp("synthetic")
-    res = root / "results"
-    for method in ("fedavg-lora", "fedit", "flora", "flexlora"):
-        for seed in (0, 1, 2):
-            for ranks in RANK_SETTINGS:
-                run_dir = root / "runs" / f"{method}-{ranks}-s{seed}" if method == "flora" else None
-                write(res, f"{method}-{ranks}-s{seed}.json", make_record(method, seed, ranks=ranks, run_dir=run_dir))
-            for part in ("iid", "dirichlet(alpha=0.1)", "dirichlet(alpha=1.0)"):
-                write(res, f"{method}-{part}-s{seed}.json", make_record(method, seed, partition=part))
-    write(res, "base.json", make_record("base", 0, kind="reference"))
-    # broken ones
-    write(res, "malformed.json", '{"schema_version": 1, "kind": "run", ')
-    newer = make_record("flora", 7)
-    newer["schema_version"] = 99
-    write(res, "future.json", newer)
-    missing = make_record("flora", 8)
-    del missing["communication"]
-    write(res, "nocomm.json", missing)
-    partial = make_record("flora", 9)
-    partial["rounds"] = partial["rounds"][:1]
-    write(res, "partial.json", partial)
-    return res
+def _records(study: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(study.glob("*.json"))}
 
 
-# ------------------------------------------------------------------------------------------- unit pieces
-
-def test_helpers():
-    assert rank_cv([8, 8, 8]) == 0
-    assert rank_cv([16, 8, 4, 4]) > rank_cv([8, 8, 4, 4]) > 0
-    assert dirichlet_alpha("dirichlet(alpha=0.5)") == 0.5
-    assert dirichlet_alpha("dirichlet(alpha=1)") == 1.0
-    assert dirichlet_alpha("iid") == float("inf")
-    assert dirichlet_alpha("shards(2)") is None
+def _csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
-def test_bootstrap_is_seeded_and_covers_the_mean():
-    per_task = {"a": [SeedValue(0.5, 0.02), SeedValue(0.6, 0.02), SeedValue(0.55, 0.02)]}
-    idx = {"a": [0, 1, 2]}
-    e1, avg1 = bootstrap_tasks(["k"], per_task, 3, idx)
-    e2, avg2 = bootstrap_tasks(["k"], per_task, 3, idx)
-    assert e1 == e2 and avg1 == avg2
-    assert e1["a"].lo < 0.55 < e1["a"].hi and e1["a"].n == 3
-    assert avg1.mean == pytest.approx(0.55)
-    # samples widen nothing they should not: with 0/1 samples the CI is within [0, 1]
-    samples = SeedValue(0.5, None, np.array([0.0, 1.0] * 25))
-    e3, _ = bootstrap_tasks(["s"], {"a": [samples]}, 1, {"a": [0]})
-    assert 0.0 <= e3["a"].lo < 0.5 < e3["a"].hi <= 1.0
+def _row(rows: list[dict], **want) -> dict:
+    hits = [r for r in rows if all(r[k] == v for k, v in want.items())]
+    assert len(hits) == 1, (want, hits)
+    return hits[0]
+
+
+def _copy(study: Path, dest: Path, names=None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in study.glob("*.json"):
+        if names is None or p.stem in names:
+            shutil.copy(p, dest / p.name)
+    return dest
+
+
+def _token_mean(entry: dict) -> float:
+    return sum(entry["loss_sums"]) / sum(entry["tokens"])
 
 
 # ------------------------------------------------------------------------------------------- leaderboard
 
-def test_leaderboard_from_constructed_records(synthetic, tmp_path):
-    out = tmp_path / "out"
-    s = build_report([str(synthetic)], str(out))
-    # 4 methods × (3 rank + 3 partition settings; hetero[16,8,4,4]/alpha=0.5 shared) + reference = 4*6 + 1
-    assert s["rows"] == 25
-    assert s["records"] == 4 * 6 * 3 + 1
-    assert {Path(f).name for f in s["files"]} == {"LEADERBOARD.md", "leaderboard.csv", "leaderboard.html"}
+def test_leaderboard_rows_and_reference_rows(study, built):
+    out, s = built
+    assert s["skipped"] == [] and s["records"] == 16
+    rows = _csv(out / "leaderboard.csv")
+    # fedit/flexlora × {4,4,4; 4,2,2}, fedit iid, fedit bf16, centralized, local-only, base
+    assert len(rows) == s["rows"] == 9
+    refs = {r["method"] for r in rows if r["reference"] == "True"}
+    assert refs == {"base", "centralized", "local-only"}
+    assert {r["method"] for r in rows if r["reference"] == "False"} == {"fedit", "flexlora"}
+    hetero = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
+    assert hetero["n_seeds"] == "2" and hetero["seeds"] == "0;1" and hetero["test_loss_ci_basis"] == "seeds+examples"
+    # piqa has two choices per document: the chance level comes from the per-sample files
+    assert float(hetero["piqa_chance"]) == 0.5
     md = (out / "LEADERBOARD.md").read_text()
-    assert "| Method |" in md and "arc-easy (acc)" in md and "base (reference)" in md
-    assert "±" in md and "MiB" in md
-    rows = list(csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text())))
-    assert len(rows) == 25
-    ref = [r for r in rows if r["kind"] == "reference"]
-    assert len(ref) == 1 and ref[0]["method"] == "base"
-    flora = [r for r in rows if r["method"] == "flora" and r["ranks"] == "hetero[32,8,2,2]"]
-    assert len(flora) == 1 and flora[0]["n_seeds"] == "3" and flora[0]["seeds"] == "0;1;2"
-    assert flora[0]["ci_basis"] == "seeds+samples"        # flora records carry per-sample files
-    lo, mean, hi = (float(flora[0][k]) for k in ("avg_ci_low", "avg", "avg_ci_high"))
-    assert lo < mean < hi
-    fedit = [r for r in rows if r["method"] == "fedit" and r["ranks"] == "homo[8,8,8,8]"][0]
-    assert fedit["ci_basis"] == "seeds+stderr"
-    assert float(fedit["bytes_total"]) == 6_000_000
+    assert "piqa (acc; chance 0.50)" in md
+    assert "| centralized (reference) |" in md and "| local-only (reference) |" in md and "| base (reference) |" in md
+    # within a setting, reference rows come first
+    table = md.split("## Leaderboard")[1]
+    lines = [ln for ln in table.splitlines() if "| 4,2,2 |" in ln and "dirichlet" in ln and "bfloat16" not in ln]
+    assert [ln.split("|")[1].strip() for ln in lines][:2] == ["centralized (reference)", "local-only (reference)"]
 
 
-def test_bad_records_are_skipped_and_named(synthetic, tmp_path):
-    s = build_report([str(synthetic)], str(tmp_path / "out"))
-    reasons = {Path(x["file"]).name: x["reason"] for x in s["skipped"]}
-    assert set(reasons) == {"malformed.json", "future.json", "nocomm.json", "partial.json"}
-    assert "not valid JSON" in reasons["malformed.json"]
-    assert "schema_version 99" in reasons["future.json"]
-    assert "communication" in reasons["nocomm.json"]
-    assert "partial" in reasons["partial.json"] and "1 of 3 rounds" in reasons["partial.json"]
-    md = (tmp_path / "out" / "LEADERBOARD.md").read_text()
-    assert "`malformed.json`" in md and "schema_version 99" in md
+def test_point_estimates_are_the_records(study, built):
+    """Each row's mean is the mean over seeds of what the records hold."""
+    out, _ = built
+    recs = _records(study)
+    rows = _csv(out / "leaderboard.csv")
+    fedit = [recs[f"fedit-r4-2-2-s{s}"] for s in (0, 1)]
+    row = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
+    assert float(row["test_loss"]) == pytest.approx(np.mean([r["test"]["loss"] for r in fedit]), rel=1e-5)
+    assert float(row["piqa"]) == pytest.approx(np.mean([r["eval"]["tasks"]["piqa"]["value"] for r in fedit]))
+    client = np.mean([np.mean([_token_mean(c) for c in r["test"]["per_client"]]) for r in fedit])
+    assert float(row["client_loss"]) == pytest.approx(client, rel=1e-5)
+    # fedit keeps no personal state: each client's model is the global one
+    assert row["personal_loss"] == row["client_loss"]
+    local = _row(rows, method="local-only")
+    own = [recs[f"local-only-fedit-r4-2-2-s{s}"]["personalized"] for s in (0, 1)]
+    assert float(local["personal_loss"]) == pytest.approx(np.mean([p["loss"] for p in own]), rel=1e-5)
+    assert local["test_loss"] == "" and local["client_loss"] == ""
+    for r in rows:
+        for m in ("test_loss", "piqa", "personal_loss"):
+            if r[m] and r[f"{m}_ci_low"]:
+                assert float(r[f"{m}_ci_low"]) <= float(r[m]) <= float(r[f"{m}_ci_high"])
 
 
-def test_cli_report(synthetic, tmp_path, capsys):
+def test_eval_dtypes_never_pool(study, built):
+    out, s = built
+    rows = _csv(out / "leaderboard.csv")
+    bf16 = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="bfloat16")
+    fp32 = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
+    assert (bf16["n_seeds"], fp32["n_seeds"]) == ("1", "2")
+    paired = _csv(out / "paired.csv")
+    # the bf16 row has no bf16 baseline, and the float32-scored base model never joins its context
+    assert not [p for p in paired if p["eval_dtype"] == "bfloat16"]
+    assert "Eval dtype" in (out / "LEADERBOARD.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- paired comparisons
+
+def test_paired_differences_are_paired_by_seed_and_example(study, built):
+    out, s = built
+    recs = _records(study)
+    paired = _csv(out / "paired.csv")
+    assert s["baseline"] == "fedit" and s["metric"] == "test_loss" and s["comparisons"] > 0
+    p = _row(paired, method="flexlora", baseline="fedit", metric="test_loss", ranks="4,2,2",
+             partition="dirichlet(alpha=1)")
+    direct = np.mean([recs[f"flexlora-r4-2-2-s{s}"]["test"]["loss"] - recs[f"fedit-r4-2-2-s{s}"]["test"]["loss"]
+                      for s in (0, 1)])
+    assert float(p["diff"]) == pytest.approx(direct, rel=1e-4, abs=1e-9)
+    assert p["n_seeds"] == "2" and p["seeds"] == "0;1"
+    assert float(p["examples_per_seed"]) == len(recs["fedit-r4-2-2-s0"]["test"]["loss_sums"])
+    lo, hi, se = float(p["ci_low"]), float(p["ci_high"]), float(p["se"])
+    assert lo <= float(p["diff"]) <= hi and se > 0
+    assert float(p["mdd"]) == pytest.approx(MDD_FACTOR * se, rel=1e-4) and MDD_FACTOR == pytest.approx(2.8016, abs=1e-4)
+    for q in paired:
+        if q["ci_low"]:
+            assert (q["significant"] == "True") == (float(q["ci_low"]) > 0 or float(q["ci_high"]) < 0)
+    # pairing by example: the same held-out examples are hard for both models, so the paired interval is far
+    # narrower than the two rows' own intervals combined as if independent
+    rows = _csv(out / "leaderboard.csv")
+    half = [(float(r["test_loss_ci_high"]) - float(r["test_loss_ci_low"])) / 2 for r in
+            (_row(rows, method=m, ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
+             for m in ("fedit", "flexlora"))]
+    assert (hi - lo) / 2 < 0.5 * math.hypot(*half)
+
+
+def test_paired_table_is_at_the_top_with_the_mdd(built):
+    out, s = built
+    md = (out / "LEADERBOARD.md").read_text()
+    top, board = md.split("## Leaderboard")
+    assert "## Which method, and by how much: paired differences against fedit" in top
+    assert "Minimum detectable difference on Test loss" in top and "80% power" in top
+    assert "| Partition | Ranks | Method | Seeds | Δ Test loss [95% CI] | MDD |" in top
+    paired = _csv(out / "paired.csv")
+    shown = [p for p in paired if p["metric"] in ("test_loss", "client_loss", "personal_loss", "avg")]
+    assert ("★" in top) == any(p["significant"] == "True" for p in shown)
+    # every non-baseline row of a fedit setting is compared, references included (base on the task it has)
+    compared = {(p["method"], p["ranks"], p["partition"]) for p in paired}
+    assert ("base", "4,2,2", "dirichlet(alpha=1)") in compared and ("local-only", "4,2,2", "dirichlet(alpha=1)") in compared
+    assert {p["metric"] for p in paired if p["method"] == "base"} == {"piqa", "avg"}
+    html = (out / "leaderboard.html").read_text()
+    assert html.index('<table id="paired"') < html.index('<table id="leaderboard"')
+
+
+def test_baseline_option_reverses_the_comparison(study, built, tmp_path):
+    out, _ = built
+    s = build_report([str(study)], str(tmp_path / "o"), baseline="flexlora")
+    assert s["baseline"] == "flexlora"
+    rev = _csv(tmp_path / "o" / "paired.csv")
+    assert {p["baseline"] for p in rev} == {"flexlora"}
+    fwd = _row(_csv(out / "paired.csv"), method="flexlora", metric="test_loss", ranks="4,4,4")
+    back = _row(rev, method="fedit", metric="test_loss", ranks="4,4,4")
+    assert float(back["diff"]) == pytest.approx(-float(fwd["diff"]), rel=1e-4, abs=1e-9)
+    assert "paired differences against flexlora" in (tmp_path / "o" / "LEADERBOARD.md").read_text()
+
+
+@pytest.mark.parametrize("flag,value,field,offered", [("--baseline", "fedprox", "baseline", "flexlora"),
+                                                       ("--metric", "mmlu", "metric", "test_loss")])
+def test_bad_option_is_one_error_line(study, tmp_path, capsys, flag, value, field, offered):
     import argparse
 
     parser = argparse.ArgumentParser()
     report_cli.add_arguments(parser)
-    args = parser.parse_args(["--results", str(synthetic), "--out", str(tmp_path / "o")])
-    assert report_cli.main(args) == 0
-    captured = capsys.readouterr()
-    assert "25 rows" in captured.out and "malformed.json" in captured.err
-    assert (tmp_path / "o" / "LEADERBOARD.md").is_file()
-    assert report_cli.main(parser.parse_args(["--results", str(tmp_path / "nope")])) == 2
+    out = tmp_path / "o"
+    assert report_cli.main(parser.parse_args(["--results", str(study), "--out", str(out), flag, value])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {field}: ") and value in err[0] and flag in err[0]
+    assert offered in err[0]  # names what there is
+    assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def built(synthetic, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("built") / "out"
-    return out, build_report([str(synthetic)], str(out), plots=True)
+def test_default_baseline_absent_is_a_note_not_an_error(study, tmp_path):
+    res = _copy(study, tmp_path / "res", {"flexlora-r4-2-2-s0", "flexlora-r4-2-2-s1"})
+    s = build_report([str(res)], str(tmp_path / "o"))
+    assert s["comparisons"] == 0 and s["baseline"] is None
+    assert "no rows for the default baseline 'fedit'" in (tmp_path / "o" / "LEADERBOARD.md").read_text()
+    assert _csv(tmp_path / "o" / "paired.csv") == []
 
 
-def test_same_input_identical_bytes(synthetic, built, tmp_path):
-    a, _ = built
-    b = tmp_path / "b"
-    build_report([str(synthetic)], str(b), plots=True)
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) >= 3 + 8
-    for rel in files_a:
-        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-    # rebuilding the tables into the same folder changes nothing
-    before = {rel: (b / rel).read_bytes() for rel in files_b}
-    build_report([str(synthetic)], str(b))
-    assert {rel: (b / rel).read_bytes() for rel in files_b} == before
+def test_held_out_sets_that_differ_are_not_paired(study, tmp_path):
+    """A record whose held-out examples differ (here: one example fewer) pairs on nothing, and a note says so."""
+    res = _copy(study, tmp_path / "res", {"fedit-r4-2-2-s0", "flexlora-r4-2-2-s0"})
+    p = res / "flexlora-r4-2-2-s0.json"
+    rec = json.loads(p.read_text())
+    rec["test"]["loss_sums"], rec["test"]["tokens"] = rec["test"]["loss_sums"][:-1], rec["test"]["tokens"][:-1]
+    p.write_text(json.dumps(rec))
+    s = build_report([str(res)], str(tmp_path / "o"))
+    metrics = {q["metric"] for q in _csv(tmp_path / "o" / "paired.csv")}
+    assert "test_loss" not in metrics and "piqa" in metrics
+    assert any("Test loss: not paired at seed(s) 0" in n for n in s["notes"])
+
+
+# ------------------------------------------------------------------------------------------- records
+
+def _as_v1(rec: dict) -> dict:
+    """The shape schema 1 had: settings as strings, no per-example losses."""
+    old = {k: v for k, v in rec.items() if k not in ("test", "method_info", "dtypes", "engine")}
+    old["schema_version"] = 1
+    old["setting"] = dict(rec["setting"], ranks=f"hetero[{','.join(map(str, rec['setting']['ranks']))}]",
+                          partition="dirichlet(alpha=1.0)")
+    return old
+
+
+def test_old_partial_and_broken_records_are_skipped_and_named(study, tmp_path):
+    res = _copy(study, tmp_path / "res", {"fedit-r4-2-2-s0", "flexlora-r4-2-2-s0"})
+    rec = json.loads((res / "fedit-r4-2-2-s0.json").read_text())
+    (res / "v1.json").write_text(json.dumps(_as_v1(rec)))
+    (res / "malformed.json").write_text(json.dumps(rec)[:200])
+    (res / "future.json").write_text(json.dumps(dict(rec, schema_version=99)))
+    (res / "partial.json").write_text(json.dumps(dict(rec, rounds=rec["rounds"][:1], seed=5)))
+    (res / "nocomm.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "communication"}))
+    (res / "ragged.json").write_text(json.dumps(dict(rec, seed=6, test=dict(rec["test"], tokens=rec["test"]["tokens"][:-1]))))
+    (res / "rerun.json").write_text(json.dumps(dict(rec, run_id=rec["run_id"] + "-rerun")))
+    s = build_report([str(res)], str(tmp_path / "o"))
+    reasons = {Path(x["file"]).name: x["reason"] for x in s["skipped"]}
+    assert set(reasons) == {"v1.json", "malformed.json", "future.json", "partial.json", "nocomm.json", "ragged.json",
+                            "fedit-r4-2-2-s0.json"}
+    assert "schema_version 1" in reasons["v1.json"] and "re-run it with the current code" in reasons["v1.json"]
+    assert "not valid JSON" in reasons["malformed.json"]
+    assert "schema_version 99" in reasons["future.json"]
+    assert "1 of 2 rounds" in reasons["partial.json"]
+    assert "communication" in reasons["nocomm.json"]
+    assert "test.loss_sums" in reasons["ragged.json"] and "same length" in reasons["ragged.json"]
+    assert "duplicate of rerun.json" in reasons["fedit-r4-2-2-s0.json"]
+    assert s["records"] == 2
+    md = (tmp_path / "o" / "LEADERBOARD.md").read_text()
+    assert "`v1.json`" in md and "## Skipped records" in md
+
+
+def test_reference_and_run_records_load_with_structured_settings(study):
+    records, skipped = load_records([str(study)])
+    assert skipped == []
+    rows = build_rows(records, [])
+    base = [r for r in rows if r.kind == "reference"]
+    assert len(base) == 1 and base[0].setting["ranks"] is None and base[0].reference
+    runs = [r for r in rows if r.method == "fedit" and r.setting["ranks"] == [4, 2, 2]]
+    assert sorted(json.dumps(r.setting["partition"], sort_keys=True) for r in runs) == [
+        '{"alpha": 1.0, "kind": "dirichlet"}', '{"alpha": 1.0, "kind": "dirichlet"}', '{"kind": "iid"}']
+    assert sorted(partition_alpha(r.setting["partition"]) for r in runs) == [1.0, 1.0, math.inf]
+    assert rank_cv(runs[0].setting["ranks"]) > rank_cv([4, 4, 4]) == 0
+    assert partition_alpha({"kind": "shards", "per_client": 2}) is None
+
+
+def test_per_sample_files_found_beside_committed_records(study, tmp_path):
+    """A record moved off the machine that made it finds its samples under <results>/samples/<run_id>/."""
+    res = _copy(study, tmp_path / "res", {"fedit-r4-2-2-s0"})
+    rec = json.loads((res / "fedit-r4-2-2-s0.json").read_text())
+    src = Path(rec["eval"]["tasks"]["piqa"]["samples"])
+    (res / "samples" / rec["run_id"]).mkdir(parents=True)
+    shutil.copy(src, res / "samples" / rec["run_id"] / src.name)
+    rec["eval"]["tasks"]["piqa"]["samples"] = str(tmp_path / "gone" / src.name)
+    (res / "fedit-r4-2-2-s0.json").write_text(json.dumps(rec))
+    s = build_report([str(res)], str(tmp_path / "o"))
+    assert _csv(tmp_path / "o" / "leaderboard.csv")[0]["piqa_ci_basis"] == "examples"
+    (res / "samples" / rec["run_id"] / src.name).unlink()
+    s = build_report([str(res)], str(tmp_path / "o"))
+    assert _csv(tmp_path / "o" / "leaderboard.csv")[0]["piqa_ci_basis"] == ""
+    assert any("no per-sample file for task 'piqa'" in n for n in s["notes"])
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -218,48 +305,63 @@ def _check_png(path: Path):
 
     img = imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    rgb = img[..., :3]
-    assert (rgb < 0.9).any(axis=-1).mean() > 0.01, f"{path} is (almost) blank"
+    assert (img[..., :3] < 0.9).any(axis=-1).mean() > 0.01, f"{path} is (almost) blank"
 
 
 def _check_svg(path: Path):
     root = ET.parse(path).getroot()
-    assert root.tag.endswith("svg")
-    assert len(list(root.iter())) > 50
+    assert root.tag.endswith("svg") and len(list(root.iter())) > 50
     assert "<dc:date>" not in path.read_text()
 
 
 def test_plots(built):
     out, s = built
-    plots = {Path(f).name for f in s["files"] if "/plots/" in f}
-    for stem in ("score_vs_rank_heterogeneity", "score_vs_data_heterogeneity", "noise_vs_round",
-                 "score_vs_communication"):
-        assert any(n.startswith(stem) and n.endswith(".png") for n in plots), stem
-        assert any(n.startswith(stem) and n.endswith(".svg") for n in plots), stem
-    for n in plots:
+    names = {Path(f).name for f in s["files"] if "/plots/" in f}
+    for stem in PLOTS:
+        assert any(n.startswith(stem) and n.endswith(".png") for n in names), stem
+        assert any(n.startswith(stem) and n.endswith(".svg") for n in names), stem
+    for n in names:
         (_check_png if n.endswith(".png") else _check_svg)(out / "plots" / n)
+    # α=1 and iid exist only for ranks 4,2,2: one data-heterogeneity figure; 4,4,4 is named as the single one
+    assert "score_vs_data_heterogeneity.png" in names
+    assert any(p["plot"] == "score_vs_data_heterogeneity" and "ranks=4,4,4" in p["reason"] for p in s["plots_skipped"])
 
 
-def test_plot_without_data_is_not_written(tmp_path):
-    res = tmp_path / "results"
-    for seed in (0, 1):
-        for ranks in ("homo[8,8,8,8]", "hetero[16,8,4,4]"):
-            write(res, f"flora-{ranks}-s{seed}.json", make_record("flora", seed, ranks=ranks))
-    out = tmp_path / "out"
-    # a stale noise plot from an earlier build is removed, not left behind
-    (out / "plots").mkdir(parents=True)
-    (out / "plots" / "noise_vs_round.png").write_bytes(b"old")
-    s = build_report([str(res)], str(out), plots=True)
-    assert not (out / "plots" / "noise_vs_round.png").exists()
-    assert any(p["plot"] == "noise_vs_round" for p in s["plots_skipped"])
-    assert (out / "plots" / "score_vs_rank_heterogeneity.png").is_file()
+def test_noise_panels_follow_traits_and_recorded_losses(study, tmp_path):
+    """Factor averaging (trait averages_factors) gives aggregation noise, FlexLoRA's clients give truncation loss;
+    a method the registry has never heard of gets its panel from its record alone."""
+    records, _ = load_records([str(study)])
+    rows = {(r.method, tuple(r.setting["ranks"]), json.dumps(r.setting["partition"]), r.dtypes["eval"]): r
+            for r in build_rows(records, []) if r.kind == "run"}
+    key = ((4, 2, 2), json.dumps({"kind": "dirichlet", "alpha": 1.0}), "float32")
+    fedit, flex = rows[("fedit", *key)], rows[("flexlora", *key)]
+    assert sorted(round_losses(fedit, "noise")) == [1, 2] and round_losses(fedit, "truncation_loss") == {}
+    assert round_losses(flex, "noise") == {}   # it records noise 0.0, but it does not average factors
+    trunc = round_losses(flex, "truncation_loss")
+    assert sorted(trunc) == [2] and all(0 < v < 1 for v in trunc[2])   # round 1 starts fresh: nothing truncated
+    res = _copy(study, tmp_path / "res", {"fedit-r4-2-2-s0", "fedit-r4-2-2-s1"})
+    for p in res.glob("*.json"):
+        rec = json.loads(p.read_text())
+        p.write_text(json.dumps(dict(rec, method="my-average")))
+    s = build_report([str(res)], str(tmp_path / "o"), plots=True)
+    assert "noise_vs_round.png" in {Path(f).name for f in s["files"]}
+
+
+def test_same_input_identical_bytes(study, built, tmp_path):
+    a, _ = built
+    b = tmp_path / "b"
+    build_report([str(study)], str(b), plots=True)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) >= 4 + 2 * len(PLOTS)
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
 def test_empty_results_folder(tmp_path):
     (tmp_path / "results").mkdir()
     s = build_report([str(tmp_path / "results")], str(tmp_path / "out"), plots=True)
-    assert s["rows"] == 0 and len(s["plots_skipped"]) == 4
-    assert not (tmp_path / "out" / "plots").exists() or not any((tmp_path / "out" / "plots").iterdir())
+    assert s["rows"] == 0 and {p["plot"] for p in s["plots_skipped"]} == set(PLOTS)
     assert "No complete records" in (tmp_path / "out" / "LEADERBOARD.md").read_text()
 
 
@@ -273,164 +375,27 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_html_renders_in_headless_chromium(synthetic, tmp_path):
-    out = tmp_path / "out"
-    build_report([str(synthetic)], str(out))
+def test_html_renders_and_sorts_in_headless_chromium(built, tmp_path):
+    out, s = built
     page = (out / "leaderboard.html").resolve().as_uri()
     dom = _chromium(["--dump-dom", page], tmp_path / "profile1")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert '<table id="leaderboard">' in dom.stdout
-    assert dom.stdout.count('<tr class="run">') == 24 and dom.stdout.count('<tr class="reference">') == 1
-    assert "flexlora" in dom.stdout
+    board = dom.stdout.split('<table id="leaderboard"')[1]
+    assert board.count('<tr class="reference">') == 3 and board.count('<tr class="run">') == s["rows"] - 3
     shot = tmp_path / "shot.png"
     r = _chromium([f"--screenshot={shot}", "--window-size=1400,900", page], tmp_path / "profile2")
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
-    from matplotlib.image import imread
-
-    img = imread(shot)[..., :3]
-    dark = (img < 0.5).any(axis=-1).mean()
-    assert dark > 0.005, "screenshot is blank"
-    assert len(np.unique(img.reshape(-1, 3).round(2), axis=0)) > 10
-    # the inline sorter: a click on the "Avg" header sorts rows by it, ascending (empty cells last)
+    _check_png(shot)
+    # the inline sorter: a click on the leaderboard's "Test loss" header sorts its rows, empty cells last
     text = (out / "leaderboard.html").read_text()
-    heads = re.findall(r'<th scope="col">(.*?)</th>', text)
-    col = heads.index("Avg")
-    clicked = out / "clicked.html"
+    heads = re.findall(r'<th scope="col">(.*?)</th>', text.split('<table id="leaderboard"')[1])
+    col = heads.index("Test loss")
+    clicked = out.parent / "clicked.html"
     clicked.write_text(text.replace("</body>", "<script>document.getElementById('leaderboard').tHead.rows[0]"
                                                f".cells[{col}].click();</script>\n</body>"))
     dom = _chromium(["--dump-dom", clicked.resolve().as_uri()], tmp_path / "profile3")
-    body = dom.stdout.split("<tbody>")[1]
+    body = dom.stdout.split('<table id="leaderboard"')[1].split("<tbody>")[1].split("</tbody>")[0]
     keys = [re.findall(r'data-sort="([^"]*)"', tr)[col] for tr in body.split("</tr>")[:-1]]
     vals = [float(k) for k in keys if k]
-    assert len(vals) == 25 and vals == sorted(vals)
-    assert 'class="asc"' in dom.stdout
-
-
-# ------------------------------------------------------------------------------------------- real tiny runs
-
-def _tiny_data_root(root: Path) -> Path:
-    """An offline dolly-shaped data root (the preset's dataset), so no hub access is needed."""
-    d = root / "data" / "dolly_fedit_10clients"
-    d.mkdir(parents=True)
-    cats = ["open_qa", "brainstorming", "classification", "summarization"]
-
-    def rec(i, j):
-        return {"instruction": f"Question {i}-{j}: what is {i} plus {j}?", "context": "" if j % 2 else f"{i} and {j}.",
-                "response": f"The answer is {i + j}.", "category": cats[(i + j) % 4]}
-    for i in range(10):
-        (d / f"local_training_{i}.json").write_text(json.dumps([rec(i, j) for j in range(8)]))
-    (d / "global_test.json").write_text(json.dumps([rec(100, j) for j in range(8)]))
-    return root / "data"
-
-
-def _engine_ready() -> str | None:
-    """None when `bench run --preset tiny` can run here, else why not."""
-    if not (REPO / "bench" / "presets" / "tiny.yaml").is_file():
-        return "bench/presets/tiny.yaml is not there yet"
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode != 0:
-        return f"`python -m bench.cli run --help` fails: {(r.stderr or r.stdout).strip()[-300:]}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def real_results(tmp_path_factory) -> Path:
-    """Records written by real tiny runs: flora seed 0, fedavg-lora seeds 0 and 1."""
-    why = _engine_ready()
-    if why:
-        pytest.skip(f"engine not ready: {why}")
-    root = tmp_path_factory.mktemp("real")
-    data = _tiny_data_root(root)
-    env = {**os.environ, "BENCH_DATA_ROOT": str(data), "PYTHONPATH": str(REPO)}
-    for method, seed in (("flora", 0), ("fedavg-lora", 0), ("fedavg-lora", 1)):
-        cmd = [sys.executable, "-m", "bench.cli", "run", "--preset", "tiny", "--method", method,
-               "--seed", str(seed), "--data-root", str(data), "--no-eval",
-               "--output-dir", str(root / "runs" / f"{method}-s{seed}"), "--results-dir", str(root / "results")]
-        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
-    return root / "results"
-
-
-def test_report_from_real_tiny_runs(real_results, tmp_path):
-    out = tmp_path / "out"
-    s = build_report([str(real_results)], str(out), plots=True)
-    assert s["skipped"] == [], s["skipped"]
-    assert s["records"] == 3 and s["rows"] == 2
-    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text()))}
-    assert set(rows) == {"flora", "fedavg-lora"}
-    assert rows["fedavg-lora"]["n_seeds"] == "2" and rows["flora"]["n_seeds"] == "1"
-    assert rows["fedavg-lora"]["model"] == "tiny-random-llama" and rows["fedavg-lora"]["dataset"] == "dolly"
-    for r in rows.values():
-        assert float(r["test_loss"]) > 0 and float(r["bytes_total"]) > 0 and float(r["wall_s"]) > 0
-    assert float(rows["fedavg-lora"]["test_loss_ci_low"]) <= float(rows["fedavg-lora"]["test_loss"])
-    names = {Path(f).name for f in s["files"]}
-    # --no-eval: no eval score, so the plots show test loss; fedavg-lora has aggregation noise per round
-    assert {"noise_vs_round.png", "noise_vs_round.svg", "score_vs_communication.png"} <= names
-    # one rank setting and one partition: nothing to ablate, so no such figures, and the summary says why
-    assert not any(n.startswith(("score_vs_rank", "score_vs_data")) for n in names)
-    assert {p["plot"] for p in s["plots_skipped"]} >= {"score_vs_rank_heterogeneity", "score_vs_data_heterogeneity"}
-    _check_png(out / "plots" / "noise_vs_round.png")
-    _check_svg(out / "plots" / "noise_vs_round.svg")
-    # deterministic on real records too
-    again = tmp_path / "again"
-    build_report([str(real_results)], str(again), plots=True)
-    for f in s["files"]:
-        rel = Path(f).relative_to(out)
-        assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
-
-
-def test_real_and_constructed_records_merge(real_results, synthetic, tmp_path):
-    """--results repeated: two folders merge into one leaderboard; the broken records are still named."""
-    s = build_report([str(real_results), str(synthetic)], str(tmp_path / "out"))
-    assert s["rows"] == 27 and len(s["skipped"]) == 4
-
-
-def test_duplicate_seed_keeps_one_record(tmp_path):
-    res = tmp_path / "results"
-    rec = make_record("fedit", 0)
-    write(res, "a.json", rec)
-    later = dict(rec, run_id=rec["run_id"] + "-rerun")
-    write(res, "b.json", later)
-    s = build_report([str(res)], str(tmp_path / "out"))
-    assert s["records"] == 1 and s["rows"] == 1
-    assert [Path(x["file"]).name for x in s["skipped"]] == ["a.json"]
-    assert "duplicate of b.json" in s["skipped"][0]["reason"]
-
-
-def test_per_sample_values_read_from_a_real_evaluator_output(tmp_path, shared_data):
-    """The bootstrap over samples reads the per-sample JSONL that evaluators actually writes."""
-    from bench.models import resolve_model
-    from evaluators import evaluate
-    from reports.stats import load_sample_values
-
-    section = evaluate(resolve_model("tiny-random-llama")[0], ["winogrande"], backend="hf", limit=4,
-                       data_root=str(shared_data), out_dir=str(tmp_path))
-    task = section["tasks"]["winogrande"]
-    vals = load_sample_values(Path(task["samples"]), task["metric"])
-    assert vals is not None and len(vals) == 4 and set(vals) <= {0.0, 1.0}
-    assert vals.mean() == pytest.approx(task["value"])
-
-
-def test_per_sample_files_found_beside_committed_records(tmp_path, shared_data):
-    """A record moved off the machine that made it finds its samples under <results>/samples/<run_id>/."""
-    import json
-    import shutil
-
-    from bench.models import resolve_model
-    from evaluators import evaluate
-    from reports import build_report
-
-    section = evaluate(resolve_model("tiny-random-llama")[0], ["winogrande"], backend="hf", limit=4,
-                       data_root=str(shared_data), out_dir=str(tmp_path / "elsewhere"))
-    results = tmp_path / "results"
-    (results / "samples" / "ref-1").mkdir(parents=True)
-    shutil.move(section["tasks"]["winogrande"]["samples"], results / "samples" / "ref-1" / "winogrande.jsonl")
-    record = {"schema_version": 1, "kind": "reference", "status": "complete", "run_id": "ref-1", "method": "base",
-              "setting": {"model": "tiny-random-llama"}, "seed": 0, "eval": section, "timings": {"total_s": 1.0}}
-    (results / "ref-1.json").write_text(json.dumps(record))
-    build_report([str(results)], str(tmp_path / "out"))
-    import csv
-
-    rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv")))
-    assert [r["ci_basis"] for r in rows] == ["samples"]  # not the stderr fallback
+    assert len(vals) == sum(1 for r in _csv(out / "leaderboard.csv") if r["test_loss"]) and vals == sorted(vals)
+    assert keys[len(vals):] == [""] * (len(keys) - len(vals))

@@ -1,0 +1,257 @@
+"""Row statistics and paired comparisons against a baseline method, computed context by context.
+
+A context is a setting together with the dtypes its scores were computed in. Every row of a context, and every
+comparison in it, draws its example resamples from one reports.stats.Resampler, so a difference is paired by seed
+(same seed, same setting: the same data partition, held-out subset and evaluation subset) and by example.
+Base-model reference rows (kind "reference") did no federated training: they join every context of their model
+whose dtypes agree, and are compared there on what they have (the tasks).
+"""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .leaderboard import (SETTING_LABELS, Row, Table, decimals, field_columns, fmt_value, html_table,
+                          method_label, setting_text, shared_fields)
+from .metrics import HEADLINE, Metric
+from .records import setting_key
+from .stats import MDD_FACTOR, N_BOOT, POWER, Estimate, Resampler, align, bootstrap_difference, bootstrap_series
+
+STAR = "★"
+
+
+@dataclass
+class Comparison:
+    row: Row                    # the method compared with the baseline
+    base: Row                   # the baseline's row
+    where: Row                  # the run row whose setting the comparison is made in
+    diffs: dict[str, Estimate] = field(default_factory=dict)   # metric -> row − baseline
+    examples: dict[str, float] = field(default_factory=dict)   # metric -> examples per seed compared (mean)
+    seeds: dict[str, list] = field(default_factory=dict)       # metric -> the seeds compared
+
+
+def _context(row: Row) -> tuple:
+    return (setting_key(row.setting), tuple(sorted(row.dtypes.items())))
+
+
+def _joins(ref: Row, row: Row) -> bool:
+    """Whether a kind-"reference" row belongs in the run row's context: the same model, and the same dtype for
+    each scoring step both rows have. Its other setting fields describe federated training, which it did not do."""
+    if ref.kind != "reference" or row.kind == "reference" or ref.setting.get("model") != row.setting.get("model"):
+        return False
+    return all(v is None or row.dtypes.get(k) in (None, v) for k, v in ref.dtypes.items())
+
+
+def _tag(row: Row, metric: str) -> tuple:
+    """Which cached resamples a series uses: task parts are shared by the task and the average (their part names
+    say which task), a held-out metric's parts are its own."""
+    return (row.id, metric if metric in HEADLINE else "eval")
+
+
+def _basis(series) -> str:
+    return "+".join(b for b, on in (("seeds", len(series) > 1),
+                                    ("examples", any(p.size > 1 for ps in series.values() for p in ps.values()))) if on)
+
+
+def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, notes: list[str]) -> list[Comparison]:
+    """Fill every row's estimates (row.est, row.basis) and return the comparisons with `baseline`."""
+    tasks = [m for m in metrics if m not in HEADLINE and m != "avg"]
+    contexts: dict[tuple, list[Row]] = {}
+    for r in rows:
+        contexts.setdefault(_context(r), []).append(r)
+    wild = [r for r in rows if r.kind == "reference"]
+    comparisons: list[Comparison] = []
+    for ctx in sorted(contexts, key=lambda c: json.dumps(c)):
+        members = contexts[ctx]
+        pairs: list[tuple[Row, Row]] = []
+        anchor = next((r for r in members if r.kind == "run"), None)
+        if baseline and anchor is not None:
+            bases = ([r for r in members if r.method == baseline]
+                     or [w for w in wild if w.method == baseline and _joins(w, anchor)])
+            for b in bases:
+                pairs += [(r, b) for r in members if r is not b]
+                pairs += [(w, b) for w in wild if w is not b and _joins(w, anchor)]
+        involved = list({id(r): r for r in members + [x for p in pairs for x in p]}.values())
+        res = Resampler(ctx, max(r.n for r in involved))
+        res.prepare([(_tag(r, m), seed, name, part) for r in involved for m in metrics
+                     for seed, parts in r.series(m, tasks, notes).items() for name, part in parts.items()])
+        for r in members:
+            for m in metrics:
+                s = r.series(m, tasks, notes)
+                if s:
+                    r.est[m] = bootstrap_series(res, _tag(r, m), ("row", r.id), s)
+                    r.basis[m] = _basis(s)
+        for r, b in pairs:
+            comparisons.append(_compare(res, r, b, anchor, metrics, tasks, notes))
+    return comparisons
+
+
+def _compare(res: Resampler, r: Row, b: Row, where: Row, metrics, tasks, notes) -> Comparison:
+    c = Comparison(r, b, where)
+    for m in metrics:
+        sa, sb = r.series(m, tasks, notes), b.series(m, tasks, notes)
+        if not sa or not sb:
+            continue
+        a, bb = align(sa, sb)
+        lost = sorted(set(sa) & set(sb) - set(a))
+        label = f"{r.method} vs {b.method} ({setting_text(where.fields)}), {metrics[m].label}"
+        if lost:
+            notes.append(f"{label}: not paired at seed(s) {', '.join(map(str, lost))}: the two records have no "
+                         "examples in common (different held-out or evaluation subsets)")
+        if not a:
+            continue
+        sizes = [sum(p.size for p in a[s].values()) for s in a]
+        full = [max(sum(p.size for p in sa[s].values()), sum(p.size for p in sb[s].values())) for s in a]
+        if sizes != full:
+            notes.append(f"{label}: compared on the {sum(sizes)} of {sum(full)} examples both records have")
+        c.diffs[m] = bootstrap_difference(res, (_tag(r, m), _tag(b, m)), ("pair", r.id, b.id), a, bb)
+        c.examples[m] = float(np.mean(sizes))
+        c.seeds[m] = sorted(a)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def _sort_key(c: Comparison, main: Metric, cols: list[str]):
+    from .leaderboard import val_key
+
+    e = c.diffs.get(main.name)
+    score = np.inf if e is None else (e.mean if main.lower_is_better else -e.mean)
+    return (tuple(val_key(c.where.fields.get(k)) for k in cols), 1 if c.row.reference else 0, score, c.row.method)
+
+
+def fmt_diff(e: Estimate | None, digits: int, verdict: Metric | None = None) -> str:
+    if e is None:
+        return ""
+    s = f"{e.mean:+.{digits}f}"
+    if e.lo is not None:
+        s += f" [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
+    if e.excludes_zero:
+        s += f" {STAR}"
+        if verdict is not None:
+            s += " better" if (e.mean < 0) == verdict.lower_is_better else " worse"
+    return s
+
+
+def shown_metrics(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric) -> list[Metric]:
+    """The MD/HTML table: the main metric, then the other held-out losses and the task average (each task is in
+    paired.csv)."""
+    have = {m for c in comparisons for m in c.diffs}
+    rest = [metrics[m] for m in (*HEADLINE, "avg") if m in have and m in metrics and m != main.name]
+    return ([main] if main.name in have else []) + rest
+
+
+def paired_table(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric) -> tuple[Table, list]:
+    cols = field_columns([c.where.fields for c in comparisons])
+    shared = shared_fields([c.where for c in comparisons], cols) if len(comparisons) > 1 else \
+        {k: comparisons[0].where.fields[k] for k in cols if comparisons[0].where.fields.get(k) is not None}
+    shown = [k for k in cols if k not in shared]
+    ms = shown_metrics(comparisons, metrics, main)
+    digits = {m.name: decimals([c.diffs.get(m.name) for c in comparisons]) for m in ms}
+    comparisons = sorted(comparisons, key=lambda c: _sort_key(c, main, cols))
+    cells, sort_values, strong = [], [], []
+    for c in comparisons:
+        e_main = c.diffs.get(main.name)
+        n_seeds = len({s for seeds in c.seeds.values() for s in seeds})
+        line = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), str(n_seeds)]
+        sv = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), n_seeds]
+        sig = [False] * len(line)
+        for m in ms:
+            e = c.diffs.get(m.name)
+            line.append(fmt_diff(e, digits[m.name], m if m is main else None))
+            sv.append(e.mean if e else None)
+            sig.append(bool(e and e.excludes_zero))
+            if m is main:
+                line.append("" if e_main is None or e_main.mdd is None else f"{e_main.mdd:.{digits[m.name]}f}")
+                sv.append(None if e_main is None else e_main.mdd)
+                sig.append(False)
+        cells.append(line)
+        sort_values.append(sv)
+        strong.append(sig)
+    columns = [SETTING_LABELS.get(k, k) for k in shown] + ["Method", "Seeds"]
+    for m in ms:
+        columns.append(f"Δ {m.label} [95% CI]")
+        if m is main:
+            columns.append("MDD")
+    numeric = [False] * (len(shown) + 1) + [True] * (len(columns) - len(shown) - 1)
+    table = Table(columns, cells, sort_values, [c.row.reference for c in comparisons], numeric, shared)
+    return table, strong
+
+
+def mdd_line(comparisons: list[Comparison], main: Metric) -> str:
+    mdds = sorted(c.diffs[main.name].mdd for c in comparisons
+                  if main.name in c.diffs and c.diffs[main.name].mdd is not None)
+    if not mdds:
+        return (f"Minimum detectable difference on {main.label}: none computable (one seed and no per-example "
+                "data in every comparison).")
+    d = decimals([c.diffs.get(main.name) for c in comparisons])
+    spread = f"; {mdds[0]:.{d}f}–{mdds[-1]:.{d}f} across them" if len(mdds) > 1 else ""
+    return (f"Minimum detectable difference on {main.label} at this study's size (80% power, two-sided α = 0.05): "
+            f"{float(np.median(mdds)):.{d}f} (median over {len(mdds)} comparisons{spread}). A |Δ| below it is not "
+            "a finding here: more seeds or more held-out examples shrink it.")
+
+
+def intro(baseline: str, main: Metric) -> str:
+    return (f"Δ = method − {baseline} in the same setting and dtypes, on the seeds both have and the examples both "
+            f"scored; 95% CI from a paired hierarchical bootstrap ({N_BOOT} seeded replicates: seeds, then held-out "
+            f"examples or task documents within each seed, the same resamples for both sides). {STAR} marks a CI "
+            f"that excludes 0 (better/worse on the main metric, {main.label}; {main.better} is better). "
+            f"MDD = {MDD_FACTOR:.2f} × the paired standard error: the smallest true difference this study detects "
+            f"with {POWER:.0%} power. Every task's difference is in paired.csv.")
+
+
+def paired_markdown(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric,
+                    baseline: str | None, why_none: str | None) -> list[str]:
+    title = f"## Which method, and by how much: paired differences against {baseline}" if baseline else \
+        "## Paired differences"
+    lines = [title, ""]
+    if not comparisons:
+        return lines + [f"_{why_none}_", ""]
+    table, _ = paired_table(comparisons, metrics, main)
+    from .leaderboard import md_table
+
+    lines += [intro(baseline, main), "", mdd_line(comparisons, main), ""]
+    lines += md_table(table) + [""]
+    return lines
+
+
+def paired_html(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric, baseline: str | None,
+                why_none: str | None) -> str:
+    from .leaderboard import shared_line
+
+    e = html.escape
+    title = f"Which method, and by how much: paired differences against {baseline}" if baseline else "Paired differences"
+    out = f"<h2>{e(title)}</h2>\n"
+    if not comparisons:
+        return out + f"<p><em>{e(why_none or '')}</em></p>\n"
+    table, strong = paired_table(comparisons, metrics, main)
+    out += f'<p class="note">{e(intro(baseline, main))}</p>\n<p><strong>{e(mdd_line(comparisons, main))}</strong></p>\n'
+    if table.shared:
+        out += f"<p>{e(shared_line(table))}</p>\n"
+    return out + html_table(table, "paired", strong) + "\n"
+
+
+def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> pd.DataFrame:
+    """paired.csv: one line per comparison and metric, every task included."""
+    cols = field_columns([c.where.fields for c in comparisons])
+    out = []
+    for c in sorted(comparisons, key=lambda c: (tuple(fmt_value(c.where.fields.get(k)) for k in cols),
+                                                c.row.method, c.base.method)):
+        for name, m in metrics.items():
+            e = c.diffs.get(name)
+            if e is None:
+                continue
+            out.append({**{k: fmt_value(c.where.fields.get(k)) if c.where.fields.get(k) is not None else None
+                           for k in cols},
+                        "method": c.row.method, "kind": c.row.kind, "reference": c.row.reference,
+                        "baseline": c.base.method, "metric": name, "label": m.label,
+                        "lower_is_better": m.lower_is_better, "diff": e.mean, "ci_low": e.lo, "ci_high": e.hi,
+                        "se": e.se, "mdd": e.mdd, "significant": e.excludes_zero, "n_seeds": e.n,
+                        "seeds": ";".join(map(str, c.seeds[name])), "examples_per_seed": c.examples[name]})
+    return pd.DataFrame(out, columns=[*cols, "method", "kind", "reference", "baseline", "metric", "label",
+                                      "lower_is_better", "diff", "ci_low", "ci_high", "se", "mdd", "significant",
+                                      "n_seeds", "seeds", "examples_per_seed"])
