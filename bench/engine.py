@@ -328,6 +328,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             result = server.aggregate(rnd, tasks, replies)
             agg_s = time.time() - t
             timings["aggregate_s"] += agg_s
+            for o in observers:
+                o.aggregated(result)
             if not result.updates:
                 last = checkpoint_dir(run_dir)
                 keep = (f"the last good checkpoint (round {rnd - 1}) is intact in {last}" if last

@@ -29,6 +29,9 @@ def rss_mb() -> float | None:
 class Observer:
     def client_done(self, msg: TaskMessage, reply: Reply) -> None: ...
 
+    def aggregated(self, result) -> None:
+        """Right after the server aggregated (before the round is written, and even if nothing was left)."""
+
     def round_done(self, result, row: dict) -> None: ...
 
 
@@ -57,10 +60,11 @@ class Progress(Observer):
         self.log(f"[bench]   round {msg.round} client {msg.client_id}: loss {m['first_loss']:.3f} → {m['last_loss']:.3f} "
                  f"({m['steps']} steps, {m['seconds']:.1f} s)")
 
+    def aggregated(self, result):
+        for e in result.excluded:
+            self.log(f"[bench]   round {result.round} client {e['id']}: EXCLUDED ({e['reason']})")
+
     def round_done(self, result, row):
-        for c in row["clients"]:
-            if "excluded" in c:
-                self.log(f"[bench]   round {row['round']} client {c['id']}: EXCLUDED ({c['excluded']})")
         noise = row.get("noise")
         self.log(f"[bench] round {row['round']}/{self.total} done in {row['seconds']:.1f} s"
                  + (f", aggregation noise {noise:.4f}" if noise else ""))
