@@ -7,7 +7,6 @@ engine (bench/engine.py) drives the rounds and owns the files.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

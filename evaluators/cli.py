@@ -7,10 +7,7 @@ is loaded; a refusal is one line `error: ...` and exit code 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -19,7 +16,6 @@ from pathlib import Path
 
 from bench import BenchError
 from bench.config import DTYPES
-from bench.provenance import CODE, packages
 
 DEFAULT_TASKS = "mmlu,gsm8k,commonsense"
 
@@ -157,14 +153,16 @@ def _main(args: argparse.Namespace) -> int:
         print(f"wrote the eval section into {record_path}")
         return 0
 
-    from bench.models import resolve_model, weights_hash
+    from bench.models import resolve_model
 
     model_path, model_id = resolve_model(args.model)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_id = f"base-{_slug(model_id)}-s{args.seed}-{stamp}"
     out_root = Path(args.output_dir) if args.output_dir else Path("runs") / run_id
     results_dir = Path(args.results_dir)
-    load_start = _load_avg()
+    from bench.record import load_avg
+
+    load_start = load_avg()
     t0 = time.monotonic()
     section = core.evaluate(model_path, tasks, backend=backend, limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=batch_size, data_root=data_root, out_dir=str(out_root / "eval"),
@@ -174,32 +172,16 @@ def _main(args: argparse.Namespace) -> int:
               "num_fewshot": args.num_fewshot, "batch_size": batch_size, "dtype": section["dtype"],
               "data_root": data_root,
               "seed": args.seed, "allow_code_execution": bool(args.allow_code_execution)}
-    hashed = {k: v for k, v in config.items() if k not in ("seed", "data_root")}
-    record = {
-        "schema_version": 1,
-        "kind": "reference",
-        "run_id": run_id,
-        "method": "base",
-        "setting": {"model": model_id, "dataset": None, "partition": None, "ranks": None,
-                    "rank_distribution": None, "num_clients": None, "rounds": 0, "client_fraction": None,
-                    "preset": None},
-        "seed": args.seed,
-        "config": config,
-        "config_hash": hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest(),
-        "provenance": {"packages": packages(), **CODE, "python": platform.python_version(),
-                       "platform": f"{platform.system()}-{platform.machine()}", "device": _device(),
-                       "threads": _threads(), "load_avg_1m_start": load_start, "load_avg_1m_end": _load_avg(),
-                       "model_id": model_id, "model_hash": weights_hash(model_path),
-                       "data": {t["source"]["path"]: t["source"]["md5"] for t in section["tasks"].values()
-                                if "path" in t["source"]}},
-        "clients": [],
-        "rounds": [],
-        "communication": {"bytes_up": 0, "bytes_down": 0},
-        "timings": {"total_s": eval_s, "eval_s": eval_s},
-        "test_loss": None,
-        "eval": section,
-        "run_dir": str(out_root),
-    }
+    from bench.record import build_record, config_hash, provenance, reference_setting
+
+    record = build_record(
+        kind="reference", run_id=run_id, method="base", setting=reference_setting(model_id), seed=args.seed,
+        config=config, config_hash=config_hash(config, leave_out=("seed", "data_root")),
+        provenance=provenance(model_id=model_id, model_path=model_path, device=_device(), load_start=load_start,
+                              data={t["source"]["path"]: t["source"]["md5"] for t in section["tasks"].values()
+                                    if "path" in t["source"]}, data_origin=None),
+        dtypes={"training": None, "master": None, "export": None, "eval": section["dtype"]},
+        timings={"total_s": eval_s, "eval_s": eval_s}, run_dir=str(out_root), eval=section)
     from bench.io import atomic_write_json
 
     path = results_dir / f"{run_id}.json"
@@ -207,22 +189,6 @@ def _main(args: argparse.Namespace) -> int:
     print(_summary(section))
     print(f"wrote {path}")
     return 0
-
-
-def _load_avg() -> float | None:
-    """The 1-minute load average: wall times taken on a busy machine are not comparable, so records say."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _threads() -> int:
-    try:
-        import torch
-        return torch.get_num_threads()
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":  # python -m evaluators.cli ...: the same as `bench eval ...`

@@ -53,8 +53,6 @@ def test_faulty_client_excluded_and_round_renormalised(method, poison, extra, re
     from methods import GlobalState, get_method
     from methods.base import client_weights
 
-    from bench.models import resolve_model
-
     monkeypatch.setenv("BENCH_TEST_POISON", poison)
     bad = int(poison.split(":")[1])
     rc, out, err = _run(tmp_path, capsys, "--method", method, "--rounds", "1", "--save-client-adapters", *extra)

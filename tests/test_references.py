@@ -1,7 +1,6 @@
 """Reference rows (base, centralized, local-only), per-client held-out splits and personalized scores,
 through the real engine on the tiny model."""
 import pytest
-import torch
 
 from bench.config import build_config
 from bench.engine import run_federated
