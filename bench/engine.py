@@ -375,7 +375,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)} for k, ex in enumerate(own)]
         if cfg.reference == "local-only":  # there is no global model: the row is the mean of the clients' own
             test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
-                    **({"per_client": personalized["per_client_own"]} if any(own) else {})}
+                    **({"per_client": personalized["per_client"]} if any(own) else {})}
         del global_model
         timings["test_loss_s"] = time.time() - t
         log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
@@ -442,7 +442,7 @@ def _own_models(runtime: ClientRuntime, pooled: list[dict], own: list[list[dict]
     out = {"clients": n, "pooled": {"loss": mean_loss(sums, tokens), "examples": len(pooled), "loss_sums": sums,
                                     "tokens": tokens},
            "per_client_pooled": [{"client": c["client"], "loss": c["loss"]} for c in per_pooled]}
-    if per_own:
-        out["per_client_own"] = per_own
-        out["own_loss"] = _mean([c["loss"] for c in per_own])
+    if per_own:  # each client's own model on its own split, and their mean
+        out["per_client"] = per_own
+        out["loss"] = _mean([c["loss"] for c in per_own])
     return out

@@ -63,6 +63,13 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
     contexts: dict[tuple, list[Row]] = {}
     for r in rows:
         contexts.setdefault(_context(r), []).append(r)
+    # a row with no task scores (local-only: no global model to score) has no eval dtype; its held-out losses
+    # compare with the rows of its setting and export dtype: it joins the largest such context (ties: by key)
+    for key in [k for k in contexts if dict(k[1]).get("eval") is None]:
+        homes = [k for k in contexts if k != key and k[0] == key[0] and dict(k[1]).get("export") == dict(key[1]).get("export")]
+        if homes:
+            home = min(homes, key=lambda k: (-len(contexts[k]), json.dumps(k)))
+            contexts[home] += contexts.pop(key)
     wild = [r for r in rows if r.kind == "reference"]
     comparisons: list[Comparison] = []
     for ctx in sorted(contexts, key=lambda c: json.dumps(c)):

@@ -22,7 +22,7 @@ SETTING_ORDER = ("model", "dataset", "partition", "ranks", "rank_distribution", 
 DTYPE_FIELDS = ("export", "eval")
 # Runs that are references rather than aggregation methods (kind "run", the federated setting's fields): the
 # engine's names for them (issue #17). A record may also say so itself with method_info.reference.
-REFERENCE_RUNS = ("centralized", "local-only")
+REFERENCE_RUNS = ("base", "centralized", "local-only")
 # The labels a partial run may carry besides "complete".
 _PARTIAL_STATUSES = {"partial", "running", "failed", "interrupted", "incomplete"}
 
@@ -79,7 +79,7 @@ class Record:
     @property
     def is_reference(self) -> bool:
         return (self.kind == "reference" or self.method in REFERENCE_RUNS
-                or (self.data.get("method_info") or {}).get("reference") is True)
+                or bool((self.data.get("method_info") or {}).get("reference")))
 
     def trait(self, name: str) -> bool | None:
         """A method trait (averages_factors, merges_into_base, personalized): the record's method_info, else the
@@ -230,7 +230,9 @@ def validate(rec: dict) -> str | None:
         if not isinstance(r.get("clients", []), list) or any(not isinstance(c, dict) for c in r.get("clients", [])):
             return f"field 'rounds[{i}].clients' must be a list of objects"
     expected = setting.get("rounds")
-    if _is_int(expected) and len(rounds) < expected:
+    # a reference row trains differently from the setting it serves (base: 0 rounds, centralized: 1)
+    reference = bool((rec.get("method_info") or {}).get("reference")) or rec.get("method") in REFERENCE_RUNS
+    if _is_int(expected) and len(rounds) < expected and not reference:
         return f"partial record: {len(rounds)} of {expected} rounds"
     clients = rec.get("clients")
     if clients is not None:

@@ -52,7 +52,8 @@ def test_local_only_shares_nothing_and_scores_each_clients_own_model(runs):
     assert all(c["bytes_up"] == 0 for r in rec["rounds"] for c in r["clients"])
     assert rec["method_info"]["personalized"] and rec["eval"] is None
     per = rec["personalized"]
-    assert per["clients"] == 3 and [c["client"] for c in per["per_client_own"]] == [0, 1, 2]
+    assert per["clients"] == 3 and [c["client"] for c in per["per_client"]] == [0, 1, 2]
+    assert per["loss"] == sum(c["loss"] for c in per["per_client"]) / 3
     # the row's pooled figure is the mean over clients of each client's own model, example by example
     n = len(rec["test"]["loss_sums"])
     for i in range(n):
