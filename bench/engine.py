@@ -231,7 +231,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     None: this process trains every client itself (InProcessTransport over one ClientRuntime).
     Nothing is written until every input has been checked (preflight, output paths, the checkpoint
     to resume from)."""
-    t_start, load_start = time.time(), load_avg()
+    t_start, load_start, cpu_start = time.time(), load_avg(), _cpu_seconds()
     plan = plan or preflight(cfg, evaluator)
     name = cfg.reference or cfg.method
     # tcfg/tplan/method: what trains (a reference row trains differently); cfg/plan: what the record describes
@@ -392,6 +392,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             timings["eval_s"] = time.time() - t
             signals.check()
         timings["total_s"] = time.time() - t_start
+        timings["cpu_s"] = _cpu_seconds() - cpu_start  # what the run cost, whatever else ran on the machine
         record = build_record(
             kind="run", run_id=run_id, method=name, engine=engine_name,
             method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
@@ -414,6 +415,12 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
     log(f"[bench] wrote {record_path} and {out} in {timings['total_s']:.0f} s")
     return record
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (an evaluation worker)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _mean(xs):
