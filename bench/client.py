@@ -120,7 +120,6 @@ class ClientRuntime:
             self._check_scaling(f"r{r}", r)
         self.base_round = 0          # merges of rounds ≤ this are in the base
         self.personal: dict[int, dict] = {}  # client id -> {"factors": Factors, "rank": int} (ClientTask.keep)
-        self.last: dict[int, tuple[int, Factors]] = {}  # client id -> (rank, factors) it last trained (personalized methods)
         self.on_step = None          # callable(task message, step) after each optimizer step (signals, test hooks)
 
     # ---- slots and scaling -----------------------------------------------------------------------
@@ -186,8 +185,6 @@ class ClientRuntime:
         trained = self._factors(adapter)
         if task.keep:
             self.personal[k] = {"rank": msg.rank, "factors": {n: _only(p, task.keep) for n, p in trained.items()}}
-        if method.personalized:  # its own model is scored at the end of the run
-            self.last[k] = (msg.rank, trained)
         sent = method.client_finish(trained, task)
         rank = next(iter(sent.values()))[0].shape[0] if sent else msg.rank
         factors = {n: _only(p, task.upload) for n, p in sent.items()}
@@ -255,35 +252,32 @@ class ClientRuntime:
                 a.requires_grad_(True)
                 b.requires_grad_(True)
 
-    def own_losses(self, k: int, example_sets: list[list[dict]]) -> list[tuple[list[float], list[int]]]:
-        """Client k's own model (the current base + the adapter it last trained) on each example set."""
-        rank, factors = self.last[k]
-        self._load(self._slot(rank), rank, factors, 0)
+    def own_losses(self, msg: TaskMessage, example_sets: list[list[dict]]) -> list[tuple[list[float], list[int]]]:
+        """The client's own model on each example set: what it would start its next round from (the task's
+        factors, its kept ones in place, on its base), as the personalized methods define a client's model."""
+        self.apply_merges(msg.merges)
+        self._load(self._slot(msg.rank), msg.rank, self._start(msg), msg.init_seed)
         return [held_out_losses(self.model, ex, self.tokenizer.pad_token_id, self.device) for ex in example_sets]
 
     # ---- the clients' own state (checkpointed with the run by the in-process transport) ------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors, meta = {}, {"base_round": self.base_round, "personal": {}, "last": {}}
-        kept = {"personal": {k: (st["rank"], st["factors"]) for k, st in self.personal.items()}, "last": self.last}
-        for kind, states in kept.items():
-            for k, (rank, factors) in states.items():
-                meta[kind][str(k)] = rank
-                for name, pair in factors.items():
-                    for which, t in zip("AB", pair):
-                        if t is not None:
-                            tensors[f"{kind}/{k}/{name}/{which}"] = t.clone()  # personal and last may share a tensor
+        tensors, meta = {}, {"base_round": self.base_round, "personal": {}}
+        for k, st in self.personal.items():
+            meta["personal"][str(k)] = st["rank"]
+            for name, pair in st["factors"].items():
+                for which, t in zip("AB", pair):
+                    if t is not None:
+                        tensors[f"personal/{k}/{name}/{which}"] = t.contiguous()
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        kept: dict[str, dict[int, dict]] = {kind: {int(k): {} for k in meta.get(kind, {})} for kind in ("personal", "last")}
+        self.personal = {int(k): {"rank": r, "factors": {}} for k, r in meta.get("personal", {}).items()}
         for key, t in tensors.items():
-            kind, k, rest = key.split("/", 2)
+            _, k, rest = key.split("/", 2)
             name, which = rest.rsplit("/", 1)
-            pair = list(kept[kind][int(k)].get(name, (None, None)))
+            pair = list(self.personal[int(k)]["factors"].get(name, (None, None)))
             pair["AB".index(which)] = t
-            kept[kind][int(k)][name] = tuple(pair)
-        self.personal = {k: {"rank": meta["personal"][str(k)], "factors": f} for k, f in kept["personal"].items()}
-        self.last = {k: (meta["last"][str(k)], f) for k, f in kept["last"].items()}
+            self.personal[int(k)]["factors"][name] = tuple(pair)
 
 
 def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, pad_id: int, params: list,

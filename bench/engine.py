@@ -358,7 +358,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                for split in plan.client_tests]
         personalized = None
         if method.personalized and runtime is not None:
-            personalized = _own_models(runtime, pooled, own)
+            personalized = _own_models(runtime, server, tcfg.rounds + 1, pooled, own)
         engine_name = transport.name
         del runtime, transport
         out = run_dir / "global_model"
@@ -433,12 +433,14 @@ def _losses(model, examples, pad, device) -> dict:
     return {"loss": mean_loss(sums, counts), "examples": len(sums), "loss_sums": sums, "tokens": counts}
 
 
-def _own_models(runtime: ClientRuntime, pooled: list[dict], own: list[list[dict]]) -> dict:
-    """Each client's own last model (current base + the adapter it last trained) on the pooled test set and on
-    its own split; the pooled figure per example is the mean over clients, so it pairs with a global model's."""
+def _own_models(runtime: ClientRuntime, server, next_round: int, pooled: list[dict], own: list[list[dict]]) -> dict:
+    """Each client's own model — what it would start round `next_round` from (the method's task for it, its
+    kept factors in place) — on the pooled test set and on its own split; the pooled figure per example is the
+    mean over clients, so it pairs with a global model's."""
     per_pooled, per_own = [], []
-    for k in sorted(runtime.last):
-        sets = runtime.own_losses(k, [pooled, own[k]] if own and own[k] else [pooled])
+    for msg in server.configure(next_round, list(range(server.num_clients))):
+        k = msg.client_id
+        sets = runtime.own_losses(msg, [pooled, own[k]] if own and own[k] else [pooled])
         per_pooled.append({"client": k, "loss": mean_loss(*sets[0]), "loss_sums": sets[0][0], "tokens": sets[0][1]})
         if len(sets) > 1:
             per_own.append({"client": k, "loss": mean_loss(*sets[1]), "examples": len(sets[1][0]),
