@@ -159,7 +159,7 @@ def test_cli_model_writes_a_reference_record(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     (path,) = list((tmp_path / "results").glob("*.json"))
     rec = read_record(path)
-    assert rec["kind"] == "reference" and rec["method"] == "base" and rec["schema_version"] == 1
+    assert rec["kind"] == "reference" and rec["method"] == "base" and rec["schema_version"] == 2
     assert rec["run_id"] == path.stem and rec["setting"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert rec["provenance"]["model_hash"] == weights_hash(resolve_model("default")[0])
     assert rec["provenance"]["packages"]["lm_eval"] == rec["eval"]["lm_eval_version"]
