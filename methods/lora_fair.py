@@ -20,8 +20,14 @@ Choices, and why:
   ‖ΔW‖ from the factors: O(d_out r²) per evaluation, never a d_out × d_in matrix.
 - Heterogeneous ranks (the paper's clients share one rank): zero-padding as fedavg-lora; the correction
   works on the padded rank-r_max pair.
+What it does, measured (tiny preset, 3 rounds): cos rises from 0.978 to 0.99998 in round 1, and the
+Frobenius error ‖(B̄+ΔB)Ā − ΔW‖/‖ΔW‖ rises from 0.21 to 0.33: the cosine is blind to scale, so the
+correction fixes the direction of the update, not its size. `similarity=frobenius` minimizes the
+Frobenius error itself (same regularizer), for comparison.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -30,9 +36,22 @@ from .base import Aggregate, AggregationMethod, GlobalState, Option, client_weig
 from .factors import aggregation_noise, padded_average, product_fro_norm, stack
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The correction is a chain of tiny (d_out × r) operations: with OpenMP threads each one pays a fork/join,
+    50× slower on a busy 2-core CPU than one thread (measured); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def correction(a_bar: torch.Tensor, b_bar: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, lam: float,
-               unit: float, iters: int) -> tuple[torch.Tensor, float, float]:
-    """ΔB minimizing 1 − cos(B_s A_s, (B̄ + ΔB) Ā) + lam ‖ΔB‖_F / unit; returns (ΔB, cos before, cos after)."""
+               unit: float, iters: int, similarity: str = "cosine") -> tuple[torch.Tensor, float, float]:
+    """ΔB minimizing S(B_s A_s, (B̄ + ΔB) Ā) + lam ‖ΔB‖_F / unit, S = 1 − cos ("cosine") or the squared relative
+    Frobenius error ("frobenius"); returns (ΔB, cos before, cos after)."""
     a_bar64, b_bar64 = a_bar.double(), b_bar.double()
     target = b_s.double() @ (a_s.double() @ a_bar64.mT)          # B_s A_s Āᵀ: ⟨ΔW, X Ā⟩ = Σ X ⊙ target
     gram = a_bar64 @ a_bar64.mT                                   # Ā Āᵀ
@@ -48,15 +67,22 @@ def correction(a_bar: torch.Tensor, b_bar: torch.Tensor, a_s: torch.Tensor, b_s:
     opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-15, history_size=20)
 
+    def dissimilarity(x):
+        if similarity == "cosine":
+            return 1 - cos(x)
+        sq = ((x.mT @ x) * gram).sum()                            # ‖XĀ − ΔW‖² / ‖ΔW‖², expanded
+        return (sq - 2 * (x * target).sum() + norm_w ** 2) / norm_w ** 2
+
     def closure():
         opt.zero_grad()
-        loss = 1 - cos(b_bar64 + delta) + lam * torch.linalg.vector_norm(delta) / unit
+        loss = dissimilarity(b_bar64 + delta) + lam * torch.linalg.vector_norm(delta) / unit
         loss.backward()
         return loss
 
     with torch.no_grad():
         before = float(cos(b_bar64))
-    opt.step(closure)
+    with one_thread():
+        opt.step(closure)
     with torch.no_grad():
         after = float(cos(b_bar64 + delta))
     return delta.detach().to(b_bar.dtype), before, after
@@ -69,7 +95,9 @@ class LoRAFAIR(AggregationMethod):
                 "Refinement, ICCV 2025 (arXiv 2411.14961); code listed at github.com/jmbian/LoRA-FAIR (not checked here)")
     averages_factors = True
     options = {"lam": Option(0.01, "weight λ of ‖ΔB‖ in the correction's objective (the paper's default 0.01)"),
-               "iters": Option(100, "L-BFGS iterations for the correction")}
+               "iters": Option(100, "L-BFGS iterations for the correction"),
+               "similarity": Option("cosine", "S in the objective: 'cosine' (1 − cos, the paper) or 'frobenius' "
+                                              "(‖(B̄+ΔB)Ā − ΔW‖² / ‖ΔW‖², an ablation that also fixes the scale)")}
     # the paper's default LoRA rank; its client optimizer (SGD, lr 0.01, batch 128) is not this engine's AdamW
     recipe = {"rank": 16}
 
@@ -77,6 +105,9 @@ class LoRAFAIR(AggregationMethod):
         super().__init__(**options)
         if self.opts["lam"] < 0 or self.opts["iters"] < 1:
             raise ValueError("method_options: lora-fair needs lam ≥ 0 and iters ≥ 1")
+        if self.opts["similarity"] not in ("cosine", "frobenius"):
+            raise ValueError(f"method_options: lora-fair similarity must be 'cosine' or 'frobenius', "
+                             f"got {self.opts['similarity']!r}")
 
     def aggregate(self, updates, state):
         weights = client_weights(updates)
@@ -85,7 +116,8 @@ class LoRAFAIR(AggregationMethod):
         for name in module_names(updates):
             a_bar, b_bar = padded_average(updates, weights, name)
             a_s, b_s = stack(updates, weights, name)
-            delta, before, after = correction(a_bar, b_bar, a_s, b_s, self.opts["lam"], unit, self.opts["iters"])
+            delta, before, after = correction(a_bar, b_bar, a_s, b_s, self.opts["lam"], unit, self.opts["iters"],
+                                              self.opts["similarity"])
             averaged[name], corrected[name], exact[name] = (a_bar, b_bar), (a_bar, b_bar + delta), (a_s, b_s)
             cos[name] = (before, after)
         noise, per_module = aggregation_noise(corrected, exact)

@@ -457,3 +457,9 @@ def test_flexlora_krylov_state_is_exact_and_its_slices_are_best_rank_r(monkeypat
         dw = dense_delta(ups, name)
         a12, b12 = big.init[name]
         assert fro(dw - b12 @ a12) == pytest.approx(float(dense_svd(dw)[1][12:].norm()), rel=1e-8)
+
+
+def test_lora_fair_frobenius_variant_lowers_the_frobenius_error():
+    ups = make_updates(gen(22), module_shapes(15, 9), (4, 2, 3))
+    agg = get_method("lora-fair", {"similarity": "frobenius"}).aggregate(ups, GlobalState())
+    assert agg.metrics["noise"] < agg.metrics["noise_fedavg"]
