@@ -178,7 +178,7 @@ def krylov_pays(m: int, k: int) -> bool:
 
 
 def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int = 8,
-            path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            path: str | None = None, info: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The top-k singular triplets of B @ A (B: d_out×m, A: m×d_in): U (d_out×k'), S (k'), V (d_in×k'),
     k' = min(k, m, d_out, d_in), B A ≈ U diag(S) Vᵀ on the top-k' subspace, values in descending order.
 
@@ -195,20 +195,25 @@ def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int 
       give C = PᵀM = Zᵀ exactly, so the final Rayleigh–Ritz needs no extra product. If it has not
       converged within max_steps (or the basis would reach m/2), the exact path answers.
     path: None chooses (Krylov when m ≥ KRYLOV_MIN_RATIO × block), "exact" or "krylov" forces one.
+    info: if given, filled with the path taken, and for Krylov the steps and basis size (benchmarks).
     """
     d_out, m = b.shape
     d_in = a.shape[1]
     kk = min(k, m, d_out, d_in)
     use = path or ("krylov" if krylov_pays(m, kk) else "exact")
+    info = {} if info is None else info
     if use == "krylov" and kk > 0:
-        out = _krylov_top_svd(b, a, kk, _block(kk, m), max(tol, 50 * torch.finfo(b.dtype).eps), max_steps)
+        out = _krylov_top_svd(b, a, kk, _block(kk, m), max(tol, 50 * torch.finfo(b.dtype).eps), max_steps, info)
         if out is not None:
+            info["path"] = "krylov"
             return out
+        info["fallback"] = True
+    info["path"] = "exact"
     u, s, v = factored_svd(b, a)
     return u[:, :kk], s[:kk], v[:, :kk]
 
 
-def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_steps: int):
+def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_steps: int, info: dict | None = None):
     m = b.shape[1]
     # start: the rows a_j of the largest rank-1 terms ‖b_j‖‖a_j‖; dependent rows (clients share an
     # initial A) are replaced by seeded random directions so that the block has full rank
@@ -226,11 +231,13 @@ def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_st
     y = b @ (a @ q)                                     # M V0
     p_all = z_all = gram = None
     prev = delta_prev = None
-    for _ in range(max_steps):
+    info = {} if info is None else info
+    for step in range(max_steps):
+        info.update(steps=step + 1, basis=(0 if p_all is None else p_all.shape[1]) + block)
         if p_all is not None:                           # block classical Gram–Schmidt, twice
             y = y - p_all @ (p_all.mT @ y)
             y = y - p_all @ (p_all.mT @ y)
-            if p_all.shape[1] + block > m // 2:
+            if p_all.shape[1] + block > min(m, b.shape[0], a.shape[1]) // 2:
                 return None                             # the basis would span most of the range: exact is cheaper
         p = orthonormal_basis(y)[0]
         z = a.mT @ (b.mT @ p)                           # Mᵀ P_j: the next block and the Rayleigh–Ritz data
