@@ -166,6 +166,7 @@ def gram_energy(b: Tensor, a: Tensor) -> float:
 
 # ---- the top singular triplets of a product, at a cost linear in its inner dimension ---------------
 KRYLOV_MIN_RATIO = 5  # Krylov when the inner dimension m ≥ this × the block size; below, the exact path is faster
+KRYLOV_MIXED = True   # iterate a float64 product's Krylov basis in float32, finish in float64 (see _krylov_top_svd)
 
 
 def _block(k: int, m: int) -> int:
@@ -214,50 +215,79 @@ def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int 
 
 
 def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_steps: int, info: dict | None = None):
+    """Block Krylov for the top-k triplets of B A (see top_svd). A float64 product is iterated in float32
+    (twice the matrix-product speed) and finished by a float64 Rayleigh–Ritz on the top k + k/4 Ritz vectors:
+    its values are accurate to the subspace angle squared, which float32 rounding does not limit (≈ 1e-12).
+    Float32 Ritz values stop resolving changes near 1e-6, so that iteration runs one step past the point
+    where its estimate reaches max(tol, 1e-6) (each step shrinks the error by the convergence ratio)."""
     m = b.shape[1]
+    mixed = KRYLOV_MIXED and b.dtype == torch.float64
+    if mixed:
+        b_w, a_w, tol_w = b.float(), a.float(), max(tol, 1e-6)
+    else:
+        b_w, a_w, tol_w = b, a, tol
     # start: the rows a_j of the largest rank-1 terms ‖b_j‖‖a_j‖; dependent rows (clients share an
     # initial A) are replaced by seeded random directions so that the block has full rank
     weight = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)
-    start = a[torch.argsort(weight, descending=True)[:block]].mT
+    start = a_w[torch.argsort(weight, descending=True)[:block]].mT
     q, r = torch.linalg.qr(start)
     diag = r.diagonal().abs()
-    weak = diag <= 1e-8 * diag.max().clamp_min(torch.finfo(a.dtype).tiny)
+    weak = diag <= 1e-6 * diag.max().clamp_min(torch.finfo(a_w.dtype).tiny)
     if bool(weak.any()):
         gen = torch.Generator(device="cpu").manual_seed(0)
-        fill = torch.randn(a.shape[1], int(weak.sum()), generator=gen, dtype=a.dtype).to(a.device)
+        fill = torch.randn(a.shape[1], int(weak.sum()), generator=gen, dtype=a_w.dtype).to(a.device)
         start = start.clone()
         start[:, weak] = fill
         q, _ = torch.linalg.qr(start)
-    y = b @ (a @ q)                                     # M V0
+    y = b_w @ (a_w @ q)                                 # M V0
     p_all = z_all = gram = None
     prev = delta_prev = None
+    extra_done = False
     info = {} if info is None else info
     for step in range(max_steps):
-        info.update(steps=step + 1, basis=(0 if p_all is None else p_all.shape[1]) + block)
+        info.update(steps=step + 1, basis=(0 if p_all is None else p_all.shape[1]) + block, mixed=mixed)
         if p_all is not None:                           # block classical Gram–Schmidt, twice
             y = y - p_all @ (p_all.mT @ y)
             y = y - p_all @ (p_all.mT @ y)
             if p_all.shape[1] + block > min(m, b.shape[0], a.shape[1]) // 2:
                 return None                             # the basis would span most of the range: exact is cheaper
         p = orthonormal_basis(y)[0]
-        z = a.mT @ (b.mT @ p)                           # Mᵀ P_j: the next block and the Rayleigh–Ritz data
+        z = a_w.mT @ (b_w.mT @ p)                       # Mᵀ P_j: the next block and the Rayleigh–Ritz data
         if z_all is None:
-            p_all, z_all, gram = p, z, z.mT @ z
+            p_all, z_all, gram = p, z, (z.mT @ z).double()
         else:
-            cross = z_all.mT @ z
-            gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.mT, z.mT @ z], 1)], 0)
+            cross = (z_all.mT @ z).double()
+            gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.mT, (z.mT @ z).double()], 1)], 0)
             p_all, z_all = torch.cat([p_all, p], 1), torch.cat([z_all, z], 1)
-        vals = torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0).sqrt()   # Ritz values (estimates)
+        evals, evecs = torch.linalg.eigh(gram)          # Gram of C Cᵀ, C = PᵀM: Ritz values², left Ritz vectors
+        vals = evals.flip(0)[:k].clamp_min(0).sqrt()
         if prev is not None:
             floor = vals[0].clamp_min(torch.finfo(vals.dtype).tiny) * 1e-12
             delta = float(((vals - prev).abs() / vals.clamp_min(floor)).max())
             rho = min(delta / delta_prev, 0.5) if delta_prev else 0.5
-            if delta * rho / (1 - rho) <= tol:
-                return _ritz(p_all, z_all, k)
+            if delta * rho / (1 - rho) <= tol_w:
+                if not mixed:
+                    return _ritz(p_all, z_all, k)
+                if extra_done:  # float32 cannot see changes below tol_w: one step past it, then float64
+                    return _refine(b, a, p_all, evecs, vals, k)
+                extra_done = True
             delta_prev = delta
         prev = vals
-        y = b @ (a @ z)                                 # M Mᵀ P_j
+        y = b_w @ (a_w @ z)                             # M Mᵀ P_j
     return None
+
+
+def _refine(b: Tensor, a: Tensor, p_all: Tensor, evecs: Tensor, vals: Tensor, k: int):
+    """Rayleigh–Ritz in B's precision on the span of the top k + k/4 left Ritz vectors of the float32 basis;
+    None (the exact path answers) if its values disagree with the float32 ones beyond float32's reach."""
+    kp = min(k + max(k // 4, 8), p_all.shape[1])
+    u0 = orthonormal_basis((p_all.double() @ evecs[:, -kp:].flip(1)).to(b.dtype))[0]
+    z = a.mT @ (b.mT @ u0)                              # Mᵀ U0: one product of kp columns in full precision
+    q_z, r_z = orthonormal_basis(z)
+    u_c, s, w_ch = torch.linalg.svd(r_z.mT, full_matrices=False)
+    if float(((s[:k] - vals[:k]).abs() / s[:k].clamp_min(torch.finfo(s.dtype).tiny)).max()) > 1e-3:
+        return None
+    return u0 @ u_c[:, :k], s[:k], q_z @ w_ch[:k].mT
 
 
 def _ritz(p_all: Tensor, z_all: Tensor, k: int):

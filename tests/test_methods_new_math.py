@@ -370,8 +370,8 @@ def stacked(g, d_out, d_in, ranks, shared_a=False, spread=1.0):
     return b, a
 
 
-@pytest.mark.parametrize("d_out,d_in,ranks,k", [(250, 180, [8] * 30, 8), (150, 260, [4, 8, 2, 16, 4] * 8, 12),
-                                                (300, 200, [16, 8, 4, 4] * 12, 16)])
+@pytest.mark.parametrize("d_out,d_in,ranks,k", [(400, 300, [8] * 30, 8), (300, 420, [4, 8, 2, 16, 4] * 8, 12),
+                                                (450, 350, [16, 8, 4, 4] * 12, 16)])
 @pytest.mark.parametrize("shared_a", [False, True])
 def test_top_svd_krylov_matches_dense(d_out, d_in, ranks, k, shared_a):
     g = gen(seed_of("top", d_out, d_in, len(ranks), k, shared_a))
@@ -383,13 +383,16 @@ def test_top_svd_krylov_matches_dense(d_out, d_in, ranks, k, shared_a):
     for path, out in (("krylov", krylov), ("exact", top_svd(b, a, k, path="exact")), ("auto", top_svd(b, a, k))):
         u, s, v = out
         assert s.shape == (k,) and u.shape == (d_out, k) and v.shape == (d_in, k)
-        assert float(((s - s_ref[:k]).abs() / s_ref[:k]).max()) <= 1e-10, path
+        # the Krylov path iterates in float32 and finishes in float64: values to the angle², ≪ the 1e-6 goal
+        assert float(((s - s_ref[:k]).abs() / s_ref[:k]).max()) <= (1e-8 if path != "exact" else 1e-12), path
         assert_close(u.T @ u, torch.eye(k, dtype=DT), 1e-12, "U orthonormal")
         assert_close(v.T @ v, torch.eye(k, dtype=DT), 1e-12, "V orthonormal")
         assert_close(u.T @ (b @ (a @ v)), torch.diag(s), 1e-10, "UᵀMV = S")
         # Eckart–Young: the rank-k truncation's error is the energy beyond k
+        # (second order in the angle; where M has rank k the residual is the vectors' accuracy: float32-level
+        # on the Krylov path, which iterates in float32: ≈ eps32 · σ_1/σ_k)
         assert fro(b @ a - u @ torch.diag(s) @ v.T) == pytest.approx(float(s_ref[k:].norm()), rel=1e-8,
-                                                                    abs=1e-10 * float(s_ref[0]))
+                                                                    abs=1e-4 * float(s_ref[0]))
 
 
 def test_top_svd_chooses_exact_for_few_clients_and_krylov_for_many():
