@@ -385,7 +385,8 @@ def topr_case(d_out: int, d_in: int, k: int, repeats: int, log) -> dict:
     case["speedup_cpu"]["chosen"] = case["speedup_cpu"][chosen]
     log(f"  {d_out}x{d_in} K={k}: dense {dense:,.0f} ms | exact {ms['exact']['median_ms']:,.1f} ms "
         f"({case['speedup']['exact']:.0f}x, err {err['exact']:.1e}) | krylov {ms['krylov']['median_ms']:,.1f} ms "
-        f"({case['speedup']['krylov']:.0f}x, err {err['krylov']:.1e}, {info.get('steps')} steps) | chosen {chosen}")
+        f"({case['speedup']['krylov']:.0f}x, err {err['krylov']:.1e}, "
+        f"{'fell back to exact' if info.get('fallback') else str(info.get('steps')) + ' steps'}) | chosen {chosen}")
     return case
 
 
@@ -441,7 +442,8 @@ def topr_markdown(r: dict) -> str:
         ms, sp = c["ms"], c["speedup"]
         lines.append(
             f"| {c['d_out']}×{c['d_in']} | {c['clients']} | {c['rank_sum']} | {ms['dense']['median_ms']:,.0f} "
-            f"| {ms['exact']['median_ms']:,.1f} | {ms['krylov']['median_ms']:,.1f} ({c['krylov'].get('steps', '–')}) "
+            f"| {ms['exact']['median_ms']:,.1f} | {ms['krylov']['median_ms']:,.1f} "
+            f"({'fell back to exact' if c['krylov'].get('fallback') else c['krylov'].get('steps', '–')}) "
             f"| {c['chosen']} | {sp['exact']:.0f}× / {sp['krylov']:.0f}× / **{sp['chosen']:.0f}×** "
             f"| {c['speedup_cpu']['exact']:.0f}× / {c['speedup_cpu']['krylov']:.0f}× / {c['speedup_cpu']['chosen']:.0f}× "
             f"| {c['max_rel_err']['exact']:.1e} | {c['max_rel_err']['krylov']:.1e} "
