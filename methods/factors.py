@@ -196,7 +196,8 @@ def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int 
       give C = PᵀM = Zᵀ exactly, so the final Rayleigh–Ritz needs no extra product. If it has not
       converged within max_steps (or the basis would reach m/2), the exact path answers.
     path: None chooses (Krylov when m ≥ KRYLOV_MIN_RATIO × block), "exact" or "krylov" forces one.
-    info: if given, filled with the path taken, and for Krylov the steps and basis size (benchmarks).
+    info: if given, filled with the path taken, and for Krylov the steps and basis size (benchmarks); given
+    with "whole": True, the exact path returns every triplet it computed, not only the top k.
     """
     d_out, m = b.shape
     d_in = a.shape[1]
@@ -211,6 +212,8 @@ def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int 
         info["fallback"] = True
     info["path"] = "exact"
     u, s, v = factored_svd(b, a)
+    if info.get("whole"):  # the caller takes every triplet the exact path computed (svd_for_energy)
+        return u, s, v
     return u[:, :kk], s[:kk], v[:, :kk]
 
 
@@ -313,7 +316,10 @@ def svd_for_energy(b: Tensor, a: Tensor, tau: float, first: int = 32) -> tuple[T
             return u, s, v, float((s.double() ** 2).sum())
         if energy is None:
             energy = gram_energy(b.double(), a.double())
-        u, s, v = top_svd(b, a, k)
+        info = {"whole": True}
+        u, s, v = top_svd(b, a, k, info=info)
+        if info["path"] == "exact":  # Krylov fell back: the whole exact SVD is here, use it
+            return u, s, v, float((s.double() ** 2).sum())
         if float((s.double() ** 2).sum()) >= tau * energy:
             return u, s, v, energy
         k *= 2
