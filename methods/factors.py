@@ -221,12 +221,13 @@ def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_st
     """Block Krylov for the top-k triplets of B A (see top_svd). A float64 product is iterated in float32
     (twice the matrix-product speed) and finished by a float64 Rayleigh–Ritz on the top k + k/4 Ritz vectors:
     its values are accurate to the subspace angle squared, which float32 rounding does not limit (≈ 1e-12).
-    Float32 Ritz values stop resolving changes near 1e-6, so that iteration runs one step past the point
-    where its estimate reaches max(tol, 1e-6) (each step shrinks the error by the convergence ratio)."""
+    Float32 Ritz values stop resolving changes near 1e-7: the iteration stops when its estimate reaches
+    max(tol, 1e-7) from a change it can still resolve (≥ 1e-5), and otherwise runs one step past that point
+    (each step shrinks the error by the convergence ratio) before the float64 finish."""
     m = b.shape[1]
     mixed = KRYLOV_MIXED and b.dtype == torch.float64
     if mixed:
-        b_w, a_w, tol_w = b.float(), a.float(), max(tol, 1e-6)
+        b_w, a_w, tol_w = b.float(), a.float(), max(tol, 1e-7)
     else:
         b_w, a_w, tol_w = b, a, tol
     # start: the rows a_j of the largest rank-1 terms ‖b_j‖‖a_j‖; dependent rows (clients share an
@@ -271,7 +272,9 @@ def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_st
             if delta * rho / (1 - rho) <= tol_w:
                 if not mixed:
                     return _ritz(p_all, z_all, k)
-                if extra_done:  # float32 cannot see changes below tol_w: one step past it, then float64
+                # float32 Ritz values resolve changes down to ~1e-7: a change ≥ 1e-5 makes ρ, and the estimate,
+                # trustworthy; below that, one more step first, then float64
+                if extra_done or delta >= 1e-5:
                     return _refine(b, a, p_all, evecs, vals, k)
                 extra_done = True
             delta_prev = delta
