@@ -79,7 +79,7 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, slow_ms: flo
         cpu.append((time.process_time() - c0) * 1e3)
     # cpu_over_wall ≈ torch threads when the cores are ours alone; ≈ 1 or less when shared
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats, "all_ms": times,
-            "cpu_over_wall": sum(cpu) / max(sum(times), 1e-9)}
+            "cpu_over_wall": sum(cpu) / max(sum(times), 1e-9), "median_cpu_ms": statistics.median(cpu)}
 
 
 def dense_delta(updates: list[ClientUpdate]) -> torch.Tensor:
@@ -119,13 +119,17 @@ def method_times(updates: list[ClientUpdate], repeats: int, d_out: int, d_in: in
 
 
 def sv_check(flex_out, s_dense: torch.Tensor, dw: torch.Tensor) -> dict:
+    """Our singular values against the dense ones. Only the SVD-ordered part of the state counts (all of it on
+    the exact path; the top R_max on the top-R path, whose state continues with the factored remainder); the
+    dense tail beyond it must vanish only when the ordered part is the whole rank."""
     a, b = flex_out.state.adapter["m"]
-    s_ours = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)  # B'=U√S, A'=√S Vᵀ
-    q = s_ours.numel()
+    q = int(flex_out.state.extra["ordered"]) if "ordered" in flex_out.state.extra else a.shape[0]
+    s_ours = torch.linalg.vector_norm(b[:, :q], dim=0) * torch.linalg.vector_norm(a[:q], dim=1)  # B'=U√S, A'=√S Vᵀ
     ref = s_dense[:q]
     diff = (s_ours - ref).abs()
     per_value = float((diff / ref.clamp_min(torch.finfo(DTYPE).tiny)).max())
-    tail = float(s_dense[q:].max()) / float(s_dense[0]) if s_dense.numel() > q else 0.0
+    whole = q == a.shape[0]
+    tail = float(s_dense[q:].max()) / float(s_dense[0]) if s_dense.numel() > q and whole else 0.0
     recon = float(torch.linalg.matrix_norm(b @ a - dw) / torch.linalg.matrix_norm(dw))
     return {"q": q, "max_rel_err": per_value, "max_err_over_sigma_max": float(diff.max() / ref[0]),
             "dense_tail_over_sigma_max": tail, "reconstruction_rel_err": recon, "tol": SV_TOL,
@@ -343,13 +347,123 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- top-R SVD at scale: FlexLoRA's (and FLoRIST's) SVD through the factors, both paths vs the dense SVD ----
+TOPR_SHAPES = [(4096, 4096), (4096, 11008)]
+TOPR_CLIENTS = (10, 50, 100)
+TOPR_TOL = 1e-6  # the top R_max singular values must equal the dense ones to this, relative
+
+
+def topr_case(d_out: int, d_in: int, k: int, repeats: int, log) -> dict:
+    """One shape × client count: the top R_max = max rank singular values of ΔW by the dense pipeline (form ΔW,
+    torch.linalg.svd: the public FlexLoRA code), by the exact factored path and by the Krylov path; which path
+    top_svd chooses; FlexLoRA's whole aggregate (top-R SVD, remainder, energy); the energy alone."""
+    from methods.factors import gram_energy, krylov_pays, stack, top_svd
+
+    ranks = ranks_for(k)
+    r_max = max(ranks)
+    ups = make_updates(d_out, d_in, ranks, seed=d_out * 7 + d_in * 13 + k)
+    a_s, b_s = stack(ups, client_weights(ups), "m")
+    ms, res, info = {}, {}, {}
+    ms["dense"] = timeit(lambda: res.update(dense=dense_flexlora(ups)[0]), 1, warmup=0)
+    ms["exact"] = timeit(lambda: res.update(exact=top_svd(b_s, a_s, r_max, path="exact")[1]), repeats)
+    ms["krylov"] = timeit(lambda: res.update(krylov=top_svd(b_s, a_s, r_max, path="krylov", info=info)[1]), repeats)
+    flex = get_method("flexlora")
+    ms["flexlora"] = timeit(lambda: flex.aggregate(ups, GlobalState()), max(1, repeats - 2))
+    ms["energy"] = timeit(lambda: gram_energy(b_s, a_s), max(1, repeats - 2))
+    ref = res["dense"][:r_max]
+    err = {p: float(((res[p] - ref).abs() / ref).max()) for p in ("exact", "krylov")}
+    chosen = "krylov" if krylov_pays(b_s.shape[1], r_max) else "exact"
+    dense = ms["dense"]["median_ms"]
+    case = {"d_out": d_out, "d_in": d_in, "clients": k, "rank_sum": sum(ranks), "r_max": r_max, "ms": ms,
+            "max_rel_err": err, "krylov": dict(info), "chosen": chosen,
+            "speedup": {p: dense / ms[p]["median_ms"] for p in ("exact", "krylov", "flexlora")},
+            # process CPU time: with one thread, the work done, whatever else the machine runs
+            "speedup_cpu": {p: ms["dense"]["median_cpu_ms"] / max(ms[p]["median_cpu_ms"], 1e-9)
+                            for p in ("exact", "krylov", "flexlora")},
+            "passed": all(e <= TOPR_TOL for e in err.values())}
+    case["speedup"]["chosen"] = case["speedup"][chosen]
+    case["speedup_cpu"]["chosen"] = case["speedup_cpu"][chosen]
+    log(f"  {d_out}x{d_in} K={k}: dense {dense:,.0f} ms | exact {ms['exact']['median_ms']:,.1f} ms "
+        f"({case['speedup']['exact']:.0f}x, err {err['exact']:.1e}) | krylov {ms['krylov']['median_ms']:,.1f} ms "
+        f"({case['speedup']['krylov']:.0f}x, err {err['krylov']:.1e}, "
+        f"{'fell back to exact' if info.get('fallback') else str(info.get('steps')) + ' steps'}) | chosen {chosen}")
+    return case
+
+
+def run_topr(out_dir: str, *, shapes=None, client_counts=None, repeats: int = 5, threads: int | None = None,
+             log=None) -> dict:
+    """The top-R SVD comparison; writes <out_dir>/topr_svd.json and .md and returns the JSON dict."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    default_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        info = machine_info()
+        info["default_threads"] = default_threads
+        torch.linalg.svd(torch.randn(256, 256, dtype=DTYPE))  # warm up LAPACK before the dense timings
+        log(f"top-R SVD benchmark, {info['torch_threads']} threads, load {info.get('loadavg_start')}")
+        cases = [topr_case(d_out, d_in, k, repeats, log) for d_out, d_in in (shapes or TOPR_SHAPES)
+                 for k in (client_counts or TOPR_CLIENTS)]
+        try:
+            info["loadavg_end"] = list(os.getloadavg())
+        except OSError:
+            pass
+        result = {"schema": "fedlora-bench/perf/topr/1", "machine": info, "tol": TOPR_TOL, "cases": cases,
+                  "passed": all(c["passed"] for c in cases), "total_s": time.perf_counter() - t0}
+    finally:
+        torch.set_num_threads(default_threads)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "topr_svd.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "topr_svd.md"), "w") as f:
+        f.write(topr_markdown(result))
+    return result
+
+
+def topr_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# Top-R SVD through the factors vs the dense SVD", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads; "
+        f"{m['dtype']}; load average at start {m.get('loadavg_start')}, end {m.get('loadavg_end')}. Total {r['total_s']:.0f} s.",
+        "",
+        "R_max = 64 (ranks cycle 64, 32, 16, 16, 8, 8, 4, 4, 4, 4). Median ms per module (dense: one run, "
+        "ΔW formed then torch.linalg.svd, the public FlexLoRA path). exact: factored_svd (bases of B_s and A_sᵀ, "
+        "core SVD), top R kept. krylov: block Krylov applying B_s(A_s x), linear in Σr. chosen: what top_svd "
+        "takes by default. FlexLoRA: its whole aggregate (top-R SVD, factored remainder, the energy ‖ΔW‖² for the "
+        f"truncation loss). Errors: max relative error of the top R_max singular values vs the dense SVD (goal ≤ {r['tol']:g}).",
+        "",
+        "| d_out×d_in | K | Σr | dense | exact | krylov (steps) | chosen | speed-up exact / krylov / chosen | "
+        "same, in CPU time | err exact | err krylov | FlexLoRA aggregate (speed-up) | energy ‖ΔW‖² |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["cases"]:
+        ms, sp = c["ms"], c["speedup"]
+        lines.append(
+            f"| {c['d_out']}×{c['d_in']} | {c['clients']} | {c['rank_sum']} | {ms['dense']['median_ms']:,.0f} "
+            f"| {ms['exact']['median_ms']:,.1f} | {ms['krylov']['median_ms']:,.1f} "
+            f"({'fell back to exact' if c['krylov'].get('fallback') else c['krylov'].get('steps', '–')}) "
+            f"| {c['chosen']} | {sp['exact']:.0f}× / {sp['krylov']:.0f}× / **{sp['chosen']:.0f}×** "
+            f"| {c['speedup_cpu']['exact']:.0f}× / {c['speedup_cpu']['krylov']:.0f}× / {c['speedup_cpu']['chosen']:.0f}× "
+            f"| {c['max_rel_err']['exact']:.1e} | {c['max_rel_err']['krylov']:.1e} "
+            f"| {ms['flexlora']['median_ms']:,.1f} ({sp['flexlora']:.0f}×) | {ms['energy']['median_ms']:,.1f} |")
+    lines += ["", f"Top R_max singular values equal to {r['tol']:g} relative everywhere: **{'yes' if r['passed'] else 'NO'}**.", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/perf", help="output folder (default: runs/perf)")
     ap.add_argument("--quick", action="store_true", help="small shapes, for CI smoke use (~seconds)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the machine default; 1 on a CPU shared with other jobs)")
+    ap.add_argument("--topr", action="store_true", help="only the top-R SVD comparison (K = 10, 50, 100)")
     args = ap.parse_args(argv)
+    if args.topr:
+        r = run_topr(args.out, threads=args.threads)
+        print(os.path.join(args.out, "topr_svd.md"))
+        return 0 if r["passed"] else 1
     r = run(args.out, quick=args.quick, threads=args.threads)
     print(os.path.join(args.out, "aggregation.md"))
     return 0 if r["sv_check_passed"] else 1

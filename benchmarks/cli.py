@@ -3,6 +3,7 @@
     bench perf                                   # everything, results/perf/perf.json + perf.md
     bench perf --quick                           # CI-sized
     bench perf --only memory,overhead --model tiny-random-llama --out /tmp/perf
+    bench perf --only svd                        # the top-R SVD alone: K = 10, 50, 100 at 4096² and 4096×11008
 
 Each measure is reported as a ratio against a baseline measured by the same `bench perf` process
 (memory: the 1-client run; overhead: a bare peft loop; aggregation: the dense-SVD FlexLoRA path).
@@ -19,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("aggregation", "memory", "overhead", "gpu")
+SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu")
 SCHEMA = "fedlora-bench/perf/1"
 
 
@@ -66,6 +67,20 @@ def _aggregation(out_dir: str, quick: bool, log) -> dict:
             "flexlora_vs_dense": summary}
 
 
+def _svd(out_dir: str, quick: bool, log) -> dict:
+    """FlexLoRA's / FLoRIST's top-R SVD: exact factored path and Krylov path against the dense SVD."""
+    from benchmarks import aggregation
+
+    shapes = [(512, 512), (512, 1376)] if quick else None
+    r = aggregation.run_topr(out_dir, shapes=shapes, repeats=3 if quick else 5, log=log)
+    return {"status": "ok", "json": os.path.join(out_dir, "topr_svd.json"), "markdown": os.path.join(out_dir, "topr_svd.md"),
+            "passed": r["passed"], "tol": r["tol"],
+            "cases": [{"shape": f"{c['d_out']}x{c['d_in']}", "clients": c["clients"], "rank_sum": c["rank_sum"],
+                       "dense_ms": c["ms"]["dense"]["median_ms"], "exact_ms": c["ms"]["exact"]["median_ms"],
+                       "krylov_ms": c["ms"]["krylov"]["median_ms"], "chosen": c["chosen"], "speedup": c["speedup"],
+                       "max_rel_err": c["max_rel_err"]} for c in r["cases"]]}
+
+
 def main(args) -> int:
     from bench import BenchError
 
@@ -99,6 +114,8 @@ def main(args) -> int:
         try:
             if section == "aggregation":
                 r = _aggregation(str(out), args.quick, log)
+            elif section == "svd":
+                r = _svd(str(out), args.quick, log)
             elif section == "memory":
                 r = engine_perf.measure_memory(args.model, args.method, clients=mem_clients, log=log)
             elif section == "overhead":
@@ -115,7 +132,10 @@ def main(args) -> int:
         _write(out, result)  # after every section, so a long run leaves what it measured
     print(out / "perf.md")
     agg = result["sections"].get("aggregation", {})
-    return 1 if agg.get("status") == "ok" and agg.get("sv_check_passed") is False else 0
+    svd = result["sections"].get("svd", {})
+    failed = (agg.get("status") == "ok" and agg.get("sv_check_passed") is False) or \
+        (svd.get("status") == "ok" and svd.get("passed") is False)
+    return 1 if failed else 0
 
 
 def _write(out: Path, result: dict) -> None:
@@ -151,6 +171,18 @@ def to_markdown(r: dict) -> str:
                         f"{'yes' if a['sv_check_passed'] else 'no'} |")
         else:
             rows.append(f"| aggregation | {a['status']}: {a['reason']} | – | – | – | – |")
+    if "svd" in s:
+        a = s["svd"]
+        if a["status"] == "ok":
+            for c in a["cases"]:
+                sp = c["speedup"]
+                rows.append(f"| top-R SVD {c['shape']}, {c['clients']} clients (Σr {c['rank_sum']}): {c['chosen']} path | "
+                            f"{_fmt(c[c['chosen'] + '_ms'])} ms (exact {_fmt(c['exact_ms'])}, Krylov {_fmt(c['krylov_ms'])}) "
+                            f"| dense SVD {_fmt(c['dense_ms'])} ms | {sp['chosen']:.0f}× | – | – |")
+            rows.append(f"| top-R SVD: top R_max singular values vs dense | {'pass' if a['passed'] else 'FAIL'} | – | – | "
+                        f"≤ {a['tol']:g} rel. | {'yes' if a['passed'] else 'no'} |")
+        else:
+            rows.append(f"| svd | {a['status']}: {a.get('reason')} | – | – | – | – |")
     if "memory" in s:
         a = s["memory"]
         if a["status"] == "ok":
@@ -229,6 +261,8 @@ def to_markdown(r: dict) -> str:
         lines += ["## GPU", "", s["gpu"].get("reason", s["gpu"]["status"]), ""]
     if "aggregation" in s and s["aggregation"]["status"] == "ok":
         lines += ["## Aggregation", "", f"Details: {s['aggregation']['markdown']}", ""]
+    if "svd" in s and s["svd"]["status"] == "ok":
+        lines += ["## Top-R SVD", "", f"Details: {s['svd']['markdown']}", ""]
     lines.append("Seconds per section: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()))
     return "\n".join(lines) + "\n"
 

@@ -143,8 +143,14 @@ class AggregationMethod:
     # True: the global adapter is an average of the clients' factors, so its product differs from the
     # average of the products: the server records the aggregation noise, reports plot it.
     averages_factors: ClassVar[bool] = False
-    # True: a client keeps state across rounds (ClientTask.keep), so each client also has a model of its own.
+    # True: each client also has a model of its own, scored on its own data: what it would start its next round
+    # from, i.e. base + merges + s_k · B · A with (A, B) = configure()'s init for its current rank, its kept
+    # factors (ClientTask.keep) in place (FedSA-LoRA: the global A and its own B; HetLoRA: its truncation of
+    # the global adapter at its own, possibly pruned, rank).
     personalized: ClassVar[bool] = False
+    # False: the server's state is no model (FedSA-LoRA holds no B), so the exported "global model" is the base
+    # plus merges only and says nothing about the method; its per-client (personalized) score is its score.
+    has_global_model: ClassVar[bool] = True
     # False: clients of different ranks are refused before any work (check_ranks says why).
     heterogeneous_ranks: ClassVar[bool] = True
 

@@ -110,3 +110,239 @@ def _factored_svd(b: Tensor, a: Tensor, root_scaled: bool) -> tuple[Tensor, Tens
         root = s.sqrt()
         u_c, v_c = u_c * root, v_c * root
     return (p_b @ (u_c if t_b is None else t_b @ u_c)), s, (p_a @ (v_c if t_a is None else t_a @ v_c))
+
+
+# ---- zero-padded averages and distances between products ------------------------------------------
+def padded_sum(terms: list[tuple[float, Tensor]], rank: int, dim: int) -> Tensor:
+    """Σ w · pad(t) over (w, t): each t zero-padded along `dim` to `rank` (dim 0: the rows of an A,
+    dim 1: the columns of a B), HetLoRA's zero-padding. Bit for bit what padding first then summing gives."""
+    _, t0 = terms[0]
+    shape = list(t0.shape)
+    shape[dim] = rank
+    out = torch.zeros(shape, dtype=t0.dtype, device=t0.device)
+    for w, t in terms:
+        r = t.shape[dim]
+        if dim == 0:
+            out[:r] += w * t
+        else:
+            out[:, :r] += w * t
+    return out
+
+
+def padded_average(updates: list[ClientUpdate], weights: list[float], name: str,
+                   rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Ā = Σ w_k pad(A_k), B̄ = Σ w_k s_k pad(B_k), zero-padded to `rank` (default: the largest in the round).
+    B̄ is effective (scaling folded in, base.py)."""
+    rank = rank or max(u.rank for u in updates)
+    a_bar = padded_sum([(w, u.factors[name][0]) for u, w in zip(updates, weights)], rank, 0)
+    b_bar = padded_sum([(w * u.scaling, u.factors[name][1]) for u, w in zip(updates, weights)], rank, 1)
+    return a_bar, b_bar
+
+
+def product_distance(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> float:
+    """‖B1 A1 − B2 A2‖_F through the factors: [B1, −B2] @ [A1; A2] (product_fro_norm's accuracy)."""
+    return product_fro_norm(torch.cat([b1, -b2], 1), torch.cat([a1, a2], 0))
+
+
+def aggregation_noise(approx: dict[str, tuple[Tensor, Tensor]], exact: dict[str, tuple[Tensor, Tensor]]):
+    """‖B̄Ā − B_s A_s‖_F / ‖B_s A_s‖_F per module and over all modules (approx, exact: name -> (A, B));
+    0 where the exact update is 0."""
+    per_module, exact_sq, diff_sq = {}, 0.0, 0.0
+    for name, (a_s, b_s) in exact.items():
+        a, b = approx[name]
+        e_sq = product_fro_norm(b_s, a_s) ** 2
+        d_sq = product_distance(b, a, b_s, a_s) ** 2
+        per_module[name] = (d_sq ** 0.5) / (e_sq ** 0.5) if e_sq > 0 else 0.0
+        exact_sq, diff_sq = exact_sq + e_sq, diff_sq + d_sq
+    return ((diff_sq ** 0.5) / (exact_sq ** 0.5) if exact_sq > 0 else 0.0), per_module
+
+
+def gram_energy(b: Tensor, a: Tensor) -> float:
+    """‖B A‖_F² = Σ (BᵀB) ⊙ (AAᵀ): two m×m Gram matrices, O((d_out + d_in) m²), never the d_out × d_in
+    product. For a sum of client updates (a stack) the terms do not cancel in practice; for a small
+    difference of products use product_fro_norm (orthogonal bases, no squaring of the condition number)."""
+    return float(((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0))
+
+
+# ---- the top singular triplets of a product, at a cost linear in its inner dimension ---------------
+KRYLOV_MIN_RATIO = 5  # Krylov when the inner dimension m ≥ this × the block size; below, the exact path is faster
+KRYLOV_MIXED = True   # iterate a float64 product's Krylov basis in float32, finish in float64 (see _krylov_top_svd)
+
+
+def _block(k: int, m: int) -> int:
+    return min(k + max(k // 2, 8), m)
+
+
+def krylov_pays(m: int, k: int) -> bool:
+    """Whether top_svd takes the Krylov path for inner dimension m and k triplets (see top_svd)."""
+    return k > 0 and m >= KRYLOV_MIN_RATIO * _block(k, m)
+
+
+def top_svd(b: Tensor, a: Tensor, k: int, *, tol: float = 1e-10, max_steps: int = 8,
+            path: str | None = None, info: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k singular triplets of B @ A (B: d_out×m, A: m×d_in): U (d_out×k'), S (k'), V (d_in×k'),
+    k' = min(k, m, d_out, d_in), B A ≈ U diag(S) Vᵀ on the top-k' subspace, values in descending order.
+
+    Two paths, the same answer:
+    - exact: factored_svd (orthonormal bases of B and Aᵀ, core SVD), O((d_out + d_in) m² + m³). Faster while
+      m is small next to k (10 clients: m = 160 for k = 64).
+    - Krylov (block Krylov, Musco & Musco 2015, with Rayleigh–Ritz): the product is applied only as
+      B (A X) and Aᵀ (Bᵀ Y), O((d_out + d_in) m b) per step with b = 1.5 k, a few steps: linear in m.
+      It starts from the rows of A whose rank-1 terms b_j a_j are largest (the stack's own dominant
+      directions: they reach 1e-8 in one step fewer than a random start at 100 clients), adds one Krylov
+      block MMᵀ·P per step, and stops when the estimated relative error of the top-k values,
+      Δ_j ρ/(1 − ρ) with Δ_j the change between steps and ρ = Δ_j/Δ_{j−1}, is below `tol` (Ritz values grow
+      monotonically to the singular values and converge geometrically). The left basis P and Z = MᵀP
+      give C = PᵀM = Zᵀ exactly, so the final Rayleigh–Ritz needs no extra product. If it has not
+      converged within max_steps (or the basis would reach m/2), the exact path answers.
+    path: None chooses (Krylov when m ≥ KRYLOV_MIN_RATIO × block), "exact" or "krylov" forces one.
+    info: if given, filled with the path taken, and for Krylov the steps and basis size (benchmarks); given
+    with "whole": True, the exact path returns every triplet it computed, not only the top k.
+    """
+    d_out, m = b.shape
+    d_in = a.shape[1]
+    kk = min(k, m, d_out, d_in)
+    use = path or ("krylov" if krylov_pays(m, kk) else "exact")
+    info = {} if info is None else info
+    if use == "krylov" and kk > 0:
+        out = _krylov_top_svd(b, a, kk, _block(kk, m), max(tol, 50 * torch.finfo(b.dtype).eps), max_steps, info)
+        if out is not None:
+            info["path"] = "krylov"
+            return out
+        info["fallback"] = True
+    info["path"] = "exact"
+    u, s, v = factored_svd(b, a)
+    if info.get("whole"):  # the caller takes every triplet the exact path computed (svd_for_energy)
+        return u, s, v
+    return u[:, :kk], s[:kk], v[:, :kk]
+
+
+def _krylov_top_svd(b: Tensor, a: Tensor, k: int, block: int, tol: float, max_steps: int, info: dict | None = None):
+    """Block Krylov for the top-k triplets of B A (see top_svd). A float64 product is iterated in float32
+    (twice the matrix-product speed) and finished by a float64 Rayleigh–Ritz on the top k + k/4 Ritz vectors:
+    its values are accurate to the subspace angle squared, which float32 rounding does not limit (≈ 1e-12).
+    Float32 Ritz values stop resolving changes near 1e-7: the iteration stops when its estimate reaches
+    max(tol, 1e-7) from a change it can still resolve (≥ 1e-5), and otherwise runs one step past that point
+    (each step shrinks the error by the convergence ratio) before the float64 finish."""
+    m = b.shape[1]
+    mixed = KRYLOV_MIXED and b.dtype == torch.float64
+    if mixed:
+        b_w, a_w, tol_w = b.float(), a.float(), max(tol, 1e-7)
+    else:
+        b_w, a_w, tol_w = b, a, tol
+    # start: the rows a_j of the largest rank-1 terms ‖b_j‖‖a_j‖; dependent rows (clients share an
+    # initial A) are replaced by seeded random directions so that the block has full rank
+    weight = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)
+    start = a_w[torch.argsort(weight, descending=True)[:block]].mT
+    q, r = torch.linalg.qr(start)
+    diag = r.diagonal().abs()
+    weak = diag <= 1e-6 * diag.max().clamp_min(torch.finfo(a_w.dtype).tiny)
+    if bool(weak.any()):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        fill = torch.randn(a.shape[1], int(weak.sum()), generator=gen, dtype=a_w.dtype).to(a.device)
+        start = start.clone()
+        start[:, weak] = fill
+        q, _ = torch.linalg.qr(start)
+    y = b_w @ (a_w @ q)                                 # M V0
+    p_all = z_all = gram = None
+    prev = delta_prev = None
+    extra_done = False
+    info = {} if info is None else info
+    for step in range(max_steps):
+        info.update(steps=step + 1, basis=(0 if p_all is None else p_all.shape[1]) + block, mixed=mixed)
+        if p_all is not None:                           # block classical Gram–Schmidt, twice
+            y = y - p_all @ (p_all.mT @ y)
+            y = y - p_all @ (p_all.mT @ y)
+            if p_all.shape[1] + block > min(m, b.shape[0], a.shape[1]) // 2:
+                return None                             # the basis would span most of the range: exact is cheaper
+        p = orthonormal_basis(y)[0]
+        z = a_w.mT @ (b_w.mT @ p)                       # Mᵀ P_j: the next block and the Rayleigh–Ritz data
+        if z_all is None:
+            p_all, z_all, gram = p, z, (z.mT @ z).double()
+        else:
+            cross = (z_all.mT @ z).double()
+            gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.mT, (z.mT @ z).double()], 1)], 0)
+            p_all, z_all = torch.cat([p_all, p], 1), torch.cat([z_all, z], 1)
+        evals, evecs = torch.linalg.eigh(gram)          # Gram of C Cᵀ, C = PᵀM: Ritz values², left Ritz vectors
+        vals = evals.flip(0)[:k].clamp_min(0).sqrt()
+        if prev is not None:
+            floor = vals[0].clamp_min(torch.finfo(vals.dtype).tiny) * 1e-12
+            delta = float(((vals - prev).abs() / vals.clamp_min(floor)).max())
+            rho = min(delta / delta_prev, 0.5) if delta_prev else 0.5
+            if delta * rho / (1 - rho) <= tol_w:
+                if not mixed:
+                    return _ritz(p_all, z_all, k)
+                # float32 Ritz values resolve changes down to ~1e-7: a change ≥ 1e-5 makes ρ, and the estimate,
+                # trustworthy; below that, one more step first, then float64
+                if extra_done or delta >= 1e-5:
+                    return _refine(b, a, p_all, evecs, vals, k)
+                extra_done = True
+            delta_prev = delta
+        prev = vals
+        y = b_w @ (a_w @ z)                             # M Mᵀ P_j
+    return None
+
+
+def _refine(b: Tensor, a: Tensor, p_all: Tensor, evecs: Tensor, vals: Tensor, k: int):
+    """Rayleigh–Ritz in B's precision on the span of the top k + k/4 left Ritz vectors of the float32 basis;
+    None (the exact path answers) if its values disagree with the float32 ones beyond float32's reach."""
+    kp = min(k + max(k // 4, 8), p_all.shape[1])
+    u0 = orthonormal_basis((p_all.double() @ evecs[:, -kp:].flip(1)).to(b.dtype))[0]
+    z = a.mT @ (b.mT @ u0)                              # Mᵀ U0: one product of kp columns in full precision
+    q_z, r_z = orthonormal_basis(z)
+    u_c, s, w_ch = torch.linalg.svd(r_z.mT, full_matrices=False)
+    if float(((s[:k] - vals[:k]).abs() / s[:k].clamp_min(torch.finfo(s.dtype).tiny)).max()) > 1e-3:
+        return None
+    return u0 @ u_c[:, :k], s[:k], q_z @ w_ch[:k].mT
+
+
+def _ritz(p_all: Tensor, z_all: Tensor, k: int):
+    """Rayleigh–Ritz on the left basis P with Z = MᵀP: C = PᵀM = Zᵀ = R_zᵀ Q_zᵀ, SVD of the small R_zᵀ."""
+    q_z, r_z = orthonormal_basis(z_all)
+    u_c, s, w_ch = torch.linalg.svd(r_z.mT, full_matrices=False)
+    return p_all @ u_c[:, :k], s[:k], q_z @ w_ch[:k].mT
+
+
+def svd_for_energy(b: Tensor, a: Tensor, tau: float, first: int = 32) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Leading singular triplets (U, S, V) of B @ A that hold at least a fraction `tau` of its energy
+    E = ‖B A‖_F² = Σ σ_i², and E. Tries the top `first` through top_svd, doubling while the retained
+    energy is short of tau·E; answers with the whole exact SVD (E = Σ σ_i²) where that path is the one
+    top_svd would take anyway. On the Krylov path E comes from gram_energy, O((d_out + d_in) m²): the
+    one quadratic step, since the energy of all Σr_k directions is what the threshold is relative to."""
+    d_out, m = b.shape
+    full = min(m, d_out, a.shape[1])
+    k, energy = first, None
+    while True:
+        k = min(k, full)
+        if k >= full or not krylov_pays(m, k):
+            u, s, v = factored_svd(b, a)
+            return u, s, v, float((s.double() ** 2).sum())
+        if energy is None:
+            energy = gram_energy(b.double(), a.double())
+        info = {"whole": True}
+        u, s, v = top_svd(b, a, k, info=info)
+        if info["path"] == "exact":  # Krylov fell back: the whole exact SVD is here, use it
+            return u, s, v, float((s.double() ** 2).sum())
+        if float((s.double() ** 2).sum()) >= tau * energy:
+            return u, s, v, energy
+        k *= 2
+
+
+def svd_factors_top(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, int, float]:
+    """(A', B', ordered, E) with B' A' = B A exactly, whose first `ordered` (≥ min(k, rank)) rows/columns are
+    the SVD B' = U√S, A' = √S Vᵀ in descending order: every slice [:r], r ≤ ordered, is the best rank-r
+    approximation (Eckart–Young); E = ‖B A‖_F².
+    Where the exact path is faster, this is svd_factors (everything ordered, E = Σ σ²). Otherwise the top-k
+    triplets come from top_svd's Krylov path and the rest is the remainder B A − B_k A_k, kept factored:
+    A' = [A_k; A; A_k], B' = [B_k, B, −B_k] (rank m + 2k; the product cancels exactly in float64 sums)."""
+    m = b.shape[1]
+    full = min(m, b.shape[0], a.shape[1])
+    if k >= full or not krylov_pays(m, min(k, full)):
+        a2, b2 = svd_factors(b, a)
+        return a2, b2, a2.shape[0], float(((torch.linalg.vector_norm(a2, dim=1) * torch.linalg.vector_norm(b2, dim=0))
+                                            .double() ** 2).sum())
+    u, s, v = top_svd(b, a, k)
+    root = s.sqrt()
+    a_k, b_k = (v * root).mT, u * root
+    return (torch.cat([a_k, a, a_k], 0), torch.cat([b_k, b, -b_k], 1), a_k.shape[0],
+            gram_energy(b.double(), a.double()))

@@ -9,6 +9,12 @@ What a client loses to the truncation is FlexLoRA's counterpart of FedAvg's aggr
 ‖ΔW − trunc_r(ΔW)‖_F / ‖ΔW‖_F = √(Σ_{i>r} σ_i²) / √(Σ σ_i²), recorded per client per round
 (ClientTask.info) from the singular values, which the state's factors carry (σ_i = ‖A_i‖·‖B_:,i‖
 for either split, since the singular vectors are orthonormal).
+
+At scale (many clients: Σ r_k large next to the largest rank R), only the top-R triplets are computed,
+through the factors at a cost linear in Σ r_k (methods.factors.svd_factors_top / top_svd's Krylov path);
+the state is then [top-R SVD | the remainder ΔW − trunc_R(ΔW), factored], still exactly ΔW, and its first R
+rows/columns are what every client slices. `extra` records how many are SVD-ordered and each module's
+‖ΔW‖_F² (for the truncation loss). A client larger than any seen so far gets its slice ordered on the fly.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 
 from . import register_method
 from .base import Aggregate, AggregationMethod, ClientTask, GlobalState, Option, client_weights, module_names, slice_adapter
-from .factors import stack, svd_factors
+from .factors import stack, svd_factors_top
 
 LEADING = 4  # leading singular values recorded per module per round
 
@@ -40,28 +46,45 @@ class FlexLoRA(AggregationMethod):
             raise ValueError(f"method_options: flexlora split must be 'sqrt' or 'official', got {self.opts['split']!r}")
 
     def configure(self, state, client):
+        self._largest = max(getattr(self, "_largest", 0), client.rank)
         if not state.adapter:
             return ClientTask()
+        adapter = state.adapter
+        ordered = int(state.extra["ordered"]) if "ordered" in state.extra else None
+        rows = next(iter(state.adapter.values()))[0].shape[0]
+        if ordered is not None and ordered < min(client.rank, rows):  # a larger client than any seen: order now
+            adapter = {}
+            for name, (a, b) in state.adapter.items():
+                a2, b2, _, _ = svd_factors_top(b, a, client.rank)
+                adapter[name] = (a2, b2)
         kept = total = 0.0
-        for pair in state.adapter.values():
+        for name, pair in adapter.items():
             sq = singular_values(pair).double() ** 2
-            kept, total = kept + float(sq[: client.rank].sum()), total + float(sq.sum())
-        loss = ((total - kept) / total) ** 0.5 if total > 0 else 0.0
-        return ClientTask(init=slice_adapter(state.adapter, client.rank, client.scaling),
-                          info={"truncation_loss": max(loss, 0.0)})
+            kept += float(sq[: client.rank].sum())
+            key = f"energy/{name}"
+            total += float(state.extra[key]) if key in state.extra else float(sq.sum())
+        loss = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+        return ClientTask(init=slice_adapter(adapter, client.rank, client.scaling),
+                          info={"truncation_loss": loss})
 
     def aggregate(self, updates, state):
         weights = client_weights(updates)
-        adapter, leading = {}, {}
+        top = max([u.rank for u in updates] + [getattr(self, "_largest", 0)])
+        adapter, leading, extra, ordered = {}, {}, {}, None
         for name in module_names(updates):
             a_s, b_s = stack(updates, weights, name)
-            a, b = svd_factors(b_s, a_s)  # ordered by singular value: a slice is a truncation
+            # ordered by singular value: a slice [:r] with r ≤ k is a truncation
+            a, b, k, energy = svd_factors_top(b_s, a_s, top)
             if self.opts["split"] == "official":  # B = U S, A = Vᵀ: move √S from A's rows into B's columns
-                root = torch.linalg.vector_norm(a, dim=1)
+                root = torch.linalg.vector_norm(a[:k], dim=1)
                 nz = root > 0
-                a = torch.where(nz[:, None], a / torch.where(nz, root, 1)[:, None], a)
-                b = b * root
+                a, b = a.clone(), b.clone()
+                a[:k] = torch.where(nz[:, None], a[:k] / torch.where(nz, root, 1)[:, None], a[:k])
+                b[:, :k] = b[:, :k] * root
             adapter[name] = (a, b)
-            leading[name] = [float(x) for x in singular_values((a, b))[:LEADING]]
-        return Aggregate(GlobalState(adapter, state.round + 1),
+            leading[name] = [float(x) for x in singular_values((a[:k], b[:, :k]))[:LEADING]]
+            extra[f"energy/{name}"] = torch.tensor(energy, dtype=torch.float64)
+            ordered = k if ordered is None else min(ordered, k)
+        extra["ordered"] = torch.tensor(ordered)
+        return Aggregate(GlobalState(adapter, state.round + 1, extra),
                          metrics={"noise": 0.0, "singular_values": leading})

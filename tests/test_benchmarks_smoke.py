@@ -37,3 +37,20 @@ def test_aggregation_benchmark_quick_smoke(tmp_path):
         assert on_disk["machine"][key] not in (None, "")
     md = open(os.path.join(out, "aggregation.md")).read()
     assert "FlexLoRA" in md and "48×32" in md and "| 13 |" in md
+
+
+def test_topr_svd_benchmark_smoke(tmp_path):
+    """The top-R SVD section (`bench perf --only svd`) at small shapes: both paths against the dense SVD, the
+    path top_svd chooses (exact for 10 clients, Krylov for 40), the accuracy check; no timing assertions."""
+    out = str(tmp_path / "perf")
+    r = aggregation.run_topr(out, shapes=[(1536, 1024)], client_counts=(10, 60), repeats=1, threads=1, log=lambda m: None)
+    on_disk = json.load(open(os.path.join(out, "topr_svd.json")))
+    assert on_disk["schema"] == r["schema"] == "fedlora-bench/perf/topr/1" and on_disk["passed"] is True
+    assert [c["chosen"] for c in on_disk["cases"]] == ["exact", "krylov"]
+    for c in on_disk["cases"]:
+        assert c["r_max"] == 64 and c["rank_sum"] == sum(aggregation.ranks_for(c["clients"]))
+        assert max(c["max_rel_err"].values()) <= 1e-6
+        for key in ("dense", "exact", "krylov", "flexlora", "energy"):
+            assert c["ms"][key]["median_ms"] > 0
+    assert on_disk["cases"][1]["krylov"]["path"] == "krylov" and on_disk["cases"][1]["krylov"]["steps"] >= 1
+    assert "Top R_max singular values equal" in open(os.path.join(out, "topr_svd.md")).read()
