@@ -34,6 +34,12 @@ class PayloadTooLarge(ValueError):
     pass
 
 
+# flwr.common.constant.ErrorCode, as the reasons a round records
+ERROR_CODES = {1: "could not load the ClientApp", 2: "ClientApp raised", 3: "message lost (expired or never delivered)",
+               4: "reply lost (expired)", 5: "node lost (no heartbeat)", 6: "a mod refused the message", 7: "invalid app",
+               8: "ClientApp crashed"}
+
+
 class GridTransport:
     def __init__(self, grid, cfg, plan, *, session: str, name: str = "flower", opts: FlowerOptions | None = None,
                  log=print, discover: bool = True):
@@ -148,7 +154,8 @@ class GridTransport:
         """A reply message as the engine sees it: a Reply, or Refused(reason) (logged)."""
         k = task.client_id
         if rep.has_error():
-            why = f"node {node} error {rep.error.code}: {rep.error.reason[:300]}"
+            what = ERROR_CODES.get(rep.error.code, f"error {rep.error.code}")
+            why = f"node {node} (partition {k}) {what}: {rep.error.reason[:300]}"
         elif rep.metadata.src_node_id != node:
             why = f"reply from node {rep.metadata.src_node_id}, the task went to node {node}"
         else:

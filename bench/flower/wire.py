@@ -24,6 +24,7 @@ ARRAYS, CONFIG = "arrays", "config"
 PROTOCOL = 1                       # bumped when the records change shape
 NPY_HEADER_BYTES = 128             # np.save's header for a 2-D float32 array (Flower's Array.data)
 REPLY_CONFIG_LIMIT = 64 * 1024     # bytes of config (metrics JSON, error text) a reply may carry
+REPLY_ARRAY_SLACK = 64 * 1024      # array bytes a reply may carry beyond the exact size of an honest one
 ERROR_TEXT_LIMIT = 500
 
 
@@ -104,12 +105,13 @@ def reply_content(reply: Reply):
 
 
 def expected_reply_bytes(msg: TaskMessage, module_shapes: dict[str, tuple[int, int]]) -> int:
-    """The most array data an honest reply to this task holds: rank × Σ(d_in + d_out) × 4 over the factors
-    the task uploads, plus one npy header per array."""
+    """The size limit of a reply's arrays: an honest reply holds rank × Σ(d_in + d_out) × 4 bytes over the
+    factors the task uploads, plus one npy header per array; REPLY_ARRAY_SLACK on top (a reply just over
+    the exact size is refused by the shape checks, with a more telling reason)."""
     per_module = sum(d_in for _, d_in in module_shapes.values()) * ("A" in msg.task.upload) \
         + sum(d_out for d_out, _ in module_shapes.values()) * ("B" in msg.task.upload)
     n_arrays = len(module_shapes) * len(msg.task.upload)
-    return msg.rank * per_module * 4 + n_arrays * NPY_HEADER_BYTES
+    return msg.rank * per_module * 4 + n_arrays * NPY_HEADER_BYTES + REPLY_ARRAY_SLACK
 
 
 def reply_of(content, max_array_bytes: int | None = None) -> Reply:
