@@ -53,6 +53,9 @@ def run_engine(cfg, args, evaluator, log=print) -> dict | None:
     if cfg.engine == "flower" and not (opts.superlink or opts.app_dir):
         raise BenchError("superlink: --engine flower needs --superlink HOST:PORT (or a connection name from "
                          "$FLWR_HOME/config.toml), or --flower-app-dir DIR to write the app for `flwr run`")
+    if cfg.reference:
+        raise BenchError(f"reference: reference rows ({cfg.reference}) train differently from a federated run; "
+                         "run them with --engine inprocess")
     require_flwr()
     _quiet_defaults()
     if cfg.engine == "flower-sim":
