@@ -265,3 +265,33 @@ def test_app_folder_is_a_valid_flower_app(offline_data_env, tmp_path, capsys):
     assert validate("bench.flower.server_app:app")[0] and validate("bench.flower.client_app:app")[0]
     assert not (tmp_path / "run").exists()  # nothing ran
     assert math.isfinite(job["options"]["round_timeout"])
+
+
+def test_compacted_node_state_restores_the_same_base(offline_data_env):
+    """Once the merges outgrow the dense target weights the node stores the merged weights instead; a fresh
+    process restores from them (and the merges after them) exactly the base a long-lived one holds."""
+    from flwr.app import RecordDict
+
+    from bench.config import build_config
+    from bench.flower.client_app import NodeState, _Runtime
+
+    cfg = build_config(preset="tiny")
+    live, fresh = _Runtime(cfg).runtime, _Runtime(cfg).runtime
+    g = torch.Generator().manual_seed(0)
+    merges = {r: {n: (torch.randn(3, l.base_layer.weight.shape[1], generator=g) * 0.01,
+                      torch.randn(l.base_layer.weight.shape[0], 3, generator=g) * 0.01) for n, l in live.layers.items()}
+              for r in (1, 2, 3)}
+    state = RecordDict()
+    st = NodeState(state, "s")
+    live.apply_merges({1: merges[1], 2: merges[2]})
+    st.add_merges({1: merges[1], 2: merges[2]}, 2)
+    assert not st.compact(live, dense_bytes=10 ** 12)
+    assert st.compact(live, dense_bytes=0)  # merges bigger than the weights: weights kept instead
+    assert st.merges() == {} and st.meta["weights_round"] == 2
+    live.apply_merges({3: merges[3]})
+    st.add_merges({3: merges[3]}, 3)
+    st.save()
+    NodeState(state, "s").restore_base(fresh)
+    assert fresh.base_round == 3
+    want, got = live.base_weights(), fresh.base_weights()
+    assert all(torch.equal(want[n], got[n]) for n in want)

@@ -12,10 +12,13 @@ for the run:
                     the rounds of its kept personal factors
     bench.merges    ArrayRecord: every base merge the node has received, as factors (merge/<r>/<m>/<A|B>)
     bench.personal  ArrayRecord: the factors the method asks it to keep (ClientTask.keep), by round
+    bench.base      ArrayRecord: once the merges outgrow them, the merged float32 weights of the target
+                    modules (base/<m>) at a round, replacing the merges up to that round
 The model is reloaded from disk and the merges replayed in round order (each B @ A formed in float64
 and added once, as bench/client.py does in-process), so a fresh process holds bit for bit the base a
 long-lived one would, and the server only ever sends the merges a node has not seen: the bytes down are
-the in-process engine's. A node that lost its state (a new SuperNode, a new Flower run after a server
+the in-process engine's. The state is bounded by the dense target weights: when the merges' bytes pass
+them, the node stores its merged weights instead (exactly the in-process masters) and drops those merges. A node that lost its state (a new SuperNode, a new Flower run after a server
 restart) answers "base out of sync" and the engine resends every merge once (bench/engine.py).
 
 In the simulation a Ray actor is long-lived and serves several nodes: the loaded runtime is cached per
@@ -37,6 +40,7 @@ from ..messages import Reply, _put, _take
 from . import wire
 
 STATE_NODE, STATE_MERGES, STATE_PERSONAL = "bench.node", "bench.merges", "bench.personal"
+STATE_BASE = "bench.base"
 
 _CACHE: dict = {}  # (session, config JSON, data root) -> _Runtime; one entry (one run per process)
 
@@ -106,9 +110,10 @@ class NodeState:
         self.state = state
         meta = dict(state[STATE_NODE]) if STATE_NODE in state else {}
         if meta.get("session") != session:
-            meta = {"session": session, "base_round": 0, "personal_rounds": [], "personal_ranks": []}
+            meta = {"session": session, "base_round": 0, "weights_round": 0, "personal_rounds": [], "personal_ranks": []}
             state[STATE_MERGES] = ArrayRecord()
             state[STATE_PERSONAL] = ArrayRecord()
+            state[STATE_BASE] = ArrayRecord()
             state[STATE_NODE] = ConfigRecord(meta)
         self.meta = meta
 
@@ -116,14 +121,43 @@ class NodeState:
     def base_round(self) -> int:
         return int(self.meta["base_round"])
 
+    def restore_base(self, rt) -> None:
+        """Bring the runtime's base up to what this node holds: its stored weights (if newer than the
+        runtime's base), then its merges in round order (a gap is left to the task: the server resends)."""
+        from ..client import BaseOutOfSync
+
+        w_round = int(self.meta.get("weights_round", 0))
+        if w_round > rt.base_round:
+            weights = {k.split("/", 1)[1]: t for k, t in wire.decode_arrays(self.state[STATE_BASE]).items()}
+            set_base(rt, weights, w_round)
+        try:
+            rt.apply_merges({r: f for r, f in self.merges().items() if r > rt.base_round})
+        except BaseOutOfSync:
+            pass
+
+    def compact(self, rt, dense_bytes: int) -> bool:
+        """Store the runtime's merged weights instead of the merges once these take more bytes (True if so)."""
+        if wire.array_bytes(self.state[STATE_MERGES]) <= dense_bytes or rt.base_round < self.base_round:
+            return False
+        self.state[STATE_BASE] = wire.encode_arrays({f"base/{n}": w for n, w in rt.base_weights().items()})
+        self.meta["weights_round"] = rt.base_round
+        self.meta["base_round"] = max(self.base_round, rt.base_round)
+        kept = {r: f for r, f in self.merges().items() if r > rt.base_round}
+        arrays: dict = {}
+        for r, f in kept.items():
+            _put(arrays, "merge", str(r), f)
+        self.state[STATE_MERGES] = wire.encode_arrays(arrays)
+        return True
+
     def merges(self) -> dict[int, dict]:
         return {int(r): f for r, f in _take(wire.decode_arrays(self.state[STATE_MERGES]), "merge").items()}
 
     def add_merges(self, merges: dict[int, dict], base_round: int) -> None:
         held = {k.split("/", 2)[1] for k in self.state[STATE_MERGES].keys()}
+        in_weights = int(self.meta.get("weights_round", 0))
         arrays: dict = {}
         for rnd, factors in merges.items():
-            if str(rnd) not in held:
+            if str(rnd) not in held and rnd > in_weights:
                 _put(arrays, "merge", str(rnd), factors)
         if arrays:
             rec = self.state[STATE_MERGES]
@@ -163,10 +197,23 @@ class NodeState:
         self.state[STATE_NODE] = ConfigRecord(self.meta)
 
 
+def set_base(rt, weights: dict, rnd: int) -> None:
+    """Put merged float32 weights (ClientRuntime.base_weights() of a runtime at merge round rnd) into a runtime
+    whose base is older: the masters take them exactly and the training view is refreshed from them, as
+    ClientRuntime.apply_merges does after adding a merge."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            view, master = rt.layers[name].base_layer.weight, rt.master[name]
+            if master is None:
+                view.copy_(w.to(view.device))
+            else:
+                master.copy_(w.to(master.device))
+                view.copy_(master.to(view.dtype))
+    rt.base_round = rnd
+
+
 def train_reply(content, context) -> Reply:
     """Handle one TRAIN message: a Reply (an error reply for anything that goes wrong)."""
-    from ..client import BaseOutOfSync
-
     t0 = time.time()
     task, run_json, session = wire.task_of(content)
     try:
@@ -177,10 +224,7 @@ def train_reply(content, context) -> Reply:
         node.add_client(k)
         rt = node.runtime
         state = NodeState(context.state, session)
-        try:  # the node's own base first: merges it received in earlier messages
-            rt.apply_merges(state.merges())
-        except BaseOutOfSync:
-            pass  # the task's merges decide; a gap is reported below and the server resends
+        state.restore_base(rt)  # the node's own base first: what it received in earlier messages
         kept = state.personal_before(task.round)
         if kept is None:
             rt.personal.pop(k, None)
@@ -189,6 +233,7 @@ def train_reply(content, context) -> Reply:
         reply = rt.train(task)
         if not reply.error:
             state.add_merges(task.merges, rt.base_round)
+            state.compact(rt, sum(4 * d_out * d_in for d_out, d_in in node.plan.module_shapes.values()))
             if task.task.keep and k in rt.personal:
                 state.set_personal(task.round, rt.personal[k])
             state.save()
