@@ -11,6 +11,7 @@ authentication, three registered SuperNodes (one per client), runs submitted wit
   (malformed replies and a crashing ClientApp: tests/test_flower_wire.py)
 - a SuperNode SIGKILLed mid-round: the round completes with the other replies, the lost client is recorded
 - the ServerApp SIGKILLed after round 1: `bench run --resume` finishes the run, bit-identical to in-process
+- a ServerApp that stops with an error makes `bench run` fail with the run's status (flwr run itself exits 0)
 - an unregistered SuperNode is refused by the SuperLink; an insecure client cannot submit to the TLS SuperLink
 
 Every process is started in its own process group and stopped by PID (tests/flower_helpers.py).
@@ -176,6 +177,18 @@ def test_serverapp_killed_then_resumed(nodes, refs, tmp_path):
     rc = main(["run", "--resume", str(run), *nodes.run_args()[2:]])  # engine and paths come from run/config.yaml
     assert rc == 0
     assert_same_run(run, ref)
+
+
+def test_serverapp_error_is_reported_not_hidden(nodes, tmp_path, capsys):
+    """`flwr run` exits 0 when the ServerApp raised: bench asks the SuperLink how the run ended. Here every node
+    is set up for 3 partitions and the run has 4 clients: the nodes say so at discovery, the ServerApp stops."""
+    rc = main(["run", *SMALL, "--ranks", "2,4,8,8", "--num-clients", "4", "--method", "flora", *nodes.run_args(),
+               "--nodes-timeout", "120", *_out(tmp_path)])
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert "the run has 4 clients" in cap.out  # the ServerApp's own error line, streamed
+    assert "ended with status finished:failed" in cap.err, cap.err
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 def test_unregistered_supernode_is_refused(cluster):
