@@ -139,7 +139,7 @@ def _transport():
 
 def _reply_message(task_msg, content=None, error=None, src=7):
     """A reply Message as a node would send it (reply_to the task Message)."""
-    from flwr.app import Error, Message
+    from flwr.app import Message
 
     task_msg.metadata.__dict__["_message_id"] = "m1"
     rep = Message(error, reply_to=task_msg) if error is not None else Message(content, reply_to=task_msg)
@@ -273,10 +273,10 @@ def test_compacted_node_state_restores_the_same_base(offline_data_env):
     from flwr.app import RecordDict
 
     from bench.config import build_config
-    from bench.flower.client_app import NodeState, _Runtime
+    from bench.flower.client_app import NodeState, _Node
 
     cfg = build_config(preset="tiny")
-    live, fresh = _Runtime(cfg).runtime, _Runtime(cfg).runtime
+    live, fresh = _Node(cfg).runtime, _Node(cfg).runtime
     g = torch.Generator().manual_seed(0)
     merges = {r: {n: (torch.randn(3, l.base_layer.weight.shape[1], generator=g) * 0.01,
                       torch.randn(l.base_layer.weight.shape[0], 3, generator=g) * 0.01) for n, l in live.layers.items()}

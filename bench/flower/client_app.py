@@ -42,25 +42,43 @@ from . import wire
 STATE_NODE, STATE_MERGES, STATE_PERSONAL = "bench.node", "bench.merges", "bench.personal"
 STATE_BASE = "bench.base"
 
-_CACHE: dict = {}  # (session, config JSON, data root) -> _Runtime; one entry (one run per process)
+_CACHE: dict = {}  # (session, config JSON, data root) -> _Node; one entry (one run per process)
 
 
-class _Runtime:
-    """What a node needs to train: the run's plan, the tokenizer and one ClientRuntime (shared by the nodes
-    a process serves)."""
+def node_plan(cfg):
+    """What a node needs of engine.preflight: the dataset, every client's shard (the same partition and
+    per-client test split), the ranks and the resolved model, without building the model's skeleton (the
+    server checked the target modules) or an evaluator (scoring is the server's job). A shard that came
+    out differently from the server's is refused at discovery by its fingerprint, never trained on."""
+    from .. import data as data_mod, models
+    from ..engine import Plan
+
+    dataset = data_mod.load_dataset(cfg)
+    shards, client_tests = data_mod.client_test_splits(cfg, data_mod.partition(cfg, dataset))
+    model_path, model_id = models.resolve_model(cfg.model)
+    return Plan(cfg, model_path, model_id, dataset, shards, cfg.client_ranks(), {}, [], client_tests)
+
+
+class _Node:
+    """What a process needs to serve this run's nodes: the plan, and (built on first use: a QUERY in
+    deployment does not load the model) the tokenizer and one ClientRuntime shared by the nodes it serves."""
 
     def __init__(self, cfg):
-        from ..client import ClientRuntime, ModelSpec
-        from ..engine import load_tokenizer, preflight, resolve_device, resolve_dtype
-
-        t = time.time()
         self.cfg = cfg
-        self.plan = preflight(dataclasses.replace(cfg, eval_tasks=[]))  # scoring is the server's job
-        device = resolve_device(cfg)
-        self.tok = load_tokenizer(self.plan.model_path)
-        self.runtime = ClientRuntime(cfg, ModelSpec(self.plan.model_path, device, resolve_dtype(cfg.dtype, device)),
-                                     self.plan.ranks, {})
-        self.load_s = time.time() - t
+        self.plan = node_plan(cfg)
+        self._runtime = None
+
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            from ..client import ClientRuntime, ModelSpec
+            from ..engine import load_tokenizer, resolve_device, resolve_dtype
+
+            device = resolve_device(self.cfg)
+            self.tok = load_tokenizer(self.plan.model_path)
+            self._runtime = ClientRuntime(self.cfg, ModelSpec(self.plan.model_path, device,
+                                                              resolve_dtype(self.cfg.dtype, device)), self.plan.ranks, {})
+        return self._runtime
 
     def add_client(self, k: int) -> None:
         from ..engine import client_examples
@@ -72,14 +90,18 @@ class _Runtime:
         return wire.shard_digest([self.plan.dataset.train[i] for i in self.plan.shards[k]])
 
 
-def _runtime(cfg, run_json: str, session: str) -> tuple[_Runtime, float]:
-    """The process's runtime for this run (built on first use), and the seconds spent building it now."""
+def _node(cfg, run_json: str, session: str, warm: bool = True) -> tuple[_Node, float]:
+    """The process's node data for this run (built on first use; warm: with the model loaded), and the
+    seconds this call spent building it."""
+    t = time.time()
     key = (session, run_json, cfg.data_root)
     if key not in _CACHE:
         _CACHE.clear()  # one run per process: drop the previous run's model first
-        _CACHE[key] = _Runtime(cfg)
-        return _CACHE[key], _CACHE[key].load_s
-    return _CACHE[key], 0.0
+        _CACHE[key] = _Node(cfg)
+    node = _CACHE[key]
+    if warm:
+        node.runtime  # noqa: B018 - builds it
+    return node, time.time() - t
 
 
 def _node_config(context, cfg):
@@ -220,7 +242,7 @@ def train_reply(content, context) -> Reply:
         cfg, k = _node_config(context, wire.config_from_json(run_json))
         if task.client_id != k:
             raise ValueError(f"this node holds partition {k}, the task is for client {task.client_id}")
-        node, load_s = _runtime(cfg, run_json, session)
+        node, load_s = _node(cfg, run_json, session)
         node.add_client(k)
         rt = node.runtime
         state = NodeState(context.state, session)
@@ -233,7 +255,7 @@ def train_reply(content, context) -> Reply:
         reply = rt.train(task)
         if not reply.error:
             state.add_merges(task.merges, rt.base_round)
-            state.compact(rt, sum(4 * d_out * d_in for d_out, d_in in node.plan.module_shapes.values()))
+            state.compact(rt, sum(4 * layer.base_layer.weight.numel() for layer in rt.layers.values()))
             if task.task.keep and k in rt.personal:
                 state.set_personal(task.round, rt.personal[k])
             state.save()
@@ -244,7 +266,9 @@ def train_reply(content, context) -> Reply:
 
 
 def hello_info(content, context) -> dict:
-    """Handle a QUERY: warm up (load the model, tokenize the shard) and say who this node is."""
+    """Handle a QUERY: say who this node is (partition, the fingerprint of its shard, its base round); with
+    `warm` (the simulation, whose processes live on) also load the model and tokenize the shard now, so
+    that round 1 measures training. A deployed node's process ends with the message: no warm-up there."""
     t0 = time.time()
     info = {"pid": os.getpid(), "threads": torch.get_num_threads(), "error": ""}
     k = context.node_config.get("partition-id")
@@ -256,8 +280,10 @@ def hello_info(content, context) -> dict:
                              "install the same fedlora-bench version on the server and the nodes")
         run_json, session = str(config["run"]), str(config["session"])
         cfg, k = _node_config(context, wire.config_from_json(run_json))
-        node, load_s = _runtime(cfg, run_json, session)
-        node.add_client(k)
+        warm = bool(config.get("warm", True))
+        node, load_s = _node(cfg, run_json, session, warm=warm)
+        if warm:
+            node.add_client(k)
         state = NodeState(context.state, session)
         state.save()
         info.update({"partition": k, "shard_sha256": node.shard_digest(k), "base_round": state.base_round,

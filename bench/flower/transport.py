@@ -1,8 +1,8 @@
 """GridTransport: the engine's transport (bench/transport.py's contract) over a Flower Grid.
 
-    discover   QUERY every connected node once: it loads the model and tokenizes its shard (so rounds
-               measure training, as in-process), and answers its partition id and its shard's
-               fingerprint; the server keeps partition id -> node id and refuses a node whose data
+    discover   QUERY every connected node once: it answers its partition id and its shard's
+               fingerprint (in the simulation it also loads the model and tokenizes its shard, so rounds
+               measure training, as in-process); the server keeps partition id -> node id and refuses a node whose data
                differs from the server's partition
     run        one TRAIN message per task, to the node of that client, each with its own arrays; replies
                are pulled as they come; a reply is turned into a Reply, or refused (Refused(reason)) when
@@ -59,8 +59,10 @@ class GridTransport:
     def _hello_message(self, node: int):
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+        # warm-up (model load, tokenisation) only where the process lives on: the simulation's actors
         return Message(RecordDict({wire.CONFIG: ConfigRecord({"protocol": wire.PROTOCOL, "run": self.run_json,
-                                                              "session": self.session})}),
+                                                              "session": self.session,
+                                                              "warm": self.name == "flower-sim"})}),
                        dst_node_id=node, message_type=MessageType.QUERY)
 
     def discover(self, need: set[int], timeout: float, strict: bool) -> None:
