@@ -26,6 +26,8 @@ FIELD_HELP = {
     "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
     "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
+    "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
+              "(a SuperLink, --superlink): docs/flower.md",
 }
 
 
@@ -60,6 +62,11 @@ def cmd_run(args) -> int:
     else:
         preset = None if (args.config or overrides.get("preset")) else "quick"
         cfg = build_config(preset=preset, config_file=args.config, overrides=overrides)
+    from .flower.launch import run_engine, wants_flower
+
+    if wants_flower(cfg, args):  # Flower's simulation or a SuperLink (bench/flower/)
+        run_engine(cfg, args, evaluator_for(cfg))
+        return 0
     try:
         run_federated(cfg, resume=args.resume, evaluator=evaluator_for(cfg))
     except Interrupted as exc:
@@ -124,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a federated fine-tuning experiment (default preset: quick)")
     _add_run_flags(p_run)
+    from .flower.options import add_flags as add_flower_flags
+
+    add_flower_flags(p_run)
     p_run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list registered aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)

@@ -25,7 +25,7 @@ RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong"
 PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ALPHA_POLICIES = ("shared", "proportional")
-ENGINES = ("inprocess",)
+ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
 REFERENCES = ("base", "centralized", "local-only")
 
 
@@ -131,7 +131,8 @@ class RunConfig:
     def config_hash(self) -> str:
         """Hash of what determines the experiment (not the seed, not where outputs go)."""
         d = self.to_dict()
-        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "preset"):
+        # engine: where the clients run, not what they compute (the Flower engines reproduce in-process runs)
+        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "preset", "engine"):
             d.pop(k, None)
         for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
             if d.get(k) == default:

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu")
+SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu", "flower")
 SCHEMA = "fedlora-bench/perf/1"
 
 
@@ -120,6 +120,10 @@ def main(args) -> int:
                 r = engine_perf.measure_memory(args.model, args.method, clients=mem_clients, log=log)
             elif section == "overhead":
                 r = engine_perf.measure_overhead(args.model, args.method, quick=args.quick, repeats=args.repeats, log=log)
+            elif section == "flower":  # a flower-sim round vs the in-process round (bench/flower/perf.py)
+                from bench.flower.perf import measure as measure_flower
+
+                r = measure_flower(args.model, args.method, quick=args.quick, log=log)
             else:
                 r = engine_perf.measure_gpu(quick=args.quick, log=log)
         except BenchError:
@@ -215,6 +219,10 @@ def to_markdown(r: dict) -> str:
                                 f"peak {_fmt(a['peak_bf16_tflops'])} TFLOP/s | MFU {_fmt(t['mfu'])} | – | – |")
         else:
             rows.append(f"| gpu | {a.get('reason', a['status'])} | – | – | – | – |")
+    if "flower" in s:
+        from bench.flower.perf import markdown_rows
+
+        rows += markdown_rows(s["flower"])
     lines += rows + [""]
 
     if "memory" in s and s["memory"]["status"] == "ok":

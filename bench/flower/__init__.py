@@ -1,0 +1,32 @@
+"""The bench's server and client over Flower (flwr ≥ 1.42, Message API).
+
+Nothing here changes what is computed: the engine (bench/engine.py) still drives the rounds, the
+server (bench/server.py behind bench/guard.py) still configures and aggregates, the client runtime
+(bench/client.py) still trains. Flower only carries the two messages of bench/messages.py:
+
+    wire.py        TaskMessage/Reply <-> Flower RecordDict (float32 ArrayRecord + ConfigRecord), the
+                   reply size limit, the bytes a Message puts on the wire
+    client_app.py  the ClientApp: one node = one client (partition id from the node config); its base
+                   merges and personal factors live in context.state between messages
+    transport.py   GridTransport: the engine's transport over a Flower Grid (node discovery, one TRAIN
+                   message per client, replies checked before they reach the engine, timeouts)
+    strategy.py    BenchStrategy: the same server as a flwr Strategy (configure_train/aggregate_train)
+    server_app.py  the ServerApp: run_federated(cfg, transport=GridTransport(grid, ...))
+    launch.py      `bench run --engine flower-sim | flower`: Flower's simulation engine, or a run
+                   submitted to a SuperLink (an app folder `flwr run` accepts)
+    options.py     the Flower flags of `bench run` (no flwr import: the CLI works without flwr)
+
+flwr is an optional dependency (`pip install 'fedlora-bench[flower]'`); see docs/flower.md.
+"""
+from __future__ import annotations
+
+from .. import BenchError
+
+
+def require_flwr() -> None:
+    """BenchError naming the fix when flwr (or Ray, for the simulation) is missing."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise BenchError("engine: the Flower engines need flwr; pip install 'fedlora-bench[flower]' "
+                         "(or bash setup.sh --with-test-deps), or use --engine inprocess") from None

@@ -1,0 +1,83 @@
+"""The ServerApp: the engine's own loop (bench/engine.py run_federated) with a GridTransport, so a Flower
+run writes the same run folder (config, metrics.jsonl, checkpoints, global model) and the same results
+record as an in-process one; the record's `engine` says which engine ran ("flower-sim" or "flower").
+
+The job (what to run) is JSON: {"config": RunConfig JSON, "engine": "flower-sim" | "flower",
+"resume": run dir or null, "options": FlowerOptions}. In the simulation the launcher hands it over
+directly; in deployment it is the run config key `bench-job` of the Flower app folder that
+`bench run --engine flower` writes (bench/flower/launch.py) and `flwr run` submits.
+
+Paths in the job are absolute: a deployed ServerApp runs in a `flwr-serverapp` process started by the
+SuperLink, in the SuperLink's working directory and on its machine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .options import JOB_KEY, FlowerOptions
+
+
+def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
+    """Run a job on this grid: the results record (mode "engine"), or the BenchStrategy after Flower's own
+    loop (mode "strategy", no files written)."""
+    from ..engine import preflight, run_federated
+    from . import wire
+    from .transport import GridTransport
+
+    cfg = wire.config_from_json(job["config"])
+    opts = FlowerOptions.from_dict(job.get("options"))
+    if evaluator is None and cfg.eval_tasks:
+        from ..cli import evaluator_for
+
+        evaluator = evaluator_for(cfg)
+    plan = plan or preflight(cfg, evaluator)
+    session = Path(job.get("resume") or cfg.output_dir or "run").name
+    transport = GridTransport(grid, cfg, plan, session=session, name=job.get("engine", "flower"), opts=opts, log=log)
+    if job.get("mode") == "strategy":
+        return run_strategy(grid, cfg, plan, transport, log)
+    return run_federated(cfg, resume=job.get("resume"), plan=plan, log=log, evaluator=evaluator, transport=transport)
+
+
+def run_strategy(grid, cfg, plan, transport, log=print):
+    """Flower's own round loop (Strategy.start) around the bench server; returns the strategy (its
+    .server holds the final state)."""
+    from flwr.app import ArrayRecord
+
+    from methods import get_method
+
+    from ..guard import ReplyFilter
+    from ..server import Server
+    from .strategy import BenchStrategy
+
+    server = ReplyFilter(Server(get_method(cfg.method, cfg.method_options), seed=cfg.seed, num_clients=cfg.num_clients,
+                                client_fraction=cfg.client_fraction, ranks=plan.ranks, scaling=cfg.scaling),
+                         plan.module_shapes, cfg.max_update_norm)
+    strategy = BenchStrategy(server, transport, log=log)
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=transport.opts.round_timeout)
+    return strategy
+
+
+def _make_app():
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        from .. import BenchError
+
+        raw = context.run_config.get(JOB_KEY)
+        if not isinstance(raw, str):
+            raise BenchError(f"{JOB_KEY}: the Flower run config has no job; write the app folder with "
+                             "`bench run --engine flower --flower-app-dir DIR ...`")
+        try:
+            run_job(grid, json.loads(raw))
+        except BenchError as exc:
+            print(f"error: {exc}", flush=True)
+            raise
+
+    return app
+
+
+app = _make_app()

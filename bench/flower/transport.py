@@ -1,0 +1,226 @@
+"""GridTransport: the engine's transport (bench/transport.py's contract) over a Flower Grid.
+
+    discover   QUERY every connected node once: it answers its partition id and its shard's
+               fingerprint (in the simulation it also loads the model and tokenizes its shard, so rounds
+               measure training, as in-process); the server keeps partition id -> node id and refuses a node whose data
+               differs from the server's partition
+    run        one TRAIN message per task, to the node of that client, each with its own arrays; replies
+               are pulled as they come; a reply is turned into a Reply, or refused (Refused(reason)) when
+               it is an error message, comes from another node, is over the size limit for its task, or
+               does not decode; a client whose node left or did not answer within round_timeout is
+               Refused too. The engine's ReplyFilter then checks every Reply against its task (shapes,
+               modules, rank, NaN/Inf, norm) and the server records each refusal; nothing here raises
+               on a bad reply.
+    state      None: Flower nodes keep their own state (context.state), nothing to checkpoint here
+    restore    nothing to do: a node that lost its base answers "base out of sync" and is resent
+
+Bytes: the server records the tensor bytes of every task and reply (bytes_down/bytes_up); beside them
+each client's row gets wire_bytes_down/wire_bytes_up, what Flower serialises for the two Messages
+(wire.wire_bytes).
+"""
+from __future__ import annotations
+
+import time
+
+from .. import BenchError
+from ..guard import ReplyFilter
+from ..messages import Reply, TaskMessage
+from ..server import Refused
+from . import wire
+from .options import FlowerOptions
+
+
+class PayloadTooLarge(ValueError):
+    pass
+
+
+# flwr.common.constant.ErrorCode, as the reasons a round records
+ERROR_CODES = {1: "could not load the ClientApp", 2: "ClientApp raised", 3: "message lost (expired or never delivered)",
+               4: "reply lost (expired)", 5: "node lost (no heartbeat)", 6: "a mod refused the message", 7: "invalid app",
+               8: "ClientApp crashed"}
+
+
+class GridTransport:
+    def __init__(self, grid, cfg, plan, *, session: str, name: str = "flower", opts: FlowerOptions | None = None,
+                 log=print, discover: bool = True):
+        self.grid, self.cfg, self.plan, self.session, self.name = grid, cfg, plan, session, name
+        self.opts = opts or FlowerOptions()
+        self.log = log
+        self.run_json = wire.config_to_json(cfg)
+        self.checker = ReplyFilter(None, plan.module_shapes)  # structure only: what observers may safely read
+        self.digests = {k: wire.shard_digest([plan.dataset.train[i] for i in shard]) for k, shard in enumerate(plan.shards)}
+        self.nodes: dict[int, int] = {}      # partition id -> node id
+        self.silent: set[int] = set()        # nodes that did not answer a QUERY in time (not asked again)
+        self.info: dict[int, dict] = {}      # partition id -> what its node said at discovery
+        if discover:
+            self.discover(set(range(cfg.num_clients)), self.opts.nodes_timeout, strict=True)
+
+    # ---- nodes ------------------------------------------------------------------------------------
+    def _hello_message(self, node: int):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        # warm-up (model load, tokenisation) only where the process lives on: the simulation's actors
+        return Message(RecordDict({wire.CONFIG: ConfigRecord({"protocol": wire.PROTOCOL, "run": self.run_json,
+                                                              "session": self.session,
+                                                              "warm": self.name == "flower-sim"})}),
+                       dst_node_id=node, message_type=MessageType.QUERY)
+
+    def discover(self, need: set[int], timeout: float, strict: bool) -> None:
+        """Map each needed partition to a node that answered. strict (the start of a run): a node that
+        reports an error or holds other data, two nodes with one partition, or a partition without a
+        node after `timeout` raise BenchError; otherwise they are logged and the partition stays unmapped."""
+        deadline = time.time() + timeout
+        pending: dict[str, int] = {}   # message id -> node id
+        asked: set[int] = set()
+        t0 = time.time()
+        while True:
+            live = set(self.grid.get_node_ids())
+            for k, n in list(self.nodes.items()):
+                if n not in live:
+                    self.log(f"[flower] node {n} (partition {k}) left the federation")
+                    del self.nodes[k]
+            todo = need - set(self.nodes)
+            if not todo:
+                break
+            new = sorted(live - set(self.nodes.values()) - self.silent - asked)
+            if new:
+                asked.update(new)
+                ids = self.grid.push_messages([self._hello_message(n) for n in new])
+                pending.update({i: n for i, n in zip(ids, new) if i})
+            if pending:
+                for rep in self.grid.pull_messages(list(pending)):
+                    node = pending.pop(rep.metadata.reply_to_message_id, None)
+                    if node is not None:
+                        self._hello_reply(node, rep, strict)
+            if not need - set(self.nodes):
+                break
+            if time.time() > deadline:
+                missing = sorted(need - set(self.nodes))
+                self.silent.update(pending.values())
+                msg = (f"nodes: no node answered for partition(s) {', '.join(map(str, missing))} within {timeout:g} s "
+                       f"({len(live)} node(s) connected); start one SuperNode per client with --node-config "
+                       f"\"partition-id=K num-partitions={self.cfg.num_clients}\", or raise --nodes-timeout")
+                if strict:
+                    raise BenchError(msg)
+                self.log(f"[flower] {msg}")
+                return
+            time.sleep(self.opts.poll_interval)
+        self.silent.update(pending.values())  # listed but silent (e.g. killed, not yet expired): not asked again
+        if strict:
+            self.log(f"[flower] {len(self.nodes)} node(s) ready in {time.time() - t0:.1f} s: " + ", ".join(
+                f"partition {k} -> node {n} (load {self.info[k].get('load_s', 0):.1f} s, {self.info[k].get('threads')} threads)"
+                for k, n in sorted(self.nodes.items())))
+
+    def _hello_reply(self, node: int, rep, strict: bool) -> None:
+        def refuse(why: str):
+            if strict:
+                raise BenchError(f"nodes: {why}")
+            self.log(f"[flower] ignoring node {node}: {why}")
+            self.silent.add(node)
+
+        if rep.has_error():
+            return refuse(f"node {node} failed to answer ({rep.error.code}: {rep.error.reason[:300]})")
+        try:
+            info = dict(rep.content[wire.CONFIG])
+        except Exception:  # noqa: BLE001
+            return refuse(f"node {node} sent a malformed answer")
+        k = info.get("partition")
+        if info.get("error"):
+            return refuse(f"node {node} (partition {k}): {info['error']}")
+        if not isinstance(k, int) or not 0 <= k < self.cfg.num_clients:
+            return refuse(f"node {node} reports partition {k!r}, outside 0..{self.cfg.num_clients - 1}")
+        if info.get("shard_sha256") != self.digests[k]:
+            return refuse(f"node {node} (partition {k}) holds other training data than the server's partition {k} "
+                          "(different data files, data root or partition settings); give it the same data")
+        if k in self.nodes and self.nodes[k] != node:
+            return refuse(f"nodes {self.nodes[k]} and {node} both hold partition {k}; give each SuperNode its own partition-id")
+        self.nodes[k], self.info[k] = node, info
+
+    # ---- messages (shared with BenchStrategy) ------------------------------------------------------
+    def messages(self, tasks: list[TaskMessage]) -> tuple[dict, list[tuple]]:
+        """({client id: Refused} for clients without a node, [(task, node id, Message, wire bytes down)])."""
+        from flwr.app import Message, MessageType
+
+        early, out = {}, []
+        for t in tasks:
+            node = self.nodes.get(t.client_id)
+            if node is None:
+                early[t.client_id] = Refused(f"no connected node holds partition {t.client_id}")
+                continue
+            m = Message(wire.task_content(t, self.run_json, self.session), dst_node_id=node,
+                        message_type=MessageType.TRAIN, group_id=str(t.round))
+            out.append((t, node, m, wire.wire_bytes(m)))
+        return early, out
+
+    def reply(self, task: TaskMessage, node: int, rep, bytes_down: int) -> Reply | Refused:
+        """A reply message as the engine sees it: a Reply, or Refused(reason) (logged)."""
+        k = task.client_id
+        if rep.has_error():
+            what = ERROR_CODES.get(rep.error.code, f"error {rep.error.code}")
+            why = f"node {node} (partition {k}) {what}: {rep.error.reason[:300]}"
+        elif rep.metadata.src_node_id != node:
+            why = f"reply from node {rep.metadata.src_node_id}, the task went to node {node}"
+        else:
+            limit = wire.expected_reply_bytes(task, self.plan.module_shapes)
+            try:
+                size = wire.array_bytes(rep.content[wire.ARRAYS]) if wire.ARRAYS in rep.content else 0
+                if size > limit:
+                    raise PayloadTooLarge(f"payload of {size} bytes over the limit of {limit} bytes for a rank-{task.rank} "
+                                          f"reply uploading {task.task.upload!r}")
+                reply = wire.reply_of(rep.content, limit)
+            except PayloadTooLarge as exc:
+                why = f"reply too large: {exc}"
+            except ValueError as exc:
+                why = f"malformed reply: {exc}"
+            else:
+                reply.metrics.update({"wire_bytes_down": bytes_down, "wire_bytes_up": wire.wire_bytes(rep)})
+                return reply
+        self.log(f"[flower]   round {task.round} client {k}: refused ({why})")
+        return Refused(why)
+
+    # ---- the transport contract --------------------------------------------------------------------
+    def run(self, tasks: list[TaskMessage], on_reply=None) -> dict[int, Reply | Refused]:
+        live = set(self.grid.get_node_ids())
+        lost = {t.client_id for t in tasks if self.nodes.get(t.client_id) not in live}
+        if lost:  # a node left (or restarted with a new id): look for one, briefly
+            self.discover(lost, min(60.0, self.opts.nodes_timeout), strict=False)
+        results, sent = self.messages(tasks)
+        ids = list(self.grid.push_messages([m for _, _, m, _ in sent]))
+        pending = {}
+        for (t, node, _, down), mid in zip(sent, ids + [None] * (len(sent) - len(ids))):
+            if mid:
+                pending[mid] = (t, node, down)
+            else:
+                results[t.client_id] = Refused(f"the SuperLink did not accept the task for node {node}")
+        deadline = time.time() + self.opts.round_timeout
+        checked = time.time()
+        while pending and time.time() < deadline:
+            for rep in self.grid.pull_messages(list(pending)):
+                entry = pending.pop(rep.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                t, node, down = entry
+                r = results[t.client_id] = self.reply(t, node, rep, down)
+                # observers read the factors and metrics: only replies that fit their task reach them
+                if on_reply is not None and isinstance(r, Reply) and (r.error or self.checker.check(t, r) is None):
+                    on_reply(t, r)
+            if pending and time.time() - checked > 5:
+                checked, live = time.time(), set(self.grid.get_node_ids())
+                for mid, (t, node, _) in list(pending.items()):
+                    if node not in live:
+                        del pending[mid]
+                        results[t.client_id] = Refused(f"node {node} (partition {t.client_id}) left the federation mid-round")
+                        self.log(f"[flower]   round {t.round} client {t.client_id}: {results[t.client_id].reason}")
+            if pending:
+                time.sleep(self.opts.poll_interval)
+        for t, node, _ in pending.values():
+            results[t.client_id] = Refused(f"no reply within {self.opts.round_timeout:g} s from node {node} "
+                                           f"(partition {t.client_id}); node lost or too slow")
+            self.log(f"[flower]   round {t.round} client {t.client_id}: {results[t.client_id].reason}")
+        return results
+
+    def state(self):
+        return None
+
+    def restore(self, tensors, meta, merges) -> None:
+        """Nodes keep their own base; one that lost it answers "base out of sync" and the engine resends."""
