@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list registered aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)
     for name, module, help_text in (("eval", "evaluators.cli", "score a run's global model or a base model with lm-eval"),
+                                    ("serve", "evaluators.serve", "serve a run's global model or adapters over vLLM's OpenAI-compatible API"),
                                     ("report", "reports.cli", "regenerate the leaderboard (and --plots) from results/"),
                                     ("ablate", "bench.ablate", "run a resumable grid of methods × ranks × data heterogeneity × seeds"),
                                     ("perf", "benchmarks.cli", "measure aggregation speed, memory per client and loop overhead")):

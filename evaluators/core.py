@@ -15,6 +15,8 @@ from bench import BenchError
 from bench.config import DTYPES
 from bench.data import md5
 
+from .adapters import check_adapter
+
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
 KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE]
@@ -377,6 +379,7 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
 
         server = check_server(base_url, model_path,
                               need_logprobs=any(task_family(t["name"]) not in LOGLIKELIHOOD_FREE for t in plan))
+        model_path = server["model"]
         mode = "inprocess"
     else:
         if not Path(model_path).is_dir() and not (model_path.count("/") == 1 and not model_path.startswith((".", "/"))):
@@ -467,35 +470,6 @@ def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
             "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
             "notes": "; ".join(notes)}
     return tasks_out
-
-
-# what vLLM scores of a PEFT LoRA adapter here: the decoder's linear layers (evaluators/vllm_lm.VLLM_LORA_MODULES)
-VLLM_ADAPTER_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def check_adapter(path: str, field: str = "adapter", backend: str = "hf") -> None:
-    """A PEFT LoRA folder (adapter_config.json of peft_type LORA + adapter weights) that the backend can apply,
-    else BenchError."""
-    p = Path(path)
-    cfg_file = p / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise BenchError(f"{field}: {path} is not a PEFT adapter folder (no adapter_config.json); pass a folder "
-                         "saved by peft's save_pretrained")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError:
-        raise BenchError(f"{field}: {cfg_file} is not valid JSON") from None
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise BenchError(f"{field}: {path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are scored")
-    if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise BenchError(f"{field}: {path} has no adapter_model.safetensors")
-    if backend == "vllm":
-        targets = cfg.get("target_modules") or []
-        names = {str(t).rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else {str(targets)}
-        other = sorted(names - VLLM_ADAPTER_MODULES)
-        if other or cfg.get("modules_to_save"):
-            raise BenchError(f"{field}: {path} adapts {', '.join(other or cfg['modules_to_save'])}; the vllm backend "
-                             f"applies LoRA to {', '.join(sorted(VLLM_ADAPTER_MODULES))} only; use --backend hf")
 
 
 def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str, adapter: str | None = None) -> Path:

