@@ -281,6 +281,7 @@ def _run_in_venv(plan: dict) -> dict:
         plan_path.write_text(json.dumps(plan))
         env = vllm_env()
         env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        tag = env[WORKER_TAG_ENV] = f"{os.getpid()}-{os.urandom(6).hex()}"
         proc = subprocess.Popen([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
                                 cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -291,6 +292,11 @@ def _run_in_venv(plan: dict) -> dict:
             except ProcessLookupError:
                 pass
             proc.wait()
+            for pid in tagged_processes(tag):  # and anything that left its process group
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         rc = proc.returncode
         try:
             result = json.loads(result_path.read_text())
@@ -306,6 +312,22 @@ def _run_in_venv(plan: dict) -> dict:
               "target, task and per-sample file); the scores stand", file=sys.stderr, flush=True)
         result["worker_exit"] = rc
     return result
+
+
+WORKER_TAG_ENV = "FEDLORA_EVAL_WORKER"  # set in the worker's environment, so every process it starts inherits it
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of this user's processes whose environment carries the worker tag (Linux /proc; [] elsewhere)."""
+    needle = f"{WORKER_TAG_ENV}={tag}".encode()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
 
 
 def verify_result(result: dict, plan: dict) -> None:
@@ -418,6 +440,8 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
                 " (vLLM LoRARequest)" if backend == "vllm" else " (peft)")}
         if server:
             section["server"] = {"base_url": server["base_url"], "model": model_path}
+        if result.get("engine"):
+            section["engine"] = result["engine"]
         if result.get("worker_exit"):
             section["worker_exit"] = result["worker_exit"]
         sections[target["name"]] = section

@@ -166,7 +166,12 @@ def serve_command(spec: dict, *, host: str, port: int, dtype: str, max_model_len
                 "--lora-modules", *[f"{n}={os.path.abspath(p)}" for n, p in spec["loras"].items()]]
     env = core.vllm_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the API server's engine core is always its own process
+    env[core.WORKER_TAG_ENV] = server_tag(os.getpid())  # inherited by every server process: stop() finds them all
     return cmd, env
+
+
+def server_tag(pid: int) -> str:
+    return f"serve-{pid}"
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> list[str]:
@@ -204,6 +209,13 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    from .core import tagged_processes
+
+    for pid in tagged_processes(server_tag(os.getpid())):  # a process that left the group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def main(args: argparse.Namespace) -> int:

@@ -37,7 +37,10 @@ class EngineLM(VLLM):
         super().__init__(pretrained=pretrained, dtype=dtype, seed=seed, enforce_eager=True,
                          enable_prefix_caching=True, max_lora_rank=max_lora_rank or 16, **kwargs)
         self._adapter_ids: dict[str, int] = {}
-        self.stats = {"one_token_contexts": 0, "one_token_requests": 0, "prompt_logprob_requests": 0}
+        import torch
+
+        self.stats = {"one_token_contexts": 0, "one_token_requests": 0, "prompt_logprob_requests": 0,
+                      "torch_threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0))}
 
     def use_adapter(self, name: str | None, path: str | None) -> None:
         """Score the following requests with this LoRA adapter (None: the base model)."""

@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
         atomic_write_json(result_path, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
         return 1
     atomic_write_json(result_path, result)
+    if os.environ.get("FEDLORA_TEST_WORKER_EXIT") == "abort":  # test hook: die like the teardown abort did
+        os.abort()
     return 0
 
 
