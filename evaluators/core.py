@@ -292,7 +292,8 @@ def _run_in_venv(plan: dict) -> dict:
             except ProcessLookupError:
                 pass
             proc.wait()
-            for pid in tagged_processes(tag):  # and anything that left its process group
+            orphans = tagged_processes(tag)  # anything that left its process group
+            for pid in orphans:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -311,6 +312,9 @@ def _run_in_venv(plan: dict) -> dict:
         print(f"[evaluators] the vllm worker exited with {why} after writing a complete result (verified: every "
               "target, task and per-sample file); the scores stand", file=sys.stderr, flush=True)
         result["worker_exit"] = rc
+    if orphans:
+        print(f"[evaluators] killed {len(orphans)} process(es) the vllm worker left behind", file=sys.stderr, flush=True)
+        result["worker_orphans"] = len(orphans)
     return result
 
 
@@ -442,8 +446,9 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
             section["server"] = {"base_url": server["base_url"], "model": model_path}
         if result.get("engine"):
             section["engine"] = result["engine"]
-        if result.get("worker_exit"):
-            section["worker_exit"] = result["worker_exit"]
+        for key in ("worker_exit", "worker_orphans"):  # only when the worker did not end cleanly
+            if result.get(key):
+                section[key] = result[key]
         sections[target["name"]] = section
     return sections
 
@@ -492,7 +497,7 @@ def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
         tasks_out[t["name"]] = {
             "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],
             "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
-            "notes": "; ".join(notes)}
+            "seconds": r.get("_seconds"), "notes": "; ".join(notes)}
     return tasks_out
 
 

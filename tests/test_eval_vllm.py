@@ -201,5 +201,5 @@ def test_server_stops_by_pid(server):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert core.tagged_processes(server_tag(proc.pid)) == []  # API server and engine core are gone
-    with socket.socket() as s:  # and the port is free again
-        s.bind(("127.0.0.1", server["port"]))
+    with pytest.raises(ConnectionRefusedError):  # and nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", server["port"]), timeout=5).close()
