@@ -255,6 +255,7 @@ def vllm_env() -> dict[str, str]:
     no engine processes that could outlive us) and OpenMP on every core we may use: vLLM's auto-binding kept one
     of two cores for a scheduler process that the in-process engine does not have."""
     env = dict(os.environ)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-step INFO lines would bury our progress lines
     if not _cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
