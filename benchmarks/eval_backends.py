@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results" / "eval_backends"
 BACKENDS = ("hf", "vllm")  # the first is the reference
 
 
-def run(tasks: str, limit: int | None, model: str, data_root: str, out: Path) -> dict:
+def run(tasks: str, limit: int | None, model: str, data_root: str, out: Path, hf_batch_size="auto") -> dict:
     from bench.models import resolve_model, weights_hash
     from bench.provenance import CODE, packages
     from evaluators import evaluate
@@ -37,11 +37,12 @@ def run(tasks: str, limit: int | None, model: str, data_root: str, out: Path) ->
             start = time.perf_counter()
             sections[backend] = evaluate(model_path, tasks.split(","), backend=backend, limit=limit,
                                          data_root=data_root, out_dir=str(Path(tmp) / backend), seed=0,
-                                         dtype="float32")
+                                         dtype="float32", batch_size=hf_batch_size if backend == "hf" else "auto")
             wall[backend] = time.perf_counter() - start
             load[backend].append(round(os.getloadavg()[0], 2))
         agreement = compare(sections["hf"], sections["vllm"], labels=BACKENDS)
-    result = {"tasks": tasks, "limit": limit, "model": model, "model_hash": weights_hash(model_path),
+    result = {"tasks": tasks, "limit": limit, "hf_batch_size": hf_batch_size, "model": model,
+              "model_hash": weights_hash(model_path),
               "wall_s": wall, "speedup": wall["hf"] / wall["vllm"], "agreement": agreement,
               "task_seconds": {b: {t: e.get("seconds") for t, e in s["tasks"].items()} for b, s in sections.items()},
               "engine": sections["vllm"].get("engine"), "throughput": {b: s["throughput"] for b, s in sections.items()},
@@ -61,7 +62,8 @@ def write(result: dict, out: Path) -> None:
              f"Wall: hf {w['hf']:.0f} s, vllm {w['vllm']:.0f} s (engine start included): **{result['speedup']:.2f}x**; "
              f"{result['cpu_count']} cores, load average (1 min) hf {load['hf'][0]}-{load['hf'][1]}, "
              f"vllm {load['vllm'][0]}-{load['vllm'][1]}; commit {result['git_commit'][:7]}"
-             f"{' (dirty)' if result.get('git_dirty') else ''}.", "",
+             f"{' (dirty)' if result.get('git_dirty') else ''}; hf batch size {result['hf_batch_size']} "
+             f"(auto = 8 on a CPU).", "",
              "| task | metric | n | hf | vllm | same answer | same after filters | hf s | vllm s | "
              "median / max relative Δ log-lik |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     secs = result["task_seconds"]
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="mmlu", help="bench eval task names, comma-separated (default: mmlu)")
     p.add_argument("--limit", type=int, default=100, help="seeded documents per task; 0 = all (default: 100)")
     p.add_argument("--model", default="default")
+    p.add_argument("--hf-batch-size", default="auto", help="hf's batch (auto = 8 on a CPU; smaller for the long "
+                   "history prompts where 8 needs ~15 GB)")
     p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
     p.add_argument("--out", default=str(RESULTS), help=f"output folder (default {RESULTS})")
     args = p.parse_args(argv)
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if data_root is None:
         return 2
     try:
-        run(args.tasks, args.limit or None, args.model, data_root, Path(args.out))
+        run(args.tasks, args.limit or None, args.model, data_root, Path(args.out),
+            args.hf_batch_size if args.hf_batch_size == "auto" else int(args.hf_batch_size))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

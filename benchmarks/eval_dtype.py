@@ -44,7 +44,7 @@ def compare(base: dict, other: dict, labels: tuple[str, str] = DTYPES) -> dict:
                 rel += [abs(h - w) / max(1.0, abs(w)) for h, w in zip(have, want)]
             else:  # generation: the generated text
                 same += r["resps"] == g["resps"]
-                extracted += r["filtered_resps"] == g["filtered_resps"]
+                extracted += r.get("filtered_resps") == g.get("filtered_resps")
         out[task] = {"metric": entry["metric"], "n": entry["n"], labels[0]: entry["value"],
                      labels[1]: other["tasks"][task]["value"], "same_answer": same,
                      "loglik_rel_change_median": statistics.median(rel) if rel else None,
