@@ -250,15 +250,34 @@ def vllm_mode() -> str:
     raise BenchError(VLLM_MISSING)
 
 
+def vllm_threads() -> int:
+    """OpenMP threads for vLLM on a CPU: FEDLORA_EVAL_THREADS, else every core this process may use, except on an
+    oversubscribed CPU (load average above the core count), where spinning OpenMP threads collapse as they do for
+    hf: GSM8K, 6 documents, load 11-15 on 2 cores: 216 s with 2 threads, 37-62 s with 1."""
+    if os.environ.get("FEDLORA_EVAL_THREADS"):
+        return int(os.environ["FEDLORA_EVAL_THREADS"])
+    cores = len(os.sched_getaffinity(0))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    if load > cores > 1:
+        print(f"[evaluators] load average {load:.1f} > {cores} cores: vLLM uses 1 thread (set FEDLORA_EVAL_THREADS "
+              "to override)", file=sys.stderr, flush=True)
+        return 1
+    return cores
+
+
 def vllm_env() -> dict[str, str]:
     """The environment vLLM runs in. On a CPU: the engine core in this process (ready in 10-13 s instead of ~22 s,
-    no engine processes that could outlive us) and OpenMP on every core we may use: vLLM's auto-binding kept one
-    of two cores for a scheduler process that the in-process engine does not have."""
+    no engine processes that could outlive us) and OpenMP on every core we may use (vllm_threads): vLLM's
+    auto-binding kept one of two cores for a scheduler process that the in-process engine does not have."""
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-step INFO lines would bury our progress lines
     if not _cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(vllm_threads())
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

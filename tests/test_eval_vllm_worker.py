@@ -46,11 +46,17 @@ def _evaluate(model_path, out, monkeypatch, **env):
 
 
 def test_clean_exit_leaves_no_process(model_path, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen_threads = []
+    real = core.vllm_threads
+    monkeypatch.setattr(core, "vllm_threads", lambda: seen_threads.append(real()) or seen_threads[-1])
     section, seen = _evaluate(model_path, tmp_path, monkeypatch)
     assert section["tasks"]["arc_easy"]["n"] == 2 and "worker_exit" not in section
     assert seen == [[]]  # the engine ran in the worker and was shut down with it
-    # the engine computed with every core this process may use (vLLM's auto-binding had left it one of two)
-    assert section["engine"]["torch_threads"] == section["engine"]["cpus"] == len(os.sched_getaffinity(0))
+    # the engine computed with the threads chosen for it: every core this process may use unless the CPU is
+    # oversubscribed (vLLM's auto-binding had left it one of two cores whatever the load)
+    assert section["engine"]["cpus"] == len(os.sched_getaffinity(0))
+    assert section["engine"]["torch_threads"] == seen_threads[0]
 
 
 def test_abort_after_a_complete_result_keeps_the_scores(model_path, tmp_path, monkeypatch, capsys):
@@ -95,9 +101,17 @@ def test_verify_result_accepts_complete_and_refuses_truncated(tmp_path):
 
 
 def test_worker_environment_uses_every_core_in_process(monkeypatch):
-    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):
+    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "FEDLORA_EVAL_THREADS"):
         monkeypatch.delenv(k, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))  # an idle machine
     env = core.vllm_env()
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert env["OMP_NUM_THREADS"] == str(cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 1.0, 1.0))  # oversubscribed: one thread
+    assert core.vllm_env()["OMP_NUM_THREADS"] == ("1" if cores > 1 else str(cores))
+    monkeypatch.setenv("FEDLORA_EVAL_THREADS", "3")  # the same override as for hf
+    assert core.vllm_env()["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # and the caller's own setting wins
+    assert core.vllm_env()["OMP_NUM_THREADS"] == "5"
