@@ -45,6 +45,9 @@ def run(tasks: str, limit: int | None, model: str, data_root: str, out: Path, hf
               "model_hash": weights_hash(model_path),
               "wall_s": wall, "speedup": wall["hf"] / wall["vllm"], "agreement": agreement,
               "task_seconds": {b: {t: e.get("seconds") for t, e in s["tasks"].items()} for b, s in sections.items()},
+              "task_cpu_seconds": {b: {t: e.get("cpu_seconds") for t, e in s["tasks"].items()}
+                                   for b, s in sections.items()},
+              "vllm_threads": (sections["vllm"].get("engine") or {}).get("torch_threads"),
               "engine": sections["vllm"].get("engine"), "throughput": {b: s["throughput"] for b, s in sections.items()},
               "load_avg_1m": load, "cpu_count": os.cpu_count(), **CODE, "packages": packages()}
     write(result, out)
@@ -64,15 +67,16 @@ def write(result: dict, out: Path) -> None:
              f"vllm {load['vllm'][0]}-{load['vllm'][1]}; commit {result['git_commit'][:7]}"
              f"{' (dirty)' if result.get('git_dirty') else ''}; hf batch size {result['hf_batch_size']} "
              f"(auto = 8 on a CPU).", "",
-             "| task | metric | n | hf | vllm | same answer | same after filters | hf s | vllm s | "
+             "| task | metric | n | hf | vllm | same answer | same after filters | hf s (CPU s) | vllm s (CPU s) | "
              "median / max relative Δ log-lik |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    secs = result["task_seconds"]
+    secs, cpu = result["task_seconds"], result.get("task_cpu_seconds", {"hf": {}, "vllm": {}})
     for task, a in result["agreement"].items():
         ll = ("" if a["loglik_rel_change_median"] is None
               else f"{a['loglik_rel_change_median']:.2e} / {a['loglik_rel_change_max']:.2e}")
         ext = f"{a['same_extracted']}/{a['n']}" if "same_extracted" in a else ""
         lines.append(f"| {task} | {a['metric']} | {a['n']} | {a['hf']:.3f} | {a['vllm']:.3f} | "
-                     f"{a['same_answer']}/{a['n']} | {ext} | {secs['hf'][task]} | {secs['vllm'][task]} | {ll} |")
+                     f"{a['same_answer']}/{a['n']} | {ext} | {secs['hf'][task]} ({cpu['hf'].get(task)}) | "
+                     f"{secs['vllm'][task]} ({cpu['vllm'].get(task)}) | {ll} |")
     atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -517,7 +517,7 @@ def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
         tasks_out[t["name"]] = {
             "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],
             "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
-            "seconds": r.get("_seconds"), "notes": "; ".join(notes)}
+            "seconds": r.get("_seconds"), "cpu_seconds": r.get("_cpu_seconds"), "notes": "; ".join(notes)}
     return tasks_out
 
 

@@ -231,9 +231,10 @@ def _score_target(lm, plan: dict, target: dict) -> dict:
             except ImportError:
                 pass
             sandbox.LAST_RESULTS.clear()
-            start = time.monotonic()
+            start, cpu_start = time.monotonic(), time.process_time()
             res = _run_task(lm, t, plan, out_dir)
             seconds = time.monotonic() - start
+            res["_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads: load-independent cost
             samples = res.pop("_samples")
             tokens = _count_tokens(tokenizer, samples)
             res["samples_sha256"], res["samples_lines"] = _write_samples(Path(res["samples"]), samples, t["name"],

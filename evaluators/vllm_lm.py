@@ -26,6 +26,8 @@ MIN_SHARED_PREFIX = 32
 # Warm-up requests of one wave hold at most this many context tokens, well under the KV cache's capacity (46,592
 # tokens in 2 GiB for the default model in float32), so a wave's prefixes are still cached when its rest comes.
 WAVE_TOKENS = 16_000
+
+
 class EngineLM(VLLM):
     """lm-eval VLLM with prefix caching, the one-token fast path, per-scoring LoRA adapters and shutdown()."""
 
@@ -37,7 +39,7 @@ class EngineLM(VLLM):
         super().__init__(pretrained=pretrained, dtype=dtype, seed=seed, enforce_eager=True,
                          enable_prefix_caching=True, max_lora_rank=max_lora_rank or 16, **kwargs)
         self._adapter_ids: dict[str, int] = {}
-        import torch
+        import torch  # after the engine started: the thread count it computes with
 
         self.stats = {"one_token_contexts": 0, "one_token_requests": 0, "prompt_logprob_requests": 0,
                       "torch_threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0))}
@@ -54,6 +56,7 @@ class EngineLM(VLLM):
         self.lora_request = LoRARequest(name, lora_id, os.path.abspath(path))
 
     def shutdown(self) -> None:
+        """Engine core, executor, scheduler and torch process groups (39 gloo threads here), stopped now."""
         engine = getattr(getattr(self, "model", None), "llm_engine", None)
         if engine is not None:
             engine.engine_core.shutdown()
