@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p_audit.add_argument("run_dir")
     p_audit.set_defaults(func=cmd_audit)
     for name, module, help_text in (("eval", "evaluators.cli", "score a run's global model or a base model with lm-eval"),
+                                    ("serve", "evaluators.serve", "serve a run's global model or adapters over vLLM's OpenAI-compatible API"),
                                     ("report", "reports.cli", "regenerate the leaderboard (and --plots) from results/"),
                                     ("ablate", "bench.ablate", "run a resumable grid of methods × ranks × data heterogeneity × seeds"),
                                     ("perf", "benchmarks.cli", "measure aggregation speed, memory per client and loop overhead")):

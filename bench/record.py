@@ -24,7 +24,9 @@ def load_avg() -> float | None:
 
 
 def provenance(*, model_id: str, model_path: str, data: dict[str, str], data_origin: str | None, device: str,
-               load_start: float | None) -> dict:
+               load_start: float | None, model_hash: str | None = ...) -> dict:
+    """model_hash: computed from model_path unless given (None for a model behind a server, whose weights this
+    process cannot read; base + adapter hashes for an unmerged adapter)."""
     import torch
 
     from .models import weights_hash
@@ -32,7 +34,7 @@ def provenance(*, model_id: str, model_path: str, data: dict[str, str], data_ori
     return {"packages": packages(), **CODE, "python": platform.python_version(), "platform": platform.platform(),
             "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "load_avg_1m_start": load_start, "load_avg_1m_end": load_avg(),
-            "model_id": model_id, "model_path": model_path, "model_hash": weights_hash(model_path),
+            "model_id": model_id, "model_path": model_path, "model_hash": weights_hash(model_path) if model_hash is ... else model_hash,
             "data": data, "data_origin": data_origin}
 
 

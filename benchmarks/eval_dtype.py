@@ -28,12 +28,14 @@ def samples_by_doc(section: dict, task: str) -> dict:
     return {r["doc_id"]: r for r in map(json.loads, open(section["tasks"][task]["samples"], encoding="utf-8"))}
 
 
-def compare(base: dict, other: dict) -> dict:
-    """Per task: scores, answers in agreement, and relative log-likelihood changes of `other` against `base`."""
+def compare(base: dict, other: dict, labels: tuple[str, str] = DTYPES) -> dict:
+    """Per task: scores, answers in agreement, and relative log-likelihood changes of `other` against `base`.
+    Generation tasks count the same generated text as the same answer, and report `same_extracted`: the same
+    answer after the task's filters (what the metric scores, e.g. GSM8K's extracted number)."""
     out = {}
     for task, entry in base["tasks"].items():
         ref, got = samples_by_doc(base, task), samples_by_doc(other, task)
-        same, rel = 0, []
+        same, extracted, rel = 0, 0, []
         for doc_id, r in ref.items():
             g = got[doc_id]
             if r["resps"] and isinstance(r["resps"][0][0], (list, tuple)):  # log-likelihood: [[ll, greedy]] per choice
@@ -42,10 +44,13 @@ def compare(base: dict, other: dict) -> dict:
                 rel += [abs(h - w) / max(1.0, abs(w)) for h, w in zip(have, want)]
             else:  # generation: the generated text
                 same += r["resps"] == g["resps"]
-        out[task] = {"metric": entry["metric"], "n": entry["n"], DTYPES[0]: entry["value"],
-                     DTYPES[1]: other["tasks"][task]["value"], "same_answer": same,
+                extracted += r.get("filtered_resps") == g.get("filtered_resps")
+        out[task] = {"metric": entry["metric"], "n": entry["n"], labels[0]: entry["value"],
+                     labels[1]: other["tasks"][task]["value"], "same_answer": same,
                      "loglik_rel_change_median": statistics.median(rel) if rel else None,
                      "loglik_rel_change_max": max(rel) if rel else None}
+        if not rel:
+            out[task]["same_extracted"] = extracted
     return out
 
 

@@ -9,9 +9,11 @@ runs the parts that have no record yet; `summary` adds the parts up.
 
     python -m benchmarks.eval_full run --task mmlu --budget-min 60    # start parts while they fit in 60 min
     python -m benchmarks.eval_full run --task gsm8k                   # one part: the whole test set
+    python -m benchmarks.eval_full run --task suite --backend vllm    # MMLU, GSM8K, commonsense: one vLLM run
     python -m benchmarks.eval_full summary                            # -> benchmarks/results/eval_full/SUMMARY.md
 
-The summed wall time includes one model load per part (about 3 s each here); SUMMARY.md says so.
+The summed wall time includes one model load per part (about 3 s each here); SUMMARY.md says so. A part killed
+midway resumes from its request cache under --runs when started again (bench eval's per-request cache).
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from pathlib import Path
 from bench.provenance import CODE
 
 RESULTS = Path(__file__).parent / "results" / "eval_full"
-TASKS = ("mmlu", "gsm8k", "commonsense")
-FALLBACK_S_PER_DOC = {"mmlu": 2.0, "gsm8k": 6.0, "commonsense": 0.2}  # until a part of the group has a record
+TASKS = ("mmlu", "gsm8k", "commonsense", "suite")
+SUITE = "mmlu,gsm8k,commonsense"  # the full evaluation of a model, scored as ONE part (one vLLM engine, one record)
+FALLBACK_S_PER_DOC = {"mmlu": 2.0, "gsm8k": 6.0, "commonsense": 0.2, "suite": 0.3}  # until the group has a record
 
 
 def parts_of(task: str, data_root: str) -> list[str]:
@@ -37,13 +40,15 @@ def parts_of(task: str, data_root: str) -> list[str]:
         from evaluators.tasks.loaders import mmlu_subjects
 
         return [f"mmlu_{s}" for s in mmlu_subjects(data_root)]
-    return [task]
+    return [SUITE if task == "suite" else task]
 
 
 def docs_of(part: str, data_root: str) -> int:
     from evaluators.tasks import loaders
 
     root = Path(data_root)
+    if part == SUITE:
+        return sum(docs_of(p, data_root) for p in ["gsm8k", "commonsense", *parts_of("mmlu", data_root)])
     if part.startswith("mmlu_"):
         return len(loaders.read_mmlu_csv(root / loaders.MMLU_DIRS[0] / f"{part[5:]}_test.csv", part[5:]))
     if part == "gsm8k":
@@ -89,7 +94,7 @@ def run(args) -> int:
     if CODE["git_dirty"]:  # each part's record stamps the tree it ran from; a run's own SUMMARY.md counts too
         print("warning: git: tracked files have uncommitted changes, so this run's records will say git_dirty: true; "
               "commit them first (including the SUMMARY.md a previous run rewrote)", file=sys.stderr, flush=True)
-    folder = group_dir(args.results, args.task, "hf", args.dtype)
+    folder = group_dir(args.results, args.task, args.backend, args.dtype)
     done = records(folder)
     todo = [p for p in parts_of(args.task, data_root) if _key(p) not in done]
     spent = [(r["timings"]["eval_s"], sum(t["n"] for t in r["eval"]["tasks"].values())) for r in done.values()]
@@ -103,7 +108,7 @@ def run(args) -> int:
             print(f"stop: {part} (~{estimate / 60:.0f} min) does not fit in the budget "
                   f"({elapsed / 60:.0f} of {args.budget_min} min spent)", flush=True)
             break
-        cmd = [sys.executable, "-m", "bench.cli", "eval", "--model", args.model, "--tasks", part, "--backend", "hf",
+        cmd = [sys.executable, "-m", "bench.cli", "eval", "--model", args.model, "--tasks", part, "--backend", args.backend,
                "--dtype", args.dtype, "--batch-size", "auto", "--data-root", data_root,
                "--results-dir", str(folder), "--output-dir", str(Path(args.runs) / folder.name / part)]
         print(f"{part}: {' '.join(cmd[1:])}", flush=True)
@@ -142,8 +147,9 @@ def write_summary(results: Path = RESULTS) -> Path:
         loads = [r["provenance"].get(k) for r in recs.values() for k in ("load_avg_1m_start", "load_avg_1m_end")]
         loads = [x for x in loads if x is not None]
         when = sorted(r["run_id"].rsplit("-", 1)[-1] for r in recs.values())
-        if task == "commonsense":  # one record, several tasks: their scores side by side
-            score = ", ".join(f"{name} {t['value']:.3f}" for name, t in entries_named(recs))
+        if task in ("commonsense", "suite"):  # one record, several tasks: their scores side by side
+            score = ", ".join(f"{name} {t['value']:.3f}" + (f" ({t['seconds']:,.0f} s)" if t.get("seconds") else "")
+                              for name, t in entries_named(recs))
             metric = "acc"
         else:
             p = sum(t["value"] * t["n"] for t in entries) / n
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="measure the parts of a full task that have no record yet")
     r.add_argument("--task", choices=TASKS, required=True)
     r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    r.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                   help="hf (the reference records) or vllm (in .venv-vllm on a CPU)")
     r.add_argument("--model", default="default")
     r.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
     r.add_argument("--budget-min", type=float, default=None,

@@ -22,17 +22,27 @@ DEFAULT_TASKS = "mmlu,gsm8k,commonsense"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="RUN_DIR", help="score <run dir>/global_model and write the eval section "
-                     "into the run's results record (<run dir>/run.json names it)")
+    src.add_argument("--run", metavar="RUN_DIR", help="score <run dir>/global_model (or its adapters, --adapter) and "
+                     "write the eval section into the run's results record (<run dir>/run.json names it)")
     src.add_argument("--model", metavar="MODEL", help="score a base model (HF folder | hub id | .gguf | default) "
                      "and write a kind=reference record to --results-dir")
+    src.add_argument("--base-url", metavar="URL", help="score the model an OpenAI-compatible server serves (bench "
+                     "serve prints the URL, e.g. http://127.0.0.1:8000/v1); writes a kind=reference record")
+    parser.add_argument("--served-model", metavar="NAME", default=None,
+                        help="--base-url: the served model to score (default: the only one served)")
+    parser.add_argument("--tokenizer", metavar="MODEL", default=None,
+                        help="--base-url: a local tokenizer (HF folder | default) for a server without /tokenize")
+    parser.add_argument("--adapter", metavar="global|clients|PATH", default=None,
+                        help="score LoRA adapters without merging: with --run, global (<run>/global_adapter on the "
+                             "base model, into the record's eval section) or clients (each client adapter of the "
+                             "last round, into the record's eval_clients section); with --model, a PEFT folder")
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
                         help="comma-separated: mmlu, gsm8k, humaneval, commonsense (= boolq, piqa, siqa, hellaswag, "
                              f"winogrande, arc_easy, arc_challenge, openbookqa) or any of those; MMLU in parts as lm-eval names "
                              f"them: mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject> "
                              f"(default {DEFAULT_TASKS})")
-    parser.add_argument("--backend", choices=["vllm", "hf"], default=None,
-                        help="vllm when a CUDA GPU and vllm are present, else hf")
+    parser.add_argument("--backend", choices=["vllm", "hf", "openai"], default=None,
+                        help="vllm when a CUDA GPU and vllm are present, else hf; openai with --base-url")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="score a seeded random subset of N documents per task (recorded)")
     parser.add_argument("--num-fewshot", type=int, default=None, metavar="K",
@@ -122,40 +132,41 @@ def _main(args: argparse.Namespace) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise BenchError(f"num-fewshot: {args.num_fewshot} must be >= 0")
     batch_size = _batch_size(args.batch_size)
-    backend = args.backend or core.default_backend()
+    backend = args.backend or ("openai" if args.base_url else core.default_backend())
+    if (backend == "openai") != bool(args.base_url):
+        raise BenchError("backend: --backend openai and --base-url go together (the openai backend scores a server)")
+    if not args.base_url and (args.served_model or args.tokenizer):
+        raise BenchError("served-model: --served-model and --tokenizer go with --base-url")
     if backend == "vllm":
         core.vllm_mode()  # BenchError with the install hint when vLLM is nowhere
+    common = dict(backend=backend, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=batch_size,
+                  data_root=data_root, seed=args.seed, allow_code_execution=args.allow_code_execution,
+                  dtype=args.dtype)
 
     if args.run:
-        run_dir = Path(args.run)
-        if not run_dir.is_dir():
-            raise BenchError(f"run: {run_dir} is not a folder; pass a run folder written by `bench run`")
-        model_dir = run_dir / "global_model"
-        if not (model_dir / "config.json").is_file():
-            raise BenchError(f"run: {model_dir} is not an HF model folder (no config.json); did the run finish?")
-        record_path = _record_path(run_dir)
-        from bench.io import read_record
+        return _eval_run(args, tasks, common)
 
-        record = read_record(record_path)  # refuses a newer schema before any work
-        t0 = time.monotonic()
-        section = core.evaluate(str(model_dir), tasks, backend=backend, limit=args.limit,
-                                num_fewshot=args.num_fewshot, batch_size=batch_size, data_root=data_root,
-                                out_dir=str(run_dir / "eval"), seed=args.seed,
-                                allow_code_execution=args.allow_code_execution, dtype=args.dtype)
-        eval_s = round(time.monotonic() - t0, 2)
-        record = read_record(record_path)  # re-read: keep anything written meanwhile
-        record["eval"] = section
-        record.setdefault("timings", {})["eval_s"] = eval_s
-        from bench.io import atomic_write_json
+    from bench.models import resolve_model, weights_hash
 
-        atomic_write_json(record_path, record)
-        print(_summary(section))
-        print(f"wrote the eval section into {record_path}")
-        return 0
+    if args.base_url:
+        if args.adapter:
+            raise BenchError("adapter: a server scores what it serves; serve the adapter (bench serve --lora "
+                             "NAME=PATH) and pass --served-model NAME")
+        from .openai_lm import LOGLIKELIHOOD_FREE, check_server
 
-    from bench.models import resolve_model
+        tokenizer = resolve_model(args.tokenizer)[0] if args.tokenizer else None
+        server = check_server(args.base_url, args.served_model,
+                              need_logprobs=any(core.task_family(t) not in LOGLIKELIHOOD_FREE for t in tasks))
+        model_path, model_id, model_hash = server["model"], server["model"], None
+        common.update(base_url=server["base_url"], tokenizer=tokenizer)
+    else:
+        model_path, model_id = resolve_model(args.model)
+        model_hash = weights_hash(model_path)
+        if args.adapter:
+            from .adapters import check_adapter
 
-    model_path, model_id = resolve_model(args.model)
+            check_adapter(args.adapter, "adapter", backend)
+            model_hash += "+lora:" + weights_hash(args.adapter)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_id = f"base-{_slug(model_id)}-s{args.seed}-{stamp}"
     out_root = Path(args.output_dir) if args.output_dir else Path("runs") / run_id
@@ -164,20 +175,23 @@ def _main(args: argparse.Namespace) -> int:
 
     load_start = load_avg()
     t0 = time.monotonic()
-    section = core.evaluate(model_path, tasks, backend=backend, limit=args.limit, num_fewshot=args.num_fewshot,
-                            batch_size=batch_size, data_root=data_root, out_dir=str(out_root / "eval"),
-                            seed=args.seed, allow_code_execution=args.allow_code_execution, dtype=args.dtype)
+    section = core.evaluate(model_path, tasks, adapter=args.adapter, out_dir=str(out_root / "eval"), **common)
     eval_s = round(time.monotonic() - t0, 2)
-    config = {"model": args.model, "tasks": tasks, "backend": section["backend"], "limit": args.limit,
+    config = {"model": args.model or args.base_url, "tasks": tasks, "backend": section["backend"], "limit": args.limit,
               "num_fewshot": args.num_fewshot, "batch_size": batch_size, "dtype": section["dtype"],
               "data_root": data_root,
               "seed": args.seed, "allow_code_execution": bool(args.allow_code_execution)}
+    if args.adapter:
+        config["adapter"] = args.adapter
+    if args.base_url:
+        config["served_model"] = model_id
     from bench.record import build_record, config_hash, provenance, reference_setting
 
     record = build_record(
         kind="reference", run_id=run_id, method="base", setting=reference_setting(model_id), seed=args.seed,
         config=config, config_hash=config_hash(config, leave_out=("seed", "data_root")),
-        provenance=provenance(model_id=model_id, model_path=model_path, device=_device(), load_start=load_start,
+        provenance=provenance(model_id=model_id, model_path=model_path, model_hash=model_hash, device=_device(),
+                              load_start=load_start,
                               data={t["source"]["path"]: t["source"]["md5"] for t in section["tasks"].values()
                                     if "path" in t["source"]}, data_origin=None),
         dtypes={"training": None, "master": None, "export": None, "eval": section["dtype"]},
@@ -188,6 +202,53 @@ def _main(args: argparse.Namespace) -> int:
     atomic_write_json(path, record)
     print(_summary(section))
     print(f"wrote {path}")
+    return 0
+
+
+def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
+    """--run: the global model (merged, or --adapter global: base + global adapter) into the record's eval section;
+    --adapter clients: every client adapter of the last round into its eval_clients section."""
+    from bench.io import atomic_write_json, read_record
+
+    from . import core
+    from .serve import run_base_model, client_adapters, global_adapter
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise BenchError(f"run: {run_dir} is not a folder; pass a run folder written by `bench run`")
+    if args.adapter not in (None, "global", "clients"):
+        raise BenchError(f"adapter: with --run pass global or clients, not {args.adapter!r} (a folder goes with --model)")
+    if args.adapter is None:
+        model_dir = run_dir / "global_model"
+        if not (model_dir / "config.json").is_file():
+            raise BenchError(f"run: {model_dir} is not an HF model folder (no config.json); did the run finish?")
+    record_path = _record_path(run_dir)
+    record = read_record(record_path)  # refuses a newer schema before any work
+    if args.adapter == "clients":
+        rnd, loras = client_adapters(run_dir, None)
+        t0 = time.monotonic()
+        sections = core.evaluate_adapters(run_base_model(run_dir), tasks, loras,
+                                          out_dir=str(run_dir / "eval" / f"clients_round_{rnd}"), **common)
+        record = read_record(record_path)  # re-read: keep anything written meanwhile
+        record["eval_clients"] = {"round": rnd, "eval_s": round(time.monotonic() - t0, 2), "clients": sections}
+        atomic_write_json(record_path, record)
+        for name, section in sections.items():
+            print(f"{name}: {_summary(section)}")
+        print(f"wrote the eval_clients section (round {rnd}, {len(sections)} clients) into {record_path}")
+        return 0
+    t0 = time.monotonic()
+    if args.adapter == "global":
+        section = core.evaluate(run_base_model(run_dir), tasks, adapter=global_adapter(run_dir),
+                                out_dir=str(run_dir / "eval"), **common)
+    else:
+        section = core.evaluate(str(model_dir), tasks, out_dir=str(run_dir / "eval"), **common)
+    eval_s = round(time.monotonic() - t0, 2)
+    record = read_record(record_path)  # re-read: keep anything written meanwhile
+    record["eval"] = section
+    record.setdefault("timings", {})["eval_s"] = eval_s
+    atomic_write_json(record_path, record)
+    print(_summary(section))
+    print(f"wrote the eval section into {record_path}")
     return 0
 
 

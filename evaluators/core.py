@@ -7,12 +7,15 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from bench import BenchError
 from bench.config import DTYPES
 from bench.data import md5
+
+from .adapters import check_adapter
 
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
@@ -247,107 +250,256 @@ def vllm_mode() -> str:
     raise BenchError(VLLM_MISSING)
 
 
+def vllm_threads() -> int:
+    """OpenMP threads for vLLM on a CPU: FEDLORA_EVAL_THREADS, else every core this process may use, except on an
+    oversubscribed CPU (load average above the core count), where spinning OpenMP threads collapse as they do for
+    hf: GSM8K, 6 documents, load 11-15 on 2 cores: 216 s with 2 threads, 37-62 s with 1."""
+    if os.environ.get("FEDLORA_EVAL_THREADS"):
+        return int(os.environ["FEDLORA_EVAL_THREADS"])
+    cores = len(os.sched_getaffinity(0))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    if load > cores > 1:
+        print(f"[evaluators] load average {load:.1f} > {cores} cores: vLLM uses 1 thread (set FEDLORA_EVAL_THREADS "
+              "to override)", file=sys.stderr, flush=True)
+        return 1
+    return cores
+
+
 def vllm_env() -> dict[str, str]:
+    """The environment vLLM runs in. On a CPU: the engine core in this process (ready in 10-13 s instead of ~22 s,
+    no engine processes that could outlive us) and OpenMP on every core we may use (vllm_threads): vLLM's
+    auto-binding kept one of two cores for a scheduler process that the in-process engine does not have."""
     env = dict(os.environ)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-step INFO lines would bury our progress lines
     if not _cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env.setdefault("OMP_NUM_THREADS", "2")
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(vllm_threads())
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
 
 
 def _run_in_venv(plan: dict) -> dict:
+    """Run the plan in .venv-vllm (python -m evaluators.worker) and return its verified result.
+
+    The worker is judged by its result file, not by its exit code alone: a result that verify_result accepts is
+    complete (every target, task and per-sample file, byte for byte), so an abnormal exit after writing it (vLLM's
+    teardown aborting) does not fail the evaluation; it is reported on stderr and in the result. A missing or
+    truncated result fails, whatever the exit code. The worker runs in its own process group, which is killed
+    afterwards, so no engine process outlives the evaluation."""
+    import signal
+
     py = vllm_venv_python()
-    out_dir = Path(plan["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(plan["out_dir"]).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-worker-") as tmp:
         plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
         plan_path.write_text(json.dumps(plan))
         env = vllm_env()
         env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # its own process group: vLLM's engine processes go with it if we are interrupted
+        tag = env[WORKER_TAG_ENV] = f"{os.getpid()}-{os.urandom(6).hex()}"
         proc = subprocess.Popen([str(py), "-m", "evaluators.worker", str(plan_path), str(result_path)],
                                 cwd=str(_repo_root()), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             proc.wait()
         finally:
-            if proc.poll() is None:
-                import signal
-
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # anything the worker started and left behind
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            orphans = tagged_processes(tag)  # anything that left its process group
+            for pid in orphans:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
-        if proc.returncode != 0 or not result_path.is_file():
-            raise BenchError(f"backend: the vllm worker ({py}) failed with exit code {proc.returncode}; see its "
-                             "output above, or use --backend hf")
-        result = json.loads(result_path.read_text())
+        rc = proc.returncode
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise BenchError(f"backend: the vllm worker ({py}) exited with code {rc} without a result; see its "
+                             "output above, or use --backend hf") from None
     if "error" in result:
         raise BenchError(f"backend: the vllm worker failed: {result['error']}")
+    verify_result(result, plan)
+    if rc != 0:
+        why = f"signal {-rc}" if rc < 0 else f"code {rc}"
+        print(f"[evaluators] the vllm worker exited with {why} after writing a complete result (verified: every "
+              "target, task and per-sample file); the scores stand", file=sys.stderr, flush=True)
+        result["worker_exit"] = rc
+    if orphans:
+        print(f"[evaluators] killed {len(orphans)} process(es) the vllm worker left behind", file=sys.stderr, flush=True)
+        result["worker_orphans"] = len(orphans)
     return result
 
 
+WORKER_TAG_ENV = "FEDLORA_EVAL_WORKER"  # set in the worker's environment, so every process it starts inherits it
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of this user's processes whose environment carries the worker tag (Linux /proc; [] elsewhere)."""
+    needle = f"{WORKER_TAG_ENV}={tag}".encode()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def verify_result(result: dict, plan: dict) -> None:
+    """BenchError unless the result covers every target and task of the plan and each per-sample file is there
+    with the line count and sha256 the scorer recorded."""
+    from .runner import targets_of
+
+    if result.get("complete") is not True:
+        raise BenchError("backend: the evaluation result is incomplete (no completion mark); scores not used")
+    for target in targets_of(plan):
+        got = result.get("targets", {}).get(target["name"] or "")
+        label = f"target {target['name']}: " if target["name"] else ""
+        if got is None:
+            raise BenchError(f"backend: the evaluation result lacks {label or 'the model'}; scores not used")
+        for t in plan["tasks"]:
+            r = got["tasks"].get(t["name"])
+            if r is None:
+                raise BenchError(f"backend: {label}the evaluation result lacks task {t['name']}; scores not used")
+            f = Path(r["samples"])
+            data = f.read_bytes() if f.is_file() else b""
+            lines = data.count(b"\n")
+            if lines != r["samples_lines"] or lines != r["n"] or hashlib.sha256(data).hexdigest() != r["samples_sha256"]:
+                raise BenchError(f"backend: {label}{t['name']}: per-sample file {f} is missing or truncated "
+                                 f"({lines} of {r['n']} lines, or a different checksum); scores not used")
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
-def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = None, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size="auto", data_root: str | None = None,
-             out_dir: str | None = None, seed: int = 0, allow_code_execution: bool = False,
-             dtype: str = "auto") -> dict:
-    """Score an HF model folder on tasks; return the results record's `eval` section (ARCHITECTURE.md)."""
+BACKENDS = ("hf", "vllm", "openai")
+
+
+def evaluate(model_path: str, tasks: list[str] | str, *, adapter: str | None = None, **kwargs) -> dict:
+    """Score an HF model folder (with `adapter`, a PEFT LoRA folder, applied unmerged) on tasks; return the results
+    record's `eval` section (ARCHITECTURE.md). With backend="openai", model_path is the name a server at
+    base_url serves. Keyword arguments: those of evaluate_adapters."""
+    return evaluate_adapters(model_path, tasks, {"": adapter}, **kwargs)[""]
+
+
+def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[str, str | None], *,
+                      backend: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
+                      batch_size="auto", data_root: str | None = None, out_dir: str | None = None, seed: int = 0,
+                      allow_code_execution: bool = False, dtype: str = "auto", base_url: str | None = None,
+                      tokenizer: str | None = None) -> dict[str, dict]:
+    """Score the model with each adapter (name -> PEFT folder, None = the model itself) on the same tasks and
+    documents; return name -> `eval` section. vLLM loads the model once and switches adapters (LoRA, unmerged);
+    hf loads base + adapter per name. Samples go to <out_dir>/<name>/ (to <out_dir> for the name "")."""
     import lm_eval  # noqa: F401  (fail early, before any work, when the eval extra is missing)
 
     data_root = data_root if data_root is not None else default_data_root()
     names = validate_tasks(tasks, data_root)
-    backend = backend or default_backend()
-    if backend not in ("hf", "vllm"):
-        raise BenchError(f"backend: unknown backend {backend!r}; use hf or vllm")
+    backend = backend or ("openai" if base_url else default_backend())
+    if backend not in BACKENDS:
+        raise BenchError(f"backend: unknown backend {backend!r}; use {', '.join(BACKENDS)}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise BenchError(f"limit: {limit!r} is not a positive integer; pass --limit N with N >= 1")
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise BenchError(f"num-fewshot: {num_fewshot!r} is not an integer >= 0")
-    dtype = resolve_dtype(dtype, backend)
+    dtype = resolve_dtype(dtype, backend) if backend != "openai" else "server"
     if "humaneval" in names and not allow_code_execution:
         raise BenchError("tasks: humaneval runs model-written code; pass --allow-code-execution "
                          "(allow_code_execution=True) to run it in evaluators.sandbox, or drop humaneval")
-    if not Path(model_path).is_dir() and not (model_path.count("/") == 1 and not model_path.startswith((".", "/"))):
-        raise BenchError(f"model: {model_path} is not a model folder or hub id")
-    mode = vllm_mode() if backend == "vllm" else "inprocess"
-
+    for name, path in adapters.items():
+        if path is not None:
+            check_adapter(path, f"adapter {name}" if name else "adapter", backend)
     plan, missing = plan_tasks(names, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
+    server = None
+    if backend == "openai":
+        if any(adapters.values()):
+            raise BenchError("adapter: the openai backend scores what the server serves; serve the adapter "
+                             "(bench serve --lora NAME=PATH) and pass its name as the model")
+        from .openai_lm import check_server, LOGLIKELIHOOD_FREE
+
+        server = check_server(base_url, model_path,
+                              need_logprobs=any(task_family(t["name"]) not in LOGLIKELIHOOD_FREE for t in plan))
+        model_path = server["model"]
+        mode = "inprocess"
+    else:
+        if not Path(model_path).is_dir() and not (model_path.count("/") == 1 and not model_path.startswith((".", "/"))):
+            raise BenchError(f"model: {model_path} is not a model folder or hub id")
+        mode = vllm_mode() if backend == "vllm" else "inprocess"
+
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedlora-eval-"))
+    targets = []
+    for name, path in adapters.items():
+        t_out = (out / name if name else out).resolve()
+        cache = None if backend == "openai" else str(request_cache_path(t_out, model_path, backend, dtype, path))
+        targets.append({"name": name, "adapter": str(Path(path).resolve()) if path else None, "out_dir": str(t_out),
+                        "request_cache": cache})
     run = {"model_path": str(model_path), "backend": backend, "dtype": dtype, "batch_size": batch_size, "seed": seed,
-           "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution),
-           "request_cache": str(request_cache_path(out, model_path, backend, dtype)),
+           "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution), "targets": targets,
+           "base_url": server["base_url"] if server else None, "max_length": server["max_model_len"] if server else None,
+           "tokenizer": tokenizer,
            "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root")}
                      for t in plan]}
     if plan:
-        if mode == "venv":
-            result = _run_in_venv(run)
-        else:
-            from .runner import run_plan
-
-            import torch
-
-            env_backup = None
-            if backend == "vllm":
-                env_backup = dict(os.environ)
-                os.environ.update(vllm_env())
-            threads = torch.get_num_threads()  # the hf backend may drop to 1 thread on a loaded CPU
-            try:
-                result = run_plan(run)
-            finally:
-                # restore: a caller that trains next (bench ablate) must keep its thread count, or its
-                # float reductions, and so its numbers, would depend on the load during evaluation
-                torch.set_num_threads(threads)
-                if env_backup is not None:
-                    os.environ.clear()
-                    os.environ.update(env_backup)
+        result = _run_in_venv(run) if mode == "venv" else _run_here(run)
     else:
-        result = {"tasks": {}, "throughput": {"samples_per_s": 0.0, "tokens_per_s": 0.0}}
+        empty = {"tasks": {}, "throughput": {"samples_per_s": 0.0, "tokens_per_s": 0.0}}
+        result = {"targets": {t["name"]: empty for t in targets}}
+    import importlib.metadata as md
 
+    sections = {}
+    for target in targets:
+        r_t = result["targets"][target["name"]]
+        section = {"backend": backend, "dtype": dtype,
+                   "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
+                   "throughput": r_t["throughput"], "request_cache": r_t.get("request_cache"),
+                   "tasks": _task_entries(plan, r_t["tasks"], seed), "missing": dict(missing)}
+        if target["adapter"]:
+            section["adapter"] = {"path": target["adapter"], "applied": "unmerged LoRA" + (
+                " (vLLM LoRARequest)" if backend == "vllm" else " (peft)")}
+        if server:
+            section["server"] = {"base_url": server["base_url"], "model": model_path}
+        if result.get("engine"):
+            section["engine"] = result["engine"]
+        for key in ("worker_exit", "worker_orphans"):  # only when the worker did not end cleanly
+            if result.get(key):
+                section[key] = result[key]
+        sections[target["name"]] = section
+    return sections
+
+
+def _run_here(run: dict) -> dict:
+    from .runner import run_plan
+
+    import torch
+
+    env_backup = None
+    if run["backend"] == "vllm":
+        env_backup = dict(os.environ)
+        os.environ.update(vllm_env())
+    threads = torch.get_num_threads()  # the hf backend may drop to 1 thread on a loaded CPU
+    try:
+        result = run_plan(run)
+    finally:
+        # restore: a caller that trains next (bench ablate) must keep its thread count, or its
+        # float reductions, and so its numbers, would depend on the load during evaluation
+        torch.set_num_threads(threads)
+        if env_backup is not None:
+            os.environ.clear()
+            os.environ.update(env_backup)
+    verify_result(result, run)
+    return result
+
+
+def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
     tasks_out = {}
     for t in plan:
-        r = result["tasks"][t["name"]]
+        r = results[t["name"]]
         notes = list(t["notes"])
         if t["limit"] is not None:
             notes.append(f"--limit {t['limit']}: seeded random subset (seed {seed}) of the test split, "
@@ -365,15 +517,11 @@ def evaluate(model_path: str, tasks: list[str] | str, *, backend: str | None = N
         tasks_out[t["name"]] = {
             "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],
             "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
-            "notes": "; ".join(notes)}
-    import importlib.metadata as md
-
-    return {"backend": backend, "dtype": dtype, "lm_eval_version": result.get("lm_eval_version") or md.version("lm_eval"),
-            "throughput": result["throughput"], "request_cache": result.get("request_cache"),
-            "tasks": tasks_out, "missing": missing}
+            "seconds": r.get("_seconds"), "cpu_seconds": r.get("_cpu_seconds"), "notes": "; ".join(notes)}
+    return tasks_out
 
 
-def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str) -> Path:
+def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str, adapter: str | None = None) -> Path:
     """lm-eval's per-request cache (CachingLM, SQLite, one commit per answered request) for this model's weights,
     backend and device, under the output folder: a killed evaluation scored again into the same folder (a
     resumed `bench run`, or `bench eval --output-dir` the same) only computes the requests it had not answered.
@@ -381,4 +529,6 @@ def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str)
     from bench.models import weights_hash
 
     key = weights_hash(model_path)[:16] if Path(model_path).is_dir() else hashlib.sha256(model_path.encode()).hexdigest()[:16]
+    if adapter:  # base + adapter is another model: its own answers
+        key += "-lora" + weights_hash(adapter)[:16]
     return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if _cuda() else 'cpu'}-{dtype}-{key}.sqlite"

@@ -32,7 +32,9 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def make_lm(plan: dict):
+def make_lm(plan: dict, adapter: str | None = None):
+    """The lm-eval LM of the plan's backend. `adapter` (a PEFT folder) applies to hf only: hf loads base + adapter
+    per target, while one vLLM engine switches adapters (EngineLM.use_adapter) and openai scores served names."""
     backend, path = plan["backend"], plan["model_path"]
     batch_size = plan.get("batch_size", "auto")
     if backend == "hf":
@@ -46,17 +48,32 @@ def make_lm(plan: dict):
             # lm-eval's "auto" probes with full-context batches: minutes and many GB on a CPU
             batch_size = 8
         return HFLM(pretrained=path, dtype=plan["dtype"], batch_size=batch_size,
-                    device="cuda" if cuda else "cpu", max_batch_size=64)
+                    device="cuda" if cuda else "cpu", max_batch_size=64, peft=adapter)
     if backend == "vllm":
-        from lm_eval.models.vllm_causallms import VLLM
+        from .adapters import adapter_rank, lora_rank_slot
+        from .vllm_lm import EngineLM
 
         cpu = os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or _vllm_is_cpu()
-        kwargs = dict(pretrained=path, dtype=plan["dtype"], batch_size="auto" if batch_size in ("auto", None) else batch_size,
-                      seed=plan.get("seed", 0), enforce_eager=True)
+        kwargs = dict(dtype=plan["dtype"], seed=plan.get("seed", 0),
+                      batch_size="auto" if batch_size in ("auto", None) else batch_size)
+        ranks = [adapter_rank(t["adapter"]) for t in targets_of(plan) if t["adapter"]]
+        if ranks:
+            kwargs.update(max_lora_rank=lora_rank_slot(max(ranks)))
         if not cpu:
             kwargs["gpu_memory_utilization"] = float(os.environ.get("FEDLORA_VLLM_GPU_MEM", "0.85"))
-        return VLLM(**kwargs)
+        return EngineLM(path, **kwargs)
+    if backend == "openai":
+        from .openai_lm import make_openai_lm
+
+        return make_openai_lm(plan)
     raise ValueError(f"unknown backend {backend}")
+
+
+def targets_of(plan: dict) -> list[dict]:
+    """What to score with the plan's model: [{"name", "adapter" (PEFT folder or None), "out_dir", "request_cache"}];
+    a plan without "targets" scores the model itself into its out_dir."""
+    return plan.get("targets") or [{"name": None, "adapter": None, "out_dir": plan["out_dir"],
+                                    "request_cache": plan.get("request_cache")}]
 
 
 def _cpu_threads(torch) -> None:
@@ -161,29 +178,51 @@ def seeded_subset(n: int, limit: int | None, seed: int, key: str) -> list[int] |
 
 # ------------------------------------------------------------------------------------------------ run
 def run_plan(plan: dict) -> dict:
-    """Score every task of the plan with one LM. Returns {"tasks": {...}, "throughput": {...}, ...}."""
+    """Score every task of the plan for every target (the model, or the model with each adapter) with one LM where
+    the backend can switch adapters. Returns {"targets": {name: {"tasks", "throughput", ...}}, "load_s", ...}."""
+    _quiet_lm_eval()
+    t0 = time.monotonic()
+    targets = targets_of(plan)
+    per_target_lm = plan["backend"] == "hf" and any(t["adapter"] for t in targets)
+    lm = None if per_target_lm else make_lm(plan)
+    load_s = time.monotonic() - t0
+    out: dict = {}
+    try:
+        for target in targets:
+            if per_target_lm:
+                lm = make_lm(plan, adapter=target["adapter"])
+            elif target["adapter"] or hasattr(lm, "use_adapter"):
+                lm.use_adapter(target["name"], target["adapter"])
+            out[target["name"] or ""] = _score_target(lm, plan, target)
+    finally:
+        if hasattr(lm, "shutdown"):
+            lm.shutdown()
+    import importlib.metadata as md
+
+    return {"targets": out, "load_s": round(load_s, 2), "lm_eval_version": md.version("lm_eval"),
+            "engine": dict(getattr(lm, "stats", {}) or {}), "complete": True}
+
+
+def _score_target(lm, plan: dict, target: dict) -> dict:
     import numpy as np
 
     from . import sandbox
     from .tasks.loaders import ALLOW_ENV
 
-    out_dir = Path(plan["out_dir"])
+    out_dir = Path(target["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    _quiet_lm_eval()
-    t0 = time.monotonic()
-    lm = make_lm(plan)
-    load_s = time.monotonic() - t0
-    tokenizer = _tokenizer(lm, plan["model_path"])
+    tokenizer = _tokenizer(lm, plan)
     cache_stats = None
-    if plan.get("request_cache"):
-        lm, cache_stats = _with_request_cache(lm, plan["request_cache"])
+    if target.get("request_cache"):
+        lm, cache_stats = _with_request_cache(lm, target["request_cache"])
     results, total_samples, total_tokens, total_s = {}, 0, 0, 0.0
     old_allow = os.environ.get(ALLOW_ENV)
     if plan.get("allow_code_execution"):
         os.environ[ALLOW_ENV] = "1"
+    label = f"{target['name']}: " if target["name"] else ""
     try:
         for t in plan["tasks"]:
-            _log(f"{t['name']}: scoring ({t['mode']}, limit={t['limit']}, num_fewshot={t['num_fewshot']})")
+            _log(f"{label}{t['name']}: scoring ({t['mode']}, limit={t['limit']}, num_fewshot={t['num_fewshot']})")
             random.seed(plan.get("seed", 0))
             np.random.seed(NUMPY_SEED)
             try:
@@ -192,28 +231,27 @@ def run_plan(plan: dict) -> dict:
             except ImportError:
                 pass
             sandbox.LAST_RESULTS.clear()
-            start = time.monotonic()
-            res = _run_task(lm, t, plan)
+            start, cpu_start = time.monotonic(), time.process_time()
+            res = _run_task(lm, t, plan, out_dir)
             seconds = time.monotonic() - start
+            res["_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads: load-independent cost
             samples = res.pop("_samples")
             tokens = _count_tokens(tokenizer, samples)
-            _write_samples(Path(res["samples"]), samples, t["name"], sandbox.LAST_RESULTS)
+            res["samples_sha256"], res["samples_lines"] = _write_samples(Path(res["samples"]), samples, t["name"],
+                                                                         sandbox.LAST_RESULTS)
             res["_seconds"] = round(seconds, 2)
             res["_tokens"] = tokens
             results[t["name"]] = res
             total_samples += res["n"]
             total_tokens += tokens
             total_s += seconds
-            _log(f"{t['name']}: {res['metric']}={res['value']:.4f} n={res['n']} in {seconds:.1f}s")
+            _log(f"{label}{t['name']}: {res['metric']}={res['value']:.4f} n={res['n']} in {seconds:.1f}s")
     finally:
         if old_allow is None:
             os.environ.pop(ALLOW_ENV, None)
         else:
             os.environ[ALLOW_ENV] = old_allow
-    import importlib.metadata as md
-
-    return {"tasks": results, "load_s": round(load_s, 2), "eval_s": round(total_s, 2),
-            "lm_eval_version": md.version("lm_eval"), "request_cache": cache_stats,
+    return {"tasks": results, "eval_s": round(total_s, 2), "request_cache": cache_stats,
             "throughput": {"samples_per_s": round(total_samples / total_s, 3) if total_s else 0.0,
                            "tokens_per_s": round(total_tokens / total_s, 1) if total_s else 0.0}}
 
@@ -263,7 +301,7 @@ def _with_request_cache(lm, path: str):
     return cached, stats
 
 
-def _run_task(lm, t: dict, plan: dict) -> dict:
+def _run_task(lm, t: dict, plan: dict, out_dir: Path) -> dict:
     from lm_eval.api.metrics import mean_stderr
     from lm_eval.evaluator import evaluate
 
@@ -330,7 +368,7 @@ def _run_task(lm, t: dict, plan: dict) -> dict:
     first = tasks[names[0]]
     return {"metric": primary, "value": float(value), "stderr": None if stderr is None else float(stderr),
             "n": n_scored, "num_fewshot": int(first.get_config("num_fewshot") or 0),
-            "samples": str(Path(plan["out_dir"]) / f"{t['name']}.jsonl"), "metrics": metrics,
+            "samples": str(out_dir / f"{t['name']}.jsonl"), "metrics": metrics,
             "_hub": _hub_id(first) if t["mode"] == "hub" else None, "_samples": all_samples}
 
 
@@ -369,13 +407,15 @@ def _hub_id(task) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _tokenizer(lm, model_path: str):
-    tok = getattr(lm, "tokenizer", None)
+def _tokenizer(lm, plan: dict):
+    """A local HF tokenizer for counting tokens, or None (then throughput has no token rate). The openai backend
+    counts with the --tokenizer folder only: asking a remote server per string would cost a request each."""
+    tok = getattr(lm, "tokenizer", None) if plan["backend"] != "openai" else None
     if tok is not None:
         return tok
     try:
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(model_path)
+        return AutoTokenizer.from_pretrained(plan.get("tokenizer") or plan["model_path"])
     except Exception:
         return None
 
@@ -412,9 +452,10 @@ def _count_tokens(tokenizer, samples: list[dict]) -> int:
     return total
 
 
-def _write_samples(path: Path, samples: list[dict], task: str, sandbox_results: dict) -> None:
+def _write_samples(path: Path, samples: list[dict], task: str, sandbox_results: dict) -> tuple[str, int]:
     """One JSON line per scored document; a task with several filters (gsm8k) gets one entry per filter
-    under filtered_resps / metrics."""
+    under filtered_resps / metrics. Returns (sha256, lines) of what was written, so whoever reads the result can
+    check that the file is complete (evaluators.core.verify_result)."""
     from bench.io import atomic_write_text
 
     merged: dict[tuple, dict] = {}
@@ -442,4 +483,8 @@ def _write_samples(path: Path, samples: list[dict], task: str, sandbox_results: 
         rec["filtered_resps"][flt] = s.get("filtered_resps")
         rec["metrics"][flt] = {m: s.get(m) for m in (s.get("metrics") or []) if m in s}
     lines = [json.dumps(r, default=str, ensure_ascii=False) for r in merged.values()]
-    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    text = "\n".join(lines) + ("\n" if lines else "")
+    atomic_write_text(path, text)
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest(), len(lines)

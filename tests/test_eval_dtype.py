@@ -3,6 +3,7 @@ lm-eval's format (log-likelihood tasks: resps = [[[ll, is_greedy]] per choice]; 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +32,15 @@ def test_compare_counts_same_answers_and_relative_loglik_changes(tmp_path):
     other = _section(tmp_path, "bf16", {
         "piqa": (1.0, [_ll(1, [-0.3, -0.4]), _ll(0, [-10.1, -11.9])]),
         "gsm8k": (0.0, [{"doc_id": 1, "resps": [["8"]]}, {"doc_id": 0, "resps": [["42"]]}])})
+    for section, answers in ((base, {0: "42", 1: "7"}), (other, {0: "42", 1: "7"})):  # doc 1: new text, same number
+        path = Path(section["tasks"]["gsm8k"]["samples"])
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "filtered_resps": {"strict-match": answers[r["doc_id"]]}}) + "\n"
+                                for r in rows))
     got = compare(base, other)
     assert got["piqa"]["same_answer"] == 1 and (got["piqa"]["float32"], got["piqa"]["bfloat16"]) == (0.5, 1.0)
     changes = sorted([0.1 / 10, 0.1 / 12, 0.2, 0.0])
     assert got["piqa"]["loglik_rel_change_max"] == pytest.approx(changes[-1])
     assert got["piqa"]["loglik_rel_change_median"] == pytest.approx((changes[1] + changes[2]) / 2)
     assert got["gsm8k"]["same_answer"] == 1 and got["gsm8k"]["loglik_rel_change_max"] is None
+    assert got["gsm8k"]["same_extracted"] == 2 and "same_extracted" not in got["piqa"]
