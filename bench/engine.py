@@ -357,6 +357,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         own = [[data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, False) for i in split]
                for split in plan.client_tests]
         personalized = None
+        # local-only and FedSA-LoRA (has_global_model False) have no global model: the exported one is the base
+        no_global = cfg.reference == "local-only" or not method.has_global_model
         if method.personalized and runtime is not None:
             personalized = _own_models(runtime, server, tcfg.rounds + 1, pooled, own)
         engine_name = transport.name
@@ -373,7 +375,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         test = _losses(global_model, pooled, tok.pad_token_id, device)
         if any(own):
             test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)} for k, ex in enumerate(own)]
-        if cfg.reference == "local-only":  # there is no global model: the row is the mean of the clients' own
+        if no_global:  # the row's model is each client's own: the score is the mean over them
             test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
                     **({"per_client": personalized["per_client"]} if any(own) else {})}
         del global_model
@@ -383,7 +385,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         signals.check()
 
         eval_section = None
-        if plan.eval_tasks and cfg.reference != "local-only":
+        if plan.eval_tasks and not no_global:
             hooks.point("eval")
             t = time.time()
             eval_section = evaluator.evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,

@@ -46,7 +46,6 @@ class FlexLoRA(AggregationMethod):
             raise ValueError(f"method_options: flexlora split must be 'sqrt' or 'official', got {self.opts['split']!r}")
 
     def configure(self, state, client):
-        self._largest = max(getattr(self, "_largest", 0), client.rank)
         if not state.adapter:
             return ClientTask()
         adapter = state.adapter
@@ -55,8 +54,8 @@ class FlexLoRA(AggregationMethod):
         if ordered is not None and ordered < min(client.rank, rows):  # a larger client than any seen: order now
             adapter = {}
             for name, (a, b) in state.adapter.items():
-                a2, b2, _, _ = svd_factors_top(b, a, client.rank)
-                adapter[name] = (a2, b2)
+                a2, b2, k, _ = svd_factors_top(b, a, client.rank)
+                adapter[name] = self._split(a2, b2, k)
         kept = total = 0.0
         for name, pair in adapter.items():
             sq = singular_values(pair).double() ** 2
@@ -67,20 +66,29 @@ class FlexLoRA(AggregationMethod):
         return ClientTask(init=slice_adapter(adapter, client.rank, client.scaling),
                           info={"truncation_loss": loss})
 
+    def _split(self, a, b, k):
+        """svd_factors_top's balanced factors (B = U√S, A = √S Vᵀ) in the configured split."""
+        if self.opts["split"] != "official":
+            return a, b
+        # B = U S, A = Vᵀ: move √S from A's rows into B's columns
+        root = torch.linalg.vector_norm(a[:k], dim=1)
+        nz = root > 0
+        a, b = a.clone(), b.clone()
+        a[:k] = torch.where(nz[:, None], a[:k] / torch.where(nz, root, 1)[:, None], a[:k])
+        b[:, :k] = b[:, :k] * root
+        return a, b
+
     def aggregate(self, updates, state):
         weights = client_weights(updates)
-        top = max([u.rank for u in updates] + [getattr(self, "_largest", 0)])
+        # the round's largest rank: a larger client sampled later gets its slice ordered in configure (no
+        # method-instance state, so a resumed or replayed run hands out the same factors)
+        top = max(u.rank for u in updates)
         adapter, leading, extra, ordered = {}, {}, {}, None
         for name in module_names(updates):
             a_s, b_s = stack(updates, weights, name)
             # ordered by singular value: a slice [:r] with r ≤ k is a truncation
             a, b, k, energy = svd_factors_top(b_s, a_s, top)
-            if self.opts["split"] == "official":  # B = U S, A = Vᵀ: move √S from A's rows into B's columns
-                root = torch.linalg.vector_norm(a[:k], dim=1)
-                nz = root > 0
-                a, b = a.clone(), b.clone()
-                a[:k] = torch.where(nz[:, None], a[:k] / torch.where(nz, root, 1)[:, None], a[:k])
-                b[:, :k] = b[:, :k] * root
+            a, b = self._split(a, b, k)
             adapter[name] = (a, b)
             leading[name] = [float(x) for x in singular_values((a[:k], b[:, :k]))[:LEADING]]
             extra[f"energy/{name}"] = torch.tensor(energy, dtype=torch.float64)
