@@ -109,7 +109,7 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
 
     from .tasks import loaders
 
-    from .core import mmlu_subjects_of
+    from .tasknames import mmlu_subjects_of
 
     selected = mmlu_subjects_of(name)
     if selected is not None:
@@ -159,7 +159,7 @@ def json_safe_copy(cfg: dict) -> dict:
 
 
 def hub_specs(name: str) -> list[str]:
-    from .core import HUB_TASKS, mmlu_subjects_of
+    from .tasknames import HUB_TASKS, mmlu_subjects_of
 
     subjects = mmlu_subjects_of(name)
     if subjects is not None:  # lm-eval's per-subject tasks (its mmlu group is their size-weighted mean)
@@ -336,7 +336,7 @@ def _run_task(lm, t: dict, plan: dict, out_dir: Path) -> dict:
                    confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
     res = out["results"]
     logged = out["samples"]
-    from .core import task_family
+    from .tasknames import task_family
 
     primary = PRIMARY_METRIC[task_family(t["name"])]
     all_samples = []
