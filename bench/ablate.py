@@ -105,7 +105,7 @@ def _done(cfg, results_dir: Path) -> Path | None:
 
 def main(args) -> int:
     from .checkpoint import checkpoint_dir
-    from .cli import evaluator_for
+    from .evaluator import evaluator_for
     from .engine import Interrupted, run_federated
 
     cells = plan_cells(args)  # every cell validated before any runs

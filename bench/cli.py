@@ -62,6 +62,7 @@ def cmd_run(args) -> int:
     else:
         preset = None if (args.config or overrides.get("preset")) else "quick"
         cfg = build_config(preset=preset, config_file=args.config, overrides=overrides)
+    from .evaluator import evaluator_for
     from .flower.launch import run_engine, wants_flower
 
     if wants_flower(cfg, args):  # Flower's simulation or a SuperLink (bench/flower/)
@@ -75,18 +76,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def evaluator_for(cfg):
-    """What scores a run's global model: the evaluators package, imported only when the run evaluates."""
-    if not cfg.eval_tasks:
-        return None
-    try:
-        import evaluators
-    except ImportError as exc:
-        raise BenchError(f"eval_tasks: evaluation needs the eval extra ({exc}); pip install 'fedlora-bench[eval]' "
-                         "or pass --no-eval") from None
-    return evaluators
-
-
 def cmd_methods(args) -> int:
     from methods import METHODS
 
@@ -94,10 +83,11 @@ def cmd_methods(args) -> int:
         print(f"{name:13s} {cls.description}")
         print(f"{'':13s} {cls.citation}")
         traits = [t for t, on in (("heterogeneous ranks", cls.heterogeneous_ranks), ("merges into the base", cls.merges_into_base),
-                                  ("averages factors", cls.averages_factors), ("personalized", cls.personalized)) if on]
+                                  ("averages factors", cls.averages_factors), ("personalized", cls.personalized),
+                                  ("no global model", not cls.has_global_model)) if on]
         print(f"{'':13s} [{', '.join(traits) or 'homogeneous ranks only'}]")
         for opt, o in cls.options.items():
-            print(f"{'':13s} --method-option {opt}=…  (default {o.default!r}) {o.help}")
+            print(f"{'':13s} --method-options {opt}=…  (default {o.default!r}) {o.help}")
     return 0
 
 

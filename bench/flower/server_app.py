@@ -28,7 +28,7 @@ def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
     cfg = wire.config_from_json(job["config"])
     opts = FlowerOptions.from_dict(job.get("options"))
     if evaluator is None and cfg.eval_tasks:
-        from ..cli import evaluator_for
+        from ..evaluator import evaluator_for
 
         evaluator = evaluator_for(cfg)
     plan = plan or preflight(cfg, evaluator)
