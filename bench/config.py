@@ -269,6 +269,17 @@ def build_config(preset: str | None = None, config_file: str | None = None,
                 raise BenchError(f"{key}: unknown config key in {where}{_did_you_mean(key, FIELDS)}; "
                                  "remove it or fix the spelling")
             values[key] = _coerce(key, value)
+        # How ranks are chosen is one decision per layer: a later layer that names a distribution drops an
+        # earlier rank list (--rank-distribution homo over a preset's 16,8,4,4), one that gives a list is explicit
+        named = {k.replace("-", "_") for k in layer}
+        dist, ranks = values.get("rank_distribution"), values.get("ranks")
+        if "rank_distribution" in named and dist != "explicit":
+            if "ranks" in named and ranks:
+                raise BenchError(f"ranks: {where} gives both a rank list and rank_distribution {dist!r}; "
+                                 "keep one (a list means rank_distribution explicit)")
+            values["ranks"] = None
+        elif "ranks" in named and ranks:
+            values["rank_distribution"] = "explicit"
     values["preset"] = preset
     values["method"] = method
     if "local_steps" in values and values["local_steps"] is not None and "local_epochs" not in overrides:

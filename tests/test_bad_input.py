@@ -158,6 +158,8 @@ CASES = [
     ("partition-name", {"partition": "dirichlett"}, [], "partition: unknown partition 'dirichlett'; did you mean 'dirichlet'?"),
     ("rank-distribution", {"rank_distribution": "heavy-tail"}, [], "rank_distribution: unknown 'heavy-tail'; did you mean"),
     ("explicit-without-ranks", {"rank_distribution": "explicit"}, [], "ranks: rank_distribution 'explicit' needs a ranks list"),
+    ("ranks-and-distribution", {"ranks": [4, 2, 2], "rank_distribution": "uniform"}, [],
+     "gives both a rank list and rank_distribution 'uniform'; keep one"),
     # ---- ranks vs clients and module shapes
     ("ranks-count", {"ranks": [4, 2], "rank_distribution": "explicit"}, [], "ranks: 2 ranks given for 3 clients"),
     ("ranks-zero", {"ranks": [4, 0, 2], "rank_distribution": "explicit"}, [], "ranks: every rank must be ≥ 1"),
@@ -233,6 +235,20 @@ def test_base_config_is_accepted(inputs, tmp_path, monkeypatch):
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump({**BASE, "dataset": _good(inputs)}))
     preflight(build_config(config_file=str(p)))
+
+
+def test_a_later_layer_decides_how_ranks_are_chosen():
+    """--rank-distribution over a preset's rank list draws the ranks (it used to be ignored silently); --ranks
+    over a preset's distribution is explicit."""
+    from bench.config import build_config
+
+    homo = build_config(preset="study", overrides={"rank_distribution": "homo"})
+    assert homo.ranks is None and homo.client_ranks() == [8, 8, 8, 8]
+    drawn = build_config(preset="study", overrides={"rank_distribution": "heavy-tail-light", "num_clients": 6})
+    assert len(drawn.client_ranks()) == 6 and set(drawn.client_ranks()) <= {4, 8, 16}
+    listed = build_config(preset="study", overrides={"ranks": [8, 8, 8, 8]})
+    assert listed.rank_distribution == "explicit" and listed.client_ranks() == [8, 8, 8, 8]
+    assert build_config(preset="study").client_ranks() == [16, 8, 4, 4]
 
 
 # ---- cases that need more than a config ----------------------------------------------------------
