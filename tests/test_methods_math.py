@@ -466,10 +466,11 @@ def test_factored_svd_matches_dense(shape, ranks):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ranks", RANK_MIXES)
 @pytest.mark.parametrize("mode", ["mixed", "rslora"])
-def test_flexlora_state_is_exact_and_svd_ordered(shape, ranks, mode):
+@pytest.mark.parametrize("split", ["official", "sqrt"])
+def test_flexlora_state_is_exact_and_svd_ordered(shape, ranks, mode, split):
     g = gen(seed_of(shape, ranks, mode, "flex"))
     ups = make_updates(g, module_shapes(*shape), ranks, mode)
-    agg = get_method("flexlora").aggregate(ups, GlobalState(round=5))
+    agg = get_method("flexlora", {"split": split}).aggregate(ups, GlobalState(round=5))
     assert agg.state.round == 6 and agg.merge == {} and agg.metrics["noise"] == 0.0
     for name in ups[0].factors:
         a, b = agg.state.adapter[name]
@@ -478,9 +479,12 @@ def test_flexlora_state_is_exact_and_svd_ordered(shape, ranks, mode):
         s_ref = torch.linalg.svdvals(dense)
         q = a.shape[0]
         assert q == min(sum(ranks), *dense.shape)
-        # B' = U√S, A' = √S Vᵀ  ⇒  BᵀB = diag(S) = AAᵀ
-        assert_close(b.T @ b, torch.diag(s_ref[:q]), 1e-12, "B'ᵀB'")
-        assert_close(a @ a.T, torch.diag(s_ref[:q]), 1e-12, "A'A'ᵀ")
+        if split == "sqrt":  # B' = U√S, A' = √S Vᵀ  ⇒  BᵀB = diag(S) = AAᵀ
+            assert_close(b.T @ b, torch.diag(s_ref[:q]), 1e-12, "B'ᵀB'")
+            assert_close(a @ a.T, torch.diag(s_ref[:q]), 1e-12, "A'A'ᵀ")
+        else:  # the public code's B' = U S, A' = Vᵀ  ⇒  BᵀB = diag(S²), AAᵀ = I
+            assert_close(b.T @ b, torch.diag(s_ref[:q] ** 2), 1e-12, "B'ᵀB'")
+            assert_close(a @ a.T, torch.eye(q, dtype=a.dtype), 1e-12, "A'A'ᵀ")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
