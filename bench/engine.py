@@ -372,12 +372,14 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         signals.check()
         t = time.time()
         hooks.point("test-loss")
-        test = _losses(global_model, pooled, tok.pad_token_id, device)
-        if any(own):
-            test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)} for k, ex in enumerate(own)]
-        if no_global:  # the row's model is each client's own: the score is the mean over them
+        if no_global:  # the row's model is each client's own: the score is the mean over them (the base unscored)
             test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
                     **({"per_client": personalized["per_client"]} if any(own) else {})}
+        else:
+            test = _losses(global_model, pooled, tok.pad_token_id, device)
+            if any(own):
+                test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)}
+                                      for k, ex in enumerate(own)]
         del global_model
         timings["test_loss_s"] = time.time() - t
         log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
