@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
                         help="comma-separated: mmlu, gsm8k, humaneval, commonsense (= boolq, piqa, siqa, hellaswag, "
                              f"winogrande, arc_easy, arc_challenge, openbookqa) or any of those; MMLU in parts as lm-eval names "
-                             f"them: mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject> "
-                             f"(default {DEFAULT_TASKS})")
+                             f"them: mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject>; "
+                             f"mmlu_flora = FLoRA's 1444-question MMLU subset, 0-shot (default {DEFAULT_TASKS})")
     parser.add_argument("--backend", choices=["vllm", "hf", "openai"], default=None,
                         help="vllm when a CUDA GPU and vllm are present, else hf; openai with --base-url")
     parser.add_argument("--limit", type=int, default=None, metavar="N",

@@ -18,7 +18,7 @@ from bench.data import md5
 from .adapters import check_adapter
 
 from .tasknames import (ALIASES, COMMONSENSE, DEFAULT_FEWSHOT, HUB_TASKS, KNOWN_TASKS, MMLU_PARTS_HELP,  # noqa: F401
-                        NO_TRAIN_NOTE, OFFLINE_NOTES, TASK_GROUPS, mmlu_subjects_of, task_family)
+                        NO_TRAIN_NOTE, OFFLINE_NOTES, OFFLINE_ONLY, TASK_GROUPS, mmlu_subjects_of, task_family)
 
 
 def _did_you_mean(name: str) -> str:
@@ -94,7 +94,8 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
             h.update(f"{f.name} {md5(f)}\n".encode())
         return {"path": str(d), "md5": h.hexdigest(), "files": len(files),
                 "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
-    rel = loaders.GSM8K_FILES[0] if name == "gsm8k" else loaders.COMMONSENSE_FILES[name][0]
+    rel = {"gsm8k": loaders.GSM8K_FILES[0], "mmlu_flora": loaders.MMLU_FLORA_FILE}.get(name) \
+        or loaders.COMMONSENSE_FILES[name][0]
     p = root / rel
     if not p.is_file():
         return None, str(p)
@@ -126,12 +127,12 @@ def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, nu
             entry.update(mode="offline", source=src)
             if num_fewshot:
                 entry["notes"].append("humaneval is 0-shot (lm-eval's task fixes num_fewshot 0)")
-        elif hub:
+        elif hub and name not in OFFLINE_ONLY:
             entry.update(mode="hub", source=None)
         else:
             src, looked = offline_source(name, data_root)
             if src is None:
-                missing[name] = f"no data at {looked} and the hub is unreachable"
+                missing[name] = f"no data at {looked}" + ("" if name in OFFLINE_ONLY else " and the hub is unreachable")
                 continue
             if name == "hellaswag":  # lm-eval's hellaswag preprocessing needs the hub dataset's fields
                 missing[name] = (f"{src['path']} exists but there is no offline HellaSwag task (lm-eval's "
@@ -144,7 +145,7 @@ def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, nu
                 entry["notes"].append(OFFLINE_NOTES[name])
             train = (loaders.GSM8K_FILES[1] if name == "gsm8k" else
                      loaders.COMMONSENSE_FILES[name][1] if name in loaders.COMMONSENSE_FILES else None)
-            if train and fewshot and not (Path(entry["data_root"]) / train).is_file():
+            if fewshot and (name == "mmlu_flora" or train and not (Path(entry["data_root"]) / train).is_file()):
                 entry["notes"].append(NO_TRAIN_NOTE)
         plan.append(entry)
     return plan, missing

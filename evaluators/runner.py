@@ -386,7 +386,7 @@ def _task_manager(builtin: bool):
 
 PRIMARY_METRIC = {"mmlu": "acc", "gsm8k": "exact_match,strict-match", "humaneval": "pass@1",
                   "boolq": "acc", "piqa": "acc", "siqa": "acc", "hellaswag": "acc", "winogrande": "acc",
-                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc"}
+                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc", "mmlu_flora": "acc"}
 
 
 def _metric_name(key: str) -> str:

