@@ -209,6 +209,7 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     """--run: the global model (merged, or --adapter global: base + global adapter) into the record's eval section;
     --adapter clients: every client adapter of the last round into its eval_clients section."""
     from bench.io import atomic_write_json, read_record
+    from bench.provenance import CODE
 
     from . import core
     from .serve import run_base_model, client_adapters, global_adapter
@@ -243,6 +244,8 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     else:
         section = core.evaluate(str(model_dir), tasks, out_dir=str(run_dir / "eval"), **common)
     eval_s = round(time.monotonic() - t0, 2)
+    # the scoring code's commit, which may be later than the training's (the record's provenance)
+    section["code"] = {k: CODE[k] for k in ("git_commit", "git_dirty")}
     record = read_record(record_path)  # re-read: keep anything written meanwhile
     record["eval"] = section
     record.setdefault("timings", {})["eval_s"] = eval_s

@@ -187,6 +187,8 @@ def test_cli_run_fills_the_records_eval_section(tmp_path, capsys, model_path):
     rec = read_record(record_path)
     assert {k: rec[k] for k in original if k != "timings"} == {k: v for k, v in original.items() if k != "timings"}
     assert rec["timings"]["total_s"] == 1.0 and rec["timings"]["eval_s"] > 0
+    from bench.provenance import CODE
+    assert rec["eval"]["code"] == {"git_commit": CODE["git_commit"], "git_dirty": CODE["git_dirty"]}
     t = rec["eval"]["tasks"]["winogrande"]
     assert t["n"] == 3 and Path(t["samples"]) == (run_dir / "eval" / "winogrande.jsonl").resolve()
     assert Path(t["samples"]).is_file()
