@@ -14,7 +14,7 @@ export STUDY_RESULTS=${STUDY_RESULTS:-results} STUDY_RUNS=${STUDY_RUNS:-runs/stu
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 export FEDLORA_EVAL_THREADS=${FEDLORA_EVAL_THREADS:-1}
 seeds=${STUDY_SEEDS:-0,1,2}
-jobs=${STUDY_JOBS:-$(nproc)}
+jobs=${STUDY_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}   # nproc obeys OMP_NUM_THREADS
 
 if [[ ${1:-} == --job ]]; then   # one (grid, seed) job: the same cells whichever job order or parallelism runs them
   part=$2 seed=$3
