@@ -2,7 +2,10 @@
 
 Each cell is an ordinary `bench run` with a deterministic run directory. A cell whose results record
 exists (same config hash and seed) is never run twice; a cell killed mid-run resumes from its last
-checkpoint. Every cell's config is built and validated before the first one starts.
+checkpoint. Every cell's config is built and validated before the first one starts. Several `bench ablate`
+processes may share one grid (one per seed, as benchmarks/study.sh runs them): a cell is run by whichever
+process holds its lock (`<runs dir>/.<cell>.lock`, released by the OS when that process ends, however it ends),
+so no two processes ever train, resume or delete the same run directory.
 """
 from __future__ import annotations
 
@@ -103,6 +106,20 @@ def _done(cfg, results_dir: Path) -> Path | None:
     return None
 
 
+def claim(run_dir: Path):
+    """The cell's lock (an open file holding an exclusive flock), or None when another process holds it."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir.parent / f".{run_dir.name}.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def main(args) -> int:
     from .checkpoint import checkpoint_dir
     from .evaluator import evaluator_for
@@ -116,18 +133,31 @@ def main(args) -> int:
         for name, cfg in cells:
             print(f"  {'done' if _done(cfg, results) else 'todo'}  {name}")
         return 0
+    elsewhere = []
     for i, (name, cfg) in enumerate(todo, 1):
         run_dir = Path(cfg.output_dir)
-        resume = str(run_dir) if checkpoint_dir(run_dir) is not None else None
-        if not resume and run_dir.exists():
-            import shutil
+        lock = claim(run_dir)
+        if lock is None:
+            print(f"[ablate] cell {i}/{len(todo)}: {name} is being run by another process; left to it")
+            elsewhere.append(name)
+            continue
+        with lock:
+            if _done(cfg, results) is not None:  # finished by another process since the plan was made
+                continue
+            resume = str(run_dir) if checkpoint_dir(run_dir) is not None else None
+            if not resume and run_dir.exists():
+                import shutil
 
-            shutil.rmtree(run_dir)  # a cell killed before its first checkpoint: start it clean
-        print(f"[ablate] cell {i}/{len(todo)}: {name}" + (" (resuming)" if resume else ""))
-        try:
-            run_federated(cfg, resume=resume, evaluator=evaluator_for(cfg))
-        except Interrupted as exc:
-            print(f"interrupted: {exc}. Re-run the same `bench ablate` command to continue the grid.")
-            return 130
+                shutil.rmtree(run_dir)  # a cell killed before its first checkpoint: start it clean
+            print(f"[ablate] cell {i}/{len(todo)}: {name}" + (" (resuming)" if resume else ""))
+            try:
+                run_federated(cfg, resume=resume, evaluator=evaluator_for(cfg))
+            except Interrupted as exc:
+                print(f"interrupted: {exc}. Re-run the same `bench ablate` command to continue the grid.")
+                return 130
+    if elsewhere:
+        print(f"[ablate] {len(elsewhere)} cells were being run by other processes ({', '.join(elsewhere)}); "
+              "re-run the same command once they end to check the grid is complete")
+        return 0
     print(f"[ablate] grid complete: {len(cells)} cells in {results}")
     return 0

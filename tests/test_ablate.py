@@ -32,3 +32,36 @@ def test_grid_refuses_bad_cell_before_running_anything(tmp_path, shared_data, ca
     assert code == 2
     assert "partitions:" in capsys.readouterr().err
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_cell_another_process_runs_is_left_to_it(tmp_path, shared_data, capsys):
+    """Two ablate processes on one grid (study.sh runs one per seed): a cell whose lock another process holds is
+    neither run nor deleted here, and the grid is not reported complete until it has its record."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    one_cell = _grid(tmp_path, shared_data)
+    one_cell[one_cell.index("flora,fedavg-lora")] = "flora"
+    one_cell[one_cell.index("homo;4,2,2")] = "homo"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, fcntl, pathlib; from bench.ablate import claim; "
+                               "lock = claim(pathlib.Path(sys.argv[1])); print('held' if lock else 'busy', flush=True); "
+                               "sys.stdin.read()", str(runs / "flora-homo-s0")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (runs / "flora-homo-s0").mkdir()
+        (runs / "flora-homo-s0" / "partial").write_text("the other process's work")
+        assert main(one_cell) == 0
+        out = capsys.readouterr().out
+        assert "flora-homo-s0 is being run by another process; left to it" in out and "grid complete" not in out
+        assert (runs / "flora-homo-s0" / "partial").is_file()  # not deleted, not trained
+        assert not list((tmp_path / "results").glob("*.json"))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert main(one_cell) == 0  # the holder ended: its lock went with it
+    out = capsys.readouterr().out
+    assert "1 to run" in out and "grid complete: 1 cells" in out
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1
