@@ -41,6 +41,7 @@ class Record:
     path: Path
     data: dict = field(repr=False)
     cache: dict = field(default_factory=dict, repr=False)   # per-example data read once (reports.metrics)
+    eval_dtype_join: str | None = field(default=None, repr=False)  # set by _join_unscored
 
     @property
     def kind(self) -> str:
@@ -74,6 +75,8 @@ class Record:
         out = {k: d.get(k) for k in DTYPE_FIELDS}
         if out["eval"] is None and self.tasks:
             out["eval"] = (self.data.get("eval") or {}).get("dtype")
+        if out["eval"] is None and self.eval_dtype_join is not None:
+            out["eval"] = self.eval_dtype_join
         return out
 
     @property
@@ -274,6 +277,7 @@ def load_records(results_dirs: list[str]) -> tuple[list[Record], list[Skipped]]:
                 skipped.append(Skipped(str(path), why))
                 continue
             records.append(Record(path, data))
+    _join_unscored(records)
     return _dedupe(records, skipped)
 
 
@@ -292,6 +296,30 @@ def group_key(rec: Record) -> tuple:
     return (rec.kind, rec.method, setting_key(rec.setting), tuple(sorted(rec.dtypes.items())))
 
 
+def _join_unscored(records: list[Record]) -> None:
+    """A record never scored on a task (no eval step, so no eval dtype) joins the row of the records of its kind,
+    method, setting and export dtype that were scored, when they share one eval dtype: its losses are seeds of the
+    same row (a study scores a few seeds on tasks and all of them on held-out loss), and the task columns average
+    the scored seeds only (their n says so). Where nothing of its setting was scored it takes the one eval dtype of
+    the whole report, if there is one, so that its rows share tables and plots with the scored settings; with
+    several eval dtypes around it stays apart."""
+    def key(r: Record) -> tuple:
+        return r.kind, r.method, setting_key(r.setting), r.dtypes["export"]
+
+    scored: dict[tuple, set] = {}
+    anywhere: dict = {}
+    for r in records:
+        if r.dtypes["eval"] is not None:
+            scored.setdefault(key(r), set()).add(r.dtypes["eval"])
+            anywhere.setdefault(r.dtypes["export"], set()).add(r.dtypes["eval"])
+    for r in records:
+        if r.dtypes["eval"] is not None:
+            continue
+        here = scored.get(key(r)) or anywhere.get(r.dtypes["export"], set())
+        if len(here) == 1:
+            r.eval_dtype_join = next(iter(here))
+
+
 def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
     by_id: dict[tuple, Record] = {}
     for r in records:
@@ -300,8 +328,10 @@ def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record]
         if prev is None:
             by_id[key] = r
             continue
-        # keep the later run_id (run ids end in a timestamp), then the later path: deterministic
-        keep, drop = (r, prev) if (r.run_id, str(r.path)) > (prev.run_id, str(prev.path)) else (prev, r)
+        # keep the one scored on tasks, then the later run_id (run ids end in a timestamp), then the later path
+        def rank(x: Record) -> tuple:
+            return bool(x.tasks), x.run_id, str(x.path)
+        keep, drop = (r, prev) if rank(r) > rank(prev) else (prev, r)
         by_id[key] = keep
         what = f"seed {r.seed}" if _is_int(r.seed) else f"run_id {r.run_id}"
         skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, dtypes and "

@@ -138,6 +138,48 @@ def test_eval_dtypes_never_pool(study, built):
     assert "Eval dtype" in (out / "LEADERBOARD.md").read_text()
 
 
+def _unscored(rec: dict) -> dict:
+    """The record as a run without an eval step writes it: held-out losses only."""
+    rec = json.loads(json.dumps(rec))
+    rec["eval"] = None
+    rec["dtypes"]["eval"] = None
+    return rec
+
+
+def test_seeds_without_task_scores_join_the_scored_row(study, tmp_path):
+    """A study scores a few seeds on tasks and every seed on held-out loss: the unscored seeds join the row of the
+    scored ones (one eval dtype there), the task column averages the scored seeds only; where the scored records
+    of that setting used two eval dtypes, an unscored one stays a row of its own."""
+    res = _copy(study, tmp_path / "res")
+    recs = _records(study)
+    for name in ("fedit-r4-4-4-s1", "fedit-r4-2-2-s1"):
+        (res / f"{name}.json").write_text(json.dumps(_unscored(recs[name])))
+    build_report([str(res)], str(tmp_path / "out"))
+    rows = _csv(tmp_path / "out" / "leaderboard.csv")
+    row = _row(rows, method="fedit", ranks="4,4,4", eval_dtype="float32")
+    both = [recs[f"fedit-r4-4-4-s{s}"] for s in (0, 1)]
+    assert row["n_seeds"] == "2" and row["piqa_n"] == "1"
+    assert float(row["test_loss"]) == pytest.approx(np.mean([r["test"]["loss"] for r in both]), rel=1e-5)
+    assert float(row["piqa"]) == pytest.approx(recs["fedit-r4-4-4-s0"]["eval"]["tasks"]["piqa"]["value"])
+    # 4,2,2 / Dirichlet 1 was scored in float32 and in bfloat16: the unscored seed 1 cannot say which row it is
+    apart = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="")
+    assert apart["n_seeds"] == "1" and apart["piqa"] == ""
+    # the same seed scored and unscored (a record evaluated later, its old copy left beside it): the scored one wins
+    (res / "fedit-r4-4-4-s0-old.json").write_text(json.dumps(_unscored(recs["fedit-r4-4-4-s0"])))
+    s = build_report([str(res)], str(tmp_path / "out2"))
+    row = _row(_csv(tmp_path / "out2" / "leaderboard.csv"), method="fedit", ranks="4,4,4", eval_dtype="float32")
+    assert row["n_seeds"] == "2" and row["piqa_n"] == "1"
+    assert [x["reason"][:12] for x in s["skipped"] if x["file"].endswith("fedit-r4-4-4-s0-old.json")] == ["duplicate of"]
+    # nothing of a setting scored, one eval dtype in the whole report (no bfloat16 record): it takes that one
+    res3 = _copy(study, tmp_path / "res3", names=[n for n in recs if not n.endswith("-bf16")])
+    for seed in (0, 1):
+        (res3 / f"fedit-r4-4-4-s{seed}.json").write_text(json.dumps(_unscored(recs[f"fedit-r4-4-4-s{seed}"])))
+    build_report([str(res3)], str(tmp_path / "out3"))
+    rows = _csv(tmp_path / "out3" / "leaderboard.csv")
+    assert {r["eval_dtype"] for r in rows} == {"float32"}
+    assert _row(rows, method="fedit", ranks="4,4,4")["piqa"] == ""
+
+
 # ------------------------------------------------------------------------------------------- paired comparisons
 
 def test_paired_differences_are_paired_by_seed_and_example(study, built):
