@@ -27,9 +27,10 @@ from .stats import bootstrap_values
 
 PLOT_NAMES = ("score_vs_rank_heterogeneity", "score_vs_data_heterogeneity", "noise_vs_round",
               "score_vs_communication", "paired_vs_rank_heterogeneity")
+# 16 colours × 11 markers (coprime lengths): a study's 14+ methods and references never share a colour and a marker
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf"]
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
+            "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*"]
 RC = {
     "svg.hashsalt": "fedlora-bench",   # stable ids in the SVG
     "svg.fonttype": "path",
@@ -90,7 +91,10 @@ def _context(fields: dict, drop: tuple[str, ...]) -> tuple:
 
 
 def _context_text(ctx: tuple) -> str:
-    return ", ".join(f"{k}={v}" for k, v in ctx if v != "")
+    """The fields a plot holds fixed, wrapped so a suptitle never runs off the figure."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(", ".join(f"{k}={v}" for k, v in ctx if v != ""), 110))
 
 
 def _slug(s: str) -> str:
@@ -205,7 +209,7 @@ def _categorical_plot(name: str, title: str, xlabel: str, rows: list[Row], xkey,
             ax.set_xlabel(xlabel)
             ax.set_ylabel(_ylabel(m))
             ax.set_title(m.label, fontsize=10)
-            ax.legend(fontsize=8, title="method (95% CI band)", title_fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (95% CI band)", title_fontsize=8)
         fig.suptitle(f"{title}\n{_context_text(ctx)}", fontsize=10)
         _save(fig, out / stems[ctx], written)
 
@@ -304,7 +308,7 @@ def plot_noise(rows, out, written, skipped):
             ax.set_xlabel("Round")
             ax.set_ylabel("relative Frobenius error (unitless)", fontsize=8)
             ax.set_ylim(bottom=0)
-            ax.legend(fontsize=7, title="setting (seeds); 95% CI band over seeds", title_fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="setting (seeds); 95% CI band over seeds", title_fontsize=7)
         for ax in axes:
             ax.set_xticks(range(1, max_round + 1) if max_round <= 20 else
                           np.unique(np.linspace(1, max_round, 10).round().astype(int)))
@@ -356,7 +360,7 @@ def plot_communication(rows, metrics, out, written, skipped):
             ax.set_xlabel("Communication per run, bytes up + down (log scale, IEC units)")
             ax.set_ylabel(_ylabel(m))
             ax.set_title(m.label, fontsize=10)
-            ax.legend(fontsize=8, title="method (95% CI bars; one point per setting)", title_fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (95% CI bars; one point per setting)", title_fontsize=8)
         fig.suptitle(f"Score vs communication cost\n{_context_text(ctx)}", fontsize=10)
         _save(fig, out / stems[ctx], written)
 
@@ -418,7 +422,7 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
             ax.set_xlabel("Client LoRA ranks (ordered by CV)")
             ax.set_ylabel(f"Δ {m.label} vs {baseline} ({m.better} is better)", fontsize=8)
             ax.set_title(f"Δ {m.label}", fontsize=10)
-            ax.legend(fontsize=8, title="method − baseline; 95% paired CI\n(hollow: CI holds 0)", title_fontsize=7)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method − baseline; 95% paired CI\n(hollow: CI holds 0)", title_fontsize=7)
         fig.suptitle(f"Paired differences against {baseline} per rank setting\n{_context_text(ctx)}", fontsize=10)
         _save(fig, out / stems[ctx], written)
 
