@@ -94,9 +94,7 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
             h.update(f"{f.name} {md5(f)}\n".encode())
         return {"path": str(d), "md5": h.hexdigest(), "files": len(files),
                 "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
-    rel = {"gsm8k": loaders.GSM8K_FILES[0], "mmlu_flora": loaders.MMLU_FLORA_FILE}.get(name) \
-        or loaders.COMMONSENSE_FILES[name][0]
-    p = root / rel
+    p = root / loaders.FILE_TASKS[name][0]
     if not p.is_file():
         return None, str(p)
     return {"path": str(p), "md5": md5(p)}, ""
@@ -143,10 +141,10 @@ def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, nu
             entry.update(mode="offline", source=src, data_root=str(Path(data_root).expanduser().resolve()))
             if name in OFFLINE_NOTES:
                 entry["notes"].append(OFFLINE_NOTES[name])
-            train = (loaders.GSM8K_FILES[1] if name == "gsm8k" else
-                     loaders.COMMONSENSE_FILES[name][1] if name in loaders.COMMONSENSE_FILES else None)
-            if fewshot and (name == "mmlu_flora" or train and not (Path(entry["data_root"]) / train).is_file()):
-                entry["notes"].append(NO_TRAIN_NOTE)
+            if fewshot and name in loaders.FILE_TASKS:  # (MMLU's few-shot rows come from its dev folder)
+                train = loaders.FILE_TASKS[name][1]
+                if train is None or not (Path(entry["data_root"]) / train).is_file():
+                    entry["notes"].append(NO_TRAIN_NOTE)
         plan.append(entry)
     return plan, missing
 

@@ -320,6 +320,12 @@ def _join_unscored(records: list[Record]) -> None:
             r.eval_dtype_join = next(iter(here))
 
 
+def _preference(r: Record) -> tuple:
+    """Of two records of one seed: the one scored on tasks, then the later run_id (run ids end in a timestamp), then
+    the later path — deterministic."""
+    return bool(r.tasks), r.run_id, str(r.path)
+
+
 def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
     by_id: dict[tuple, Record] = {}
     for r in records:
@@ -328,10 +334,7 @@ def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record]
         if prev is None:
             by_id[key] = r
             continue
-        # keep the one scored on tasks, then the later run_id (run ids end in a timestamp), then the later path
-        def rank(x: Record) -> tuple:
-            return bool(x.tasks), x.run_id, str(x.path)
-        keep, drop = (r, prev) if rank(r) > rank(prev) else (prev, r)
+        keep, drop = (r, prev) if _preference(r) > _preference(prev) else (prev, r)
         by_id[key] = keep
         what = f"seed {r.seed}" if _is_int(r.seed) else f"run_id {r.run_id}"
         skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, dtypes and "

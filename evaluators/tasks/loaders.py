@@ -34,6 +34,8 @@ COMMONSENSE_FILES = {
 GSM8K_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
 MMLU_DIRS = ("mmlu/test", "mmlu/dev")
 MMLU_FLORA_FILE = "mmlu_flora/mmlu_test_1444.jsonl"
+# every task read from one test file: (test file, train file or None = the task has none)
+FILE_TASKS = {**COMMONSENSE_FILES, "gsm8k": GSM8K_FILES, "mmlu_flora": (MMLU_FLORA_FILE, None)}
 
 
 def _split(instruction: str, marker: str) -> tuple[str, str]:
@@ -152,17 +154,21 @@ PARSERS = {"boolq": parse_boolq, "piqa": parse_piqa, "siqa": parse_siqa, "winogr
            "arc_easy": parse_arc, "arc_challenge": parse_arc, "openbookqa": parse_openbookqa}
 
 
-def read_commonsense(task: str, path: str | os.PathLike) -> list[dict]:
+def _parse_json_array(path: str | os.PathLike, parse, what: str) -> list[dict]:
+    """Every record of a JSON array through `parse`; the first bad one is named with its index."""
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
-    parse = PARSERS[task]
     out = []
     for i, rec in enumerate(records):
         try:
             out.append(parse(rec))
         except (ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: record {i} is not in the LLM-Adapters {task} format ({exc})") from None
+            raise ValueError(f"{path}: record {i} is not in {what} ({exc})") from None
     return out
+
+
+def read_commonsense(task: str, path: str | os.PathLike) -> list[dict]:
+    return _parse_json_array(path, PARSERS[task], f"the LLM-Adapters {task} format")
 
 
 def _dataset_dict(splits: dict[str, list[dict]]):
@@ -256,11 +262,11 @@ def parse_mmlu_flora(rec: dict) -> dict:
     separator is missing or ambiguous (an option text containing ', B. ' would be), or the answer is not A-D."""
     text = rec["input"]
     question = _after_prefix(text, "Qusetion: ") if text.startswith("Qusetion: ") else _after_prefix(text, "Question: ")
-    parts = []
     for sep in _FLORA_SEPARATORS:
         if question.count(sep) != 1:
             raise ValueError(f"{sep.strip()!r} occurs {question.count(sep)} times in the options, expected once")
-    for sep in _FLORA_SEPARATORS:
+    parts = []
+    for sep in _FLORA_SEPARATORS:  # each once (checked above): question, then options A, B, C; D is what is left
         head, question = question.split(sep)
         parts.append(head)
     parts.append(question)
@@ -271,15 +277,7 @@ def parse_mmlu_flora(rec: dict) -> dict:
 
 
 def read_mmlu_flora(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        recs = json.load(f)
-    out = []
-    for i, rec in enumerate(recs):
-        try:
-            out.append(parse_mmlu_flora(rec))
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: record {i} is not in FLoRA's MMLU format ({exc})") from None
-    return out
+    return _parse_json_array(path, parse_mmlu_flora, "FLoRA's MMLU format")
 
 
 def load_mmlu_flora(data_root: str, **_: object):
