@@ -54,3 +54,28 @@ def test_topr_svd_benchmark_smoke(tmp_path):
             assert c["ms"][key]["median_ms"] > 0
     assert on_disk["cases"][1]["krylov"]["path"] == "krylov" and on_disk["cases"][1]["krylov"]["steps"] >= 1
     assert "Top R_max singular values equal" in open(os.path.join(out, "topr_svd.md")).read()
+
+
+def test_eval_floor_counts_tokens_from_first_principles():
+    """benchmarks/eval_floor.py's token counts on hand-made lm-eval requests, one character = one token."""
+    from benchmarks.eval_floor import fewest, token_counts
+
+    chars = list  # the encoder: "abc" -> ["a", "b", "c"]
+    # one document, two multi-token choices; the context's trailing space moves into the continuation, as lm-eval's
+    # encode_pair does ("abc" + " xy"): 2 x (3 + 3) tokens as separate prompts, 3 + 3 + 3 with the context once
+    ll = [("t", 0, "loglikelihood", ("abc ", "xy")), ("t", 0, "loglikelihood", ("abc ", "zw"))]
+    c = token_counts(ll, chars)
+    assert (c["documents"], c["requests"], c["per_request"], c["per_context"], c["kind"]) == (1, 2, 12, 9, "log-likelihood")
+    assert fewest(c) == 9
+    # two documents of one subject with one-token answers and a 4-token common prefix: blocks of 2 cache all 4
+    # (2 tokens left each), blocks of 128 none (6 each); a subject of one document caches nothing
+    one = [("s", d, "loglikelihood", (ctx, k)) for d, ctx in enumerate(["aaaaXY", "aaaaZW"]) for k in "AB"]
+    one += [("u", 0, "loglikelihood", ("bbbbbb", "A"))]
+    c = token_counts(one, chars)
+    assert c["kind"] == "one-token" and c["per_context"] == 6 + 2 + 6 + 2 + 6 + 1
+    assert (c["prefix_cached_block128"], c["prefix_cached_block32"], c["prefix_cached_block1"]) == (18, 18, 10)
+    # the whole context cached still leaves its last token to compute
+    same = [("s", d, "loglikelihood", ("aaaa", k)) for d in range(2) for k in "AB"]
+    assert token_counts(same, chars)["prefix_cached_block1"] == 2
+    gen = [("g", d, "generate_until", (p, {})) for d, p in enumerate(["abc", "de"])]
+    assert token_counts(gen, chars) == {"documents": 2, "kind": "generation", "prompt_tokens": 5}
