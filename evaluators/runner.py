@@ -143,13 +143,10 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
             c["generation_kwargs"] = dict(c["generation_kwargs"], max_gen_toks=cap)
         return [c]
     c["dataset_kwargs"] = dict(c.get("dataset_kwargs") or {}, data_root=data_root)
-    if name == "gsm8k":
-        if not (Path(data_root) / loaders.GSM8K_FILES[1]).is_file():
-            c.pop("training_split", None)
-            c.pop("fewshot_split", None)
-    elif name in loaders.COMMONSENSE_FILES:
-        if not (Path(data_root) / loaders.COMMONSENSE_FILES[name][1]).is_file():
-            c.pop("training_split", None)
+    train = loaders.FILE_TASKS.get(name, (None, None))[1]
+    if train is not None and not (Path(data_root) / train).is_file():  # the loader then builds no train split
+        c.pop("training_split", None)
+        c.pop("fewshot_split", None)
     return [c]
 
 

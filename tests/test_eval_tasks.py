@@ -468,3 +468,18 @@ def test_mmlu_flora_is_read_offline_even_with_the_hub(data_root, tmp_path):
     _, missing = core.plan_tasks(["mmlu_flora"], data_root=str(tmp_path), limit=None, num_fewshot=None, hub=True)
     assert missing == {"mmlu_flora": f"no data at {tmp_path.resolve()}/mmlu_flora/mmlu_test_1444.jsonl"}
     assert expand_tasks("mmlu_flora") == ["mmlu_flora"] and core.task_family("mmlu_flora") == "mmlu_flora"
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "boolq"])
+def test_a_data_root_without_the_train_file_has_no_train_split(name, data_root, tmp_path):
+    """A task read from a test file alone (no train file beside it) asks lm-eval for no train or few-shot split;
+    with the train file there, the task's YAML keeps them."""
+    test, train = loaders.FILE_TASKS[name]
+    full = runner.offline_configs(name, data_root)[0]
+    assert full.get("training_split") == "train"
+    (tmp_path / test).parent.mkdir(parents=True)
+    (tmp_path / test).symlink_to(Path(data_root) / test)
+    alone = runner.offline_configs(name, str(tmp_path))[0]
+    assert "training_split" not in alone and "fewshot_split" not in alone
+    (tmp_path / train).symlink_to(Path(data_root) / train)
+    assert runner.offline_configs(name, str(tmp_path))[0].get("training_split") == "train"
