@@ -18,6 +18,7 @@ import torch
 from methods import ClientSpec, ClientUpdate, GlobalState, get_method
 
 from . import BenchError
+from .export import global_model_dir
 
 PREFIX = "base_model.model."
 
@@ -124,7 +125,7 @@ def _export_error(run_dir: Path, base_path: str, merges: dict, state: GlobalStat
                 expect[name] = expect.get(name, 0) + b.double() @ a.double()
     if not expect:
         return {"relative": 0.0, "modules": 0}
-    base, glob = weights(base_path), weights(run_dir / "global_model")
+    base, glob = weights(base_path), weights(global_model_dir(run_dir))
     num = den = 0.0
     for name, d in expect.items():
         key = name + ".weight"

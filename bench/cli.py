@@ -26,6 +26,8 @@ FIELD_HELP = {
     "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
     "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
+    "keep_global_model": "false: delete <run>/global_model once the run is scored (bench eval/serve --run and bench "
+                         "audit re-export it from the run's last checkpoint, byte for byte)",
     "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
               "(a SuperLink, --superlink): docs/flower.md",
 }

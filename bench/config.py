@@ -96,6 +96,8 @@ class RunConfig:
     results_dir: str = "results"
     save_client_adapters: bool = False   # each client's upload and what it received, every round (audit trail)
     keep_round_states: bool = False      # the server state after every round, not only the last checkpoint
+    keep_global_model: bool = True       # false: <run>/global_model is deleted once the run is scored; a grid's cells
+    #                                      then cost their checkpoint (MBs), not a model (0.5 GB for the default)
 
     # ---- derived -------------------------------------------------------------------------
     def client_ranks(self) -> list[int]:
@@ -132,7 +134,8 @@ class RunConfig:
         """Hash of what determines the experiment (not the seed, not where outputs go)."""
         d = self.to_dict()
         # engine: where the clients run, not what they compute (the Flower engines reproduce in-process runs)
-        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "preset", "engine"):
+        for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "keep_global_model", "preset",
+                  "engine"):
             d.pop(k, None)
         for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
             if d.get(k) == default:

@@ -417,7 +417,10 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         hooks.point("record")
         atomic_write_json(record_path, record)
         atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
-    log(f"[bench] wrote {record_path} and {out} in {timings['total_s']:.0f} s")
+        if not cfg.keep_global_model:  # scored: export.global_model_dir writes it again from the checkpoint on demand
+            shutil.rmtree(out)
+    log(f"[bench] wrote {record_path}" + (f" and {out}" if cfg.keep_global_model else "")
+        + f" in {timings['total_s']:.0f} s")
     return record
 
 

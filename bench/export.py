@@ -47,6 +47,31 @@ def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: 
     return model
 
 
+def global_model_dir(run_dir: Path) -> Path:
+    """<run>/global_model, written again from the run's last checkpoint if the run dropped it (keep_global_model:
+    false): the same float64 delta, base and cast as the run's own export, so the same bytes (tests/test_engine.py)."""
+    import yaml
+
+    from . import BenchError
+    from .checkpoint import checkpoint_dir, read_state
+    from .models import resolve_model
+    from .server import global_delta
+
+    run_dir = Path(run_dir)
+    out = run_dir / "global_model"
+    if (out / "config.json").is_file():
+        return out
+    ck = checkpoint_dir(run_dir)
+    if not (run_dir / "run.json").is_file() or ck is None or not (run_dir / "config.yaml").is_file():
+        raise BenchError(f"run: {out} is missing and {run_dir} holds no finished run to write it from "
+                         "(run.json, config.yaml and checkpoint/); did the run finish?")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    state, _, _ = read_state(ck)
+    export_global_model(resolve_model(cfg["model"])[0], global_delta(state), export_dtype(cfg.get("export_dtype", "auto")),
+                        out)
+    return out
+
+
 def export_global_adapter(adapter: Factors, target_modules: list[str], base_model: str, out: Path) -> bool:
     """A PEFT folder for an effective adapter (global = base + B @ A); False when there is none to write."""
     from peft import LoraConfig

@@ -132,22 +132,31 @@ class Server:
 
     def base_delta(self) -> dict[str, torch.Tensor]:
         """Σ over rounds of the merges, per module, in float64 (what the base has received)."""
-        out: dict[str, torch.Tensor] = {}
-        for merge in self.s.merges.values():
-            for name, (a, b) in merge.items():
-                d = b.double() @ a.double()
-                out[name] = d if name not in out else out[name] + d
-        return out
+        return base_delta(self.s)
 
     def global_delta(self) -> dict[str, torch.Tensor]:
         """The global model minus the base, per module, float64: merges plus the global adapter."""
-        out = self.base_delta()
-        for name, (a, b) in self.s.state.adapter.items():
-            if a is None or b is None:
-                continue
+        return global_delta(self.s)
+
+
+def base_delta(s: ServerState) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for merge in s.merges.values():
+        for name, (a, b) in merge.items():
             d = b.double() @ a.double()
             out[name] = d if name not in out else out[name] + d
-        return out
+    return out
+
+
+def global_delta(s: ServerState) -> dict[str, torch.Tensor]:
+    """A server state's global model minus the base (the engine's export, and its re-export from a checkpoint)."""
+    out = base_delta(s)
+    for name, (a, b) in s.state.adapter.items():
+        if a is None or b is None:
+            continue
+        d = b.double() @ a.double()
+        out[name] = d if name not in out else out[name] + d
+    return out
 
 
 

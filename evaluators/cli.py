@@ -220,9 +220,9 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     if args.adapter not in (None, "global", "clients"):
         raise BenchError(f"adapter: with --run pass global or clients, not {args.adapter!r} (a folder goes with --model)")
     if args.adapter is None:
-        model_dir = run_dir / "global_model"
-        if not (model_dir / "config.json").is_file():
-            raise BenchError(f"run: {model_dir} is not an HF model folder (no config.json); did the run finish?")
+        from bench.export import global_model_dir
+
+        model_dir = global_model_dir(run_dir)
     record_path = _record_path(run_dir)
     record = read_record(record_path)  # refuses a newer schema before any work
     if args.adapter == "clients":

@@ -98,10 +98,9 @@ def plan_serve(args) -> dict:
         if args.lora:
             raise BenchError("lora: --lora goes with --model; with --run choose --adapters global or clients")
         if args.adapters == "merged":
-            model = run_dir / "global_model"
-            if not (model / "config.json").is_file():
-                raise BenchError(f"run: {model} is not an HF model folder (no config.json); did the run finish?")
-            return {"model": str(model), "name": "global", "loras": {}}
+            from bench.export import global_model_dir
+
+            return {"model": str(global_model_dir(run_dir)), "name": "global", "loras": {}}
         base = run_base_model(run_dir)
         loras = {}
         if args.adapters == "clients":

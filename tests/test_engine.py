@@ -66,6 +66,30 @@ def test_tiny_global_model_changed_from_base_and_reloads(tiny_runs, method):
     assert out.shape == (1, 6)
 
 
+@pytest.mark.parametrize("method", ["fedit", "flora"])  # the global adapter alone; merges alone
+def test_dropped_global_model_is_written_again_identically(tiny_runs, tmp_path, shared_data, method):
+    """keep_global_model false: the run deletes global_model/ once scored, with the same record figures, and
+    export.global_model_dir writes it again from the checkpoint, tensor for tensor the kept run's model."""
+    from pathlib import Path
+
+    from bench import BenchError
+    from bench.export import global_model_dir
+
+    _, kept = tiny_runs[method]
+    _, rec = _run(tmp_path, shared_data, method, save_client_adapters=True, keep_global_model=False)
+    run_dir = Path(rec["run_dir"])
+    assert not (run_dir / "global_model").exists() and rec["test"]["loss"] == kept["test"]["loss"]
+    again = load_file(str(global_model_dir(run_dir) / "model.safetensors"))
+    want = load_file(kept["run_dir"] + "/global_model/model.safetensors")
+    assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
+    (run_dir / "run.json").unlink()  # not a finished run: nothing to write it from
+    import shutil
+
+    shutil.rmtree(run_dir / "global_model")
+    with pytest.raises(BenchError, match="holds no finished run"):
+        global_model_dir(run_dir)
+
+
 def test_noise_recorded_only_for_factor_averaging(tiny_runs):
     from methods import METHODS as REGISTRY
 
