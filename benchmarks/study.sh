@@ -18,7 +18,10 @@ jobs=${STUDY_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}   # npro
 
 if [[ ${1:-} == --job ]]; then   # one (grid, seed) job: the same cells whichever job order or parallelism runs them
   part=$2 seed=$3
-  common=(--preset study --results-dir "$STUDY_RESULTS" --runs-dir "$STUDY_RUNS" --seeds "$seed" ${STUDY_DRY_RUN:+--dry-run})
+  # keep_global_model=false: each cell keeps its checkpoint (MBs), not a 0.5 GB model (156 cells: 80 GB); `bench eval
+  # --run` writes a cell's model again from the checkpoint when it is scored later
+  common=(--preset study --results-dir "$STUDY_RESULTS" --runs-dir "$STUDY_RUNS" --seeds "$seed"
+          --set keep_global_model=false ${STUDY_DRY_RUN:+--dry-run})
   bench=(python -m bench.cli)    # this checkout's code, whatever `bench` on PATH points at
   case $part in
     # 1. main table: every registered method and the three reference rows, homogeneous vs heterogeneous ranks
