@@ -7,8 +7,10 @@ times its FLOPs per token, divided by the machine's float32 matrix-multiply rate
 Tokens are counted on lm-eval's own requests for the tasks (the prompts `bench eval` scores, few-shot included),
 tokenized as lm-eval splits context and continuation, under the ways a scorer can share work:
 - `per_request`: every (context, continuation) request is its own prompt (lm-eval's vllm and hf models);
-- `per_context`: each document's context once, then each of its continuations (what a scorer sharing the context
-  across a document's choices processes);
+- `per_context`: each distinct context of a document once, then each of its continuations (a scorer that keeps a
+  context's state exactly, e.g. hf's past_key_values);
+- `context_cached_block{B}`: each context once, then each choice from its context's last whole KV block of B tokens
+  (vLLM's prefix cache, which shares whole blocks only);
 - one-token answers (MMLU) as one request per context whose common few-shot prefix is cached in KV blocks of
   B tokens (`bench eval --backend vllm`; B = 128 is vLLM's CPU default, 32 ours, 1 the ideal cache);
 - generation (GSM8K): prompt tokens only, so the floor leaves the generated tokens out.
@@ -75,9 +77,12 @@ def token_counts(requests: list, encode) -> dict:
     docs: dict[tuple, list] = defaultdict(list)
     for sub, doc_id, _, args in requests:
         docs[(sub, doc_id)].append(pair(args[0], args[1]))
+    def contexts(v: list) -> list:  # a document's distinct contexts (WinoGrande's differ per choice)
+        return list({tuple(c): c for c, _ in v}.values())
+
     out = {"documents": len(docs), "requests": len(requests),
            "per_request": sum(len(c) + len(k) for v in docs.values() for c, k in v),
-           "per_context": sum(len(v[0][0]) + sum(len(k) for _, k in v) for v in docs.values())}
+           "per_context": sum(sum(map(len, contexts(v))) + sum(len(k) for _, k in v) for v in docs.values())}
     if all(len(k) == 1 for v in docs.values() for _, k in v):  # one-token answers: one request per context
         out["kind"] = "one-token"
         by_sub: dict[str, list] = defaultdict(list)
@@ -92,11 +97,14 @@ def token_counts(requests: list, encode) -> dict:
             out[f"prefix_cached_block{block}"] = total
     else:
         out["kind"] = "log-likelihood"
+        for block in KV_BLOCKS:  # each context once, then each choice from its context's last whole cached block
+            out[f"context_cached_block{block}"] = sum(
+                sum(map(len, contexts(v))) + sum(len(c) % block + len(k) for c, k in v) for v in docs.values())
     return out
 
 
 def fewest(counts: dict) -> int:
-    return min(v for k, v in counts.items() if k == "prompt_tokens" or k.startswith(("per_", "prefix_")))
+    return min(v for k, v in counts.items() if k == "prompt_tokens" or k.startswith(("per_", "prefix_", "context_")))
 
 
 def matmul_rate(hidden: int, inter: int, tokens: int = 4096, repeats: int = 5) -> float:
@@ -173,10 +181,11 @@ def markdown(r: dict) -> str:
              f"{r['flops_per_token'] / 1e6:.0f} MFLOP per token (2 x non-embedding parameters); float32 matmul "
              f"{r['matmul_gflops_fp32']} GFLOP/s on {r['torch_threads']} threads (load {r['load_avg_at_start'][0]:.1f} "
              f"at start); a forward pass of the model {r['forward_tokens_per_s']:.0f} tokens/s.", "",
-             "| task | documents | kind | tokens per request | per context | prefix cached, block 128 / 32 / 1 "
+             "| task | documents | kind | tokens per request | per context | cached in KV blocks of 128 / 32 / 1 "
              "| fewest | floor s |", "|---|---:|---|---:|---:|---|---:|---:|"]
     for name, c in r["per_task"].items():
-        blocks = " / ".join(f"{c[f'prefix_cached_block{b}']:,}" for b in KV_BLOCKS if f"prefix_cached_block{b}" in c)
+        blocks = " / ".join(f"{c[k]:,}" for b in KV_BLOCKS for k in (f"prefix_cached_block{b}", f"context_cached_block{b}")
+                            if k in c)
         lines.append(f"| {name} | {c['documents']:,} | {c['kind']} | {c.get('per_request', c.get('prompt_tokens')):,} "
                      f"| {format(c['per_context'], ',') if 'per_context' in c else ''} | {blocks} | {c['fewest']:,} | {c['floor_s']:,} |")
     lines += ["", f"**Floor: {r['fewest_tokens']:,} tokens = {r['floor_s']:,.0f} s ({r['floor_s'] / 3600:.2f} h) at the "

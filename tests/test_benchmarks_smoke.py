@@ -67,6 +67,11 @@ def test_eval_floor_counts_tokens_from_first_principles():
     c = token_counts(ll, chars)
     assert (c["documents"], c["requests"], c["per_request"], c["per_context"], c["kind"]) == (1, 2, 12, 9, "log-likelihood")
     assert fewest(c) == 9
+    # through a KV cache of whole blocks: the context once, then each choice from the last whole block (none at 32)
+    assert (c["context_cached_block1"], c["context_cached_block32"]) == (3 + 3 + 3, 3 + 6 + 6)
+    # WinoGrande-style: a context per choice, one continuation; each distinct context counts once
+    wino = [("w", 0, "loglikelihood", (ctx, " end")) for ctx in ("ab A", "ab B")]
+    assert token_counts(wino, chars)["per_context"] == 2 * (4 + 4)
     # two documents of one subject with one-token answers and a 4-token common prefix: blocks of 2 cache all 4
     # (2 tokens left each), blocks of 128 none (6 each); a subject of one document caches nothing
     one = [("s", d, "loglikelihood", (ctx, k)) for d, ctx in enumerate(["aaaaXY", "aaaaZW"]) for k in "AB"]
