@@ -59,7 +59,11 @@ def rank_cv(ranks) -> float | None:
 
 
 def row_rank_cv(row: Row) -> float | None:
-    return rank_cv(row.setting.get("ranks"))
+    """The CV of the row's ranks; under a sampled distribution, the mean CV of its seeds' draws."""
+    if row.setting.get("ranks") is not None:
+        return rank_cv(row.setting["ranks"])
+    cvs = [c for c in (rank_cv(r.drawn_ranks) for r in row.records) if c is not None]
+    return float(np.mean(cvs)) if cvs else None
 
 
 def partition_alpha(partition) -> float | None:
@@ -74,8 +78,10 @@ def partition_alpha(partition) -> float | None:
 
 
 def _rank_label(fields: dict) -> str:
-    label = fmt_value(fields.get("ranks"))
     dist = fields.get("rank_distribution")
+    if fields.get("ranks") is None and dist:  # sampled: ranks drawn per seed
+        return f"{dist}\n(per seed)"
+    label = fmt_value(fields.get("ranks"))
     if dist not in (None, "", "explicit"):
         label += f" ({dist})"
     cv = rank_cv(fields.get("ranks"))
@@ -417,7 +423,8 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
                            label=label if sig.any() else None)
                 ax.scatter(x[~sig], y[~sig], marker=st["marker"], facecolors="white", edgecolors=st["color"], s=36,
                            zorder=3, label=None if sig.any() else label)
-            ax.set_xticks(range(len(order)), order, fontsize=8)
+            ax.set_xticks(range(len(order)), order, fontsize=8, rotation=20 if len(order) > 3 else 0,
+                          ha="right" if len(order) > 3 else "center")
             ax.set_xlim(-0.5, len(order) - 0.5)
             ax.set_xlabel("Client LoRA ranks (ordered by CV)")
             ax.set_ylabel(f"Δ {m.label} vs {baseline} ({m.better} is better)", fontsize=8)

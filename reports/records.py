@@ -53,7 +53,15 @@ class Record:
 
     @property
     def setting(self) -> dict:
-        return self.data["setting"]
+        """The record's setting as rows group it. Under a sampled rank distribution (uniform, heavy-tail-...) each
+        seed draws its own ranks (the same for every method at that seed), so the row is the distribution and its
+        seeds pool: the draw is left out here (`drawn_ranks` has it) and pairing by seed stays exact."""
+        s = self.data["setting"]
+        return {**s, "ranks": None} if sampled_ranks(s) else s
+
+    @property
+    def drawn_ranks(self) -> list | None:
+        return self.data["setting"].get("ranks")
 
     @property
     def seed(self):
@@ -285,6 +293,11 @@ def _strip_prefix(msg: str, path: Path) -> str:
     """bench.io messages read `record: <path> <reason>`; keep the reason (the summary names the file)."""
     prefix = f"record: {path} "
     return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def sampled_ranks(setting: dict) -> bool:
+    """Ranks drawn per seed from a distribution (not a fixed list, not homogeneous)."""
+    return setting.get("rank_distribution") not in (None, "explicit", "homo")
 
 
 def setting_key(setting: dict) -> tuple:

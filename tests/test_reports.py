@@ -209,6 +209,30 @@ def test_paired_differences_are_paired_by_seed_and_example(study, built):
     assert (hi - lo) / 2 < 0.5 * math.hypot(*half)
 
 
+def test_sampled_rank_distribution_pools_its_seeds_draws(study, tmp_path):
+    """Under a sampled rank distribution each seed draws its own ranks (the same for every method at the seed): the
+    row is the distribution with all its seeds, paired by seed. Seed 0 here drew 4,4,4 and seed 1 drew 4,2,2."""
+    recs = _records(study)
+    res = tmp_path / "res"
+    res.mkdir()
+    drawn = {0: "4-4-4", 1: "4-2-2"}
+    for m in ("fedit", "flexlora"):
+        for seed, ranks in drawn.items():
+            rec = recs[f"{m}-r{ranks}-s{seed}"]
+            rec["setting"]["rank_distribution"] = "uniform"
+            (res / f"{m}-uniform-s{seed}.json").write_text(json.dumps(rec))
+    out = tmp_path / "out"
+    build_report([str(res)], str(out), plots=True)
+    rows = _csv(out / "leaderboard.csv")
+    for m in ("fedit", "flexlora"):
+        row = _row(rows, method=m, rank_distribution="uniform")
+        assert row["ranks"] == "" and row["n_seeds"] == "2" and row["seeds"] == "0;1"
+    p = _row(_csv(out / "paired.csv"), method="flexlora", metric="test_loss", rank_distribution="uniform")
+    direct = np.mean([recs[f"flexlora-r{r}-s{s}"]["test"]["loss"] - recs[f"fedit-r{r}-s{s}"]["test"]["loss"]
+                      for s, r in drawn.items()])
+    assert float(p["diff"]) == pytest.approx(direct, rel=1e-4, abs=1e-9) and p["n_seeds"] == "2"
+
+
 def test_paired_table_is_at_the_top_with_the_mdd(built):
     out, s = built
     md = (out / "LEADERBOARD.md").read_text()
