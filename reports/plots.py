@@ -130,7 +130,8 @@ def _figure(n_panels: int) -> tuple[Figure, list]:
     """One panel per metric: side by side up to two, then two per line."""
     cols = min(n_panels, 2)
     lines = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(6.4 * cols, 4.6 * lines), layout="constrained")
+    # one panel gets the width of a context line and its legend beside it, which constrained layout cannot shrink
+    fig = Figure(figsize=(6.4 * cols if cols > 1 else 9.0, 4.6 * lines), layout="constrained")
     axes = list(fig.subplots(lines, cols, squeeze=False).ravel())
     for ax in axes[n_panels:]:
         ax.set_visible(False)
