@@ -27,7 +27,7 @@ FIELD_HELP = {
     "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
     "keep_global_model": "false: delete <run>/global_model once the run is scored (bench eval/serve --run and bench "
-                         "audit re-export it from the run's last checkpoint, byte for byte)",
+                         "audit re-export it from the run's last checkpoint, tensor for tensor)",
     "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
               "(a SuperLink, --superlink): docs/flower.md",
 }

@@ -49,7 +49,7 @@ def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: 
 
 def global_model_dir(run_dir: Path) -> Path:
     """<run>/global_model, written again from the run's last checkpoint if the run dropped it (keep_global_model:
-    false): the same float64 delta, base and cast as the run's own export, so the same bytes (tests/test_engine.py)."""
+    false): the same float64 delta, base and cast as the run's own export, so the same tensors (tests/test_engine.py)."""
     import yaml
 
     from . import BenchError

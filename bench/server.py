@@ -130,16 +130,13 @@ class Server:
             self.s.merges[rnd] = agg.merge
         return RoundResult(rnd, [m.client_id for m in tasks], rows, agg.metrics, excluded, updates)
 
-    def base_delta(self) -> dict[str, torch.Tensor]:
-        """Σ over rounds of the merges, per module, in float64 (what the base has received)."""
-        return base_delta(self.s)
-
     def global_delta(self) -> dict[str, torch.Tensor]:
         """The global model minus the base, per module, float64: merges plus the global adapter."""
         return global_delta(self.s)
 
 
 def base_delta(s: ServerState) -> dict[str, torch.Tensor]:
+    """Σ over rounds of the merges, per module, in float64 (what the base has received)."""
     out: dict[str, torch.Tensor] = {}
     for merge in s.merges.values():
         for name, (a, b) in merge.items():
