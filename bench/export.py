@@ -47,14 +47,33 @@ def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: 
     return model
 
 
-def global_model_dir(run_dir: Path) -> Path:
-    """<run>/global_model, written again from the run's last checkpoint if the run dropped it (keep_global_model:
-    false): the same float64 delta, base and cast as the run's own export, so the same tensors (tests/test_engine.py)."""
+def run_config(run_dir: Path) -> dict:
+    """A run folder's config.yaml as written by the run."""
     import yaml
 
     from . import BenchError
-    from .checkpoint import checkpoint_dir, read_state
+
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise BenchError(f"run: {cfg_file} does not exist; pass a run folder written by `bench run`")
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    if not cfg.get("model"):
+        raise BenchError(f"run: {cfg_file} names no model")
+    return cfg
+
+
+def run_base_model(run_dir: Path) -> str:
+    """The local folder of a run's base model."""
     from .models import resolve_model
+
+    return resolve_model(run_config(run_dir)["model"])[0]
+
+
+def global_model_dir(run_dir: Path) -> Path:
+    """<run>/global_model, written again from the run's last checkpoint if the run dropped it (keep_global_model:
+    false): the same float64 delta, base and cast as the run's own export, so the same tensors (tests/test_engine.py)."""
+    from . import BenchError
+    from .checkpoint import checkpoint_dir, read_state
     from .server import global_delta
 
     run_dir = Path(run_dir)
@@ -65,10 +84,9 @@ def global_model_dir(run_dir: Path) -> Path:
     if not (run_dir / "run.json").is_file() or ck is None or not (run_dir / "config.yaml").is_file():
         raise BenchError(f"run: {out} is missing and {run_dir} holds no finished run to write it from "
                          "(run.json, config.yaml and checkpoint/); did the run finish?")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     state, _, _ = read_state(ck)
-    export_global_model(resolve_model(cfg["model"])[0], global_delta(state), export_dtype(cfg.get("export_dtype", "auto")),
-                        out)
+    dtype = export_dtype(run_config(run_dir).get("export_dtype", "auto"))
+    export_global_model(run_base_model(run_dir), global_delta(state), dtype, out)
     return out
 
 

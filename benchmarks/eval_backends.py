@@ -11,7 +11,6 @@ changes. `--limit 0` scores whole test sets. Speed is measured here, never asser
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -82,28 +81,17 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.eval_backends", description=__doc__.split("\n\n")[0])
+    from benchmarks.eval_full import benchmark_parser, run_benchmark
+
+    p = benchmark_parser("benchmarks.eval_backends", __doc__, RESULTS)
     p.add_argument("--tasks", default="mmlu", help="bench eval task names, comma-separated (default: mmlu)")
     p.add_argument("--limit", type=int, default=100, help="seeded documents per task; 0 = all (default: 100)")
-    p.add_argument("--model", default="default")
     p.add_argument("--hf-batch-size", default="auto", help="hf's batch (auto = 8 on a CPU; smaller for the long "
                    "history prompts where 8 needs ~15 GB)")
-    p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
-    p.add_argument("--out", default=str(RESULTS), help=f"output folder (default {RESULTS})")
     args = p.parse_args(argv)
-    from bench import BenchError
-    from benchmarks.eval_full import data_root_of
-
-    data_root = data_root_of(args.data_root)
-    if data_root is None:
-        return 2
-    try:
-        run(args.tasks, args.limit or None, args.model, data_root, Path(args.out),
-            args.hf_batch_size if args.hf_batch_size == "auto" else int(args.hf_batch_size))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    batch = args.hf_batch_size if args.hf_batch_size == "auto" else int(args.hf_batch_size)
+    return run_benchmark(args.data_root, lambda data_root: run(args.tasks, args.limit or None, args.model, data_root,
+                                                               Path(args.out), batch))
 
 
 if __name__ == "__main__":

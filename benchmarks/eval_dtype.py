@@ -10,7 +10,6 @@ Speed is measured here, never asserted in tests (tests/test_eval_e2e.py asserts 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -99,25 +98,14 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.eval_dtype", description=__doc__.split("\n\n")[0])
+    from benchmarks.eval_full import benchmark_parser, run_benchmark
+
+    p = benchmark_parser("benchmarks.eval_dtype", __doc__, RESULTS)
     p.add_argument("--tasks", default="mmlu", help="bench eval task names, comma-separated (default: mmlu)")
     p.add_argument("--limit", type=int, default=100, help="seeded documents per task (default: 100)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
-    p.add_argument("--out", default=str(RESULTS), help=f"output folder (default {RESULTS})")
     args = p.parse_args(argv)
-    from bench import BenchError
-    from benchmarks.eval_full import data_root_of
-
-    data_root = data_root_of(args.data_root)
-    if data_root is None:
-        return 2
-    try:  # evaluate() refuses bad tasks or --limit in one line before the model loads
-        run(args.tasks, args.limit, args.model, data_root, Path(args.out))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_benchmark(args.data_root,
+                         lambda data_root: run(args.tasks, args.limit, args.model, data_root, Path(args.out)))
 
 
 if __name__ == "__main__":

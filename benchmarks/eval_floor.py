@@ -21,7 +21,6 @@ of the model (hf, no output layer) at a 4096-token batch.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -140,10 +139,12 @@ def run(tasks: str, model_spec: str, data_root: str, out: Path) -> dict:
 
     from bench.models import resolve_model
     from bench.provenance import CODE
+    from evaluators.core import expand_tasks
 
+    expand_tasks(tasks)  # unknown names: one error line before the model loads
     path = resolve_model(model_spec)[0]
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     embed = model.get_input_embeddings().weight.numel()
     flops_per_token = 2 * (sum(p.numel() for p in model.parameters()) - embed)
     cfg = model.config
@@ -196,19 +197,12 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.eval_floor", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=SUITE, help=f"bench eval task names (default: {SUITE})")
-    p.add_argument("--model", default="default")
-    p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
-    p.add_argument("--out", default=str(RESULTS), help=f"output folder (default {RESULTS})")
-    args = p.parse_args(argv)
-    from benchmarks.eval_full import data_root_of
+    from benchmarks.eval_full import benchmark_parser, run_benchmark
 
-    data_root = data_root_of(args.data_root)
-    if data_root is None:
-        return 2
-    run(args.tasks, args.model, data_root, Path(args.out))
-    return 0
+    p = benchmark_parser("benchmarks.eval_floor", __doc__, RESULTS)
+    p.add_argument("--tasks", default=SUITE, help=f"bench eval task names (default: {SUITE})")
+    args = p.parse_args(argv)
+    return run_benchmark(args.data_root, lambda data_root: run(args.tasks, args.model, data_root, Path(args.out)))
 
 
 if __name__ == "__main__":

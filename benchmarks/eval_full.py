@@ -87,6 +87,31 @@ def data_root_of(arg: str | None) -> str | None:
     return str(Path(data_root).resolve())
 
 
+def benchmark_parser(module: str, doc: str, results: Path) -> argparse.ArgumentParser:
+    """The options every evaluation benchmark takes (--model, --data-root, --out); each adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
+    p.add_argument("--out", default=str(results), help=f"output folder (default {results})")
+    return p
+
+
+def run_benchmark(data_root_arg: str | None, run) -> int:
+    """run(data_root); a missing data root or a refusal (bad tasks or --limit, before the model loads) is one
+    error line and exit code 2."""
+    from bench import BenchError
+
+    data_root = data_root_of(data_root_arg)
+    if data_root is None:
+        return 2
+    try:
+        run(data_root)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(args) -> int:
     data_root = data_root_of(args.data_root)
     if data_root is None:

@@ -212,7 +212,9 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     from bench.provenance import CODE
 
     from . import core
-    from .serve import run_base_model, client_adapters, global_adapter
+    from bench.export import run_base_model
+
+    from .serve import client_adapters, global_adapter
 
     run_dir = Path(args.run)
     if not run_dir.is_dir():

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from bench import BenchError
+from bench.export import run_base_model
 
 ADAPTER_MODES = ("merged", "global", "clients")
 STOP_GRACE_S = 15
@@ -50,18 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ what to serve
-def run_base_model(run_dir: Path) -> str:
-    import yaml
-
-    from bench.models import resolve_model
-
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise BenchError(f"run: {cfg_file} does not exist; pass a run folder written by `bench run`")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    if not cfg.get("model"):
-        raise BenchError(f"run: {cfg_file} names no model")
-    return resolve_model(cfg["model"])[0]
 
 
 def client_adapters(run_dir: Path, rnd: int | None) -> tuple[int, dict[str, str]]:
