@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,12 @@ SOURCES = {
     "dolly": dict(hub=("databricks/databricks-dolly-15k", None), train="dolly_fedit_10clients/local_training_{i}.json",
                   clients=10, test="dolly_fedit_10clients/global_test.json",
                   fields={"instruction": "instruction", "input": "context", "output": "response", "label": "category"}),
+    # FedIT's 10-client Dolly split with a held-out test set large enough for generation metrics (its own
+    # global_test holds 80) and a validation set for tuning, both drawn once from the pool (the same for every run
+    # and every seed) and removed from the clients' shards
+    "dolly-heldout": dict(hub=("databricks/databricks-dolly-15k", None), train="dolly_fedit_10clients/local_training_{i}.json",
+                          clients=10, test=None, heldout={"test": 500, "validation": 200},
+                          fields={"instruction": "instruction", "input": "context", "output": "response", "label": "category"}),
     "gsm8k": dict(hub=("openai/gsm8k", "main"), train="gsm8k/train.jsonl", test="gsm8k/test.jsonl",
                   fields={"instruction": "question", "output": "answer"}),
     "codealpaca": dict(hub=("sahil280114/codealpaca", None), train="codealpaca/code_alpaca_2k.json", test=None,
@@ -50,6 +56,40 @@ class Dataset:
     predefined: list[list[int]] | None   # the source's own client split (indices into train)
     files: dict[str, str]                # file path -> md5 (provenance)
     origin: str                          # "data-root", "hub:<id>" or "file"
+    validation: list[dict] = field(default_factory=list)  # held out for tuning, disjoint from train and test
+
+
+# The held-out draw of a source with `heldout` sizes: one fixed permutation of the pool, not the run's seed, so that
+# every run, seed and evaluation task holds out the same records.
+HELDOUT_SEED = 20240101
+
+
+def carve_heldout(train: list[dict], predefined: list[list[int]] | None, sizes: dict[str, int]):
+    """(train, predefined, test, validation) with `sizes["test"]` then `sizes["validation"]` records drawn from the
+    pool and removed from it; predefined client shards keep their remaining records, re-indexed."""
+    order = np.random.default_rng(HELDOUT_SEED).permutation(len(train))
+    n_test, n_val = sizes["test"], sizes.get("validation", 0)
+    if n_test + n_val >= len(train):
+        raise BenchError(f"dataset: holding out {n_test}+{n_val} records leaves no training data ({len(train)} in all)")
+    test_idx, val_idx = sorted(order[:n_test].tolist()), sorted(order[n_test:n_test + n_val].tolist())
+    held = set(test_idx) | set(val_idx)
+    keep = [i for i in range(len(train)) if i not in held]
+    new_index = {old: new for new, old in enumerate(keep)}
+    shards = None if predefined is None else [[new_index[i] for i in s if i in new_index] for s in predefined]
+    return [train[i] for i in keep], shards, [train[i] for i in test_idx], [train[i] for i in val_idx]
+
+
+def heldout_records(name: str, data_root: str | Path, split: str) -> list[dict]:
+    """The `split` ("test" or "validation") records that source `name` holds out, read from the data root: what
+    the evaluation tasks score, identical to the held-out split of every training run on that source."""
+    src = SOURCES[name]
+    root = Path(data_root).expanduser()
+    pool = []
+    for i in range(src.get("clients", 1)):
+        p = root / src["train"].format(i=i)
+        pool += map_fields(read_json_records(p), src["fields"], str(p))
+    _, _, test, validation = carve_heldout(pool, None, src["heldout"])
+    return {"test": test, "validation": validation}[split]
 
 
 def md5(path: Path) -> str:
@@ -153,18 +193,21 @@ def load_dataset(cfg) -> Dataset:
         if "clients" in src:
             bounds = np.cumsum([0] + [len(p) for p in parts])
             predefined = [list(range(bounds[i], bounds[i + 1])) for i in range(len(parts))]
-        if src["test"]:
+        validation = []
+        if "heldout" in src:
+            train, predefined, test, validation = carve_heldout(train, predefined, src["heldout"])
+        elif src["test"]:
             p = root / src["test"]
             test = map_fields(read_json_records(p), fields, str(p))
             files[str(p)] = md5(p)
         else:
             train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
             predefined = None
-        return Dataset(train, test, predefined, files, "data-root")
+        return Dataset(train, test, predefined, files, "data-root", validation)
     if src["hub"] is None:
         where = root / first if root else f"<data root>/{first}"
         raise BenchError(f"dataset: {name} needs the data root ({where} not found); pass --data-root or set BENCH_DATA_ROOT")
-    return _from_hub(src["hub"][0], src["hub"][1], fields, cfg)
+    return _from_hub(src["hub"][0], src["hub"][1], fields, cfg, src.get("heldout"))
 
 
 def _task_mix(src: dict, fields: dict, root: Path | None, name: str) -> Dataset:
@@ -183,7 +226,7 @@ def _task_mix(src: dict, fields: dict, root: Path | None, name: str) -> Dataset:
     return Dataset(train, test, predefined, files, "data-root")
 
 
-def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg) -> Dataset:
+def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg, heldout: dict | None = None) -> Dataset:
     from . import models
 
     if not models.hub_reachable():
@@ -193,11 +236,15 @@ def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg) -> Datase
 
     ds = datasets.load_dataset(hub_id, config_name)
     train = map_fields(list(ds["train"]), fields, hub_id)
+    files = {f"hub:{hub_id}": getattr(ds["train"], "_fingerprint", "")}
+    if heldout:  # the hub's record order differs from the data root's client files, so the draw differs too
+        train, _, test, validation = carve_heldout(train, None, heldout)
+        return Dataset(train, test, None, files, f"hub:{hub_id}", validation)
     if "test" in ds:
         test = map_fields(list(ds["test"]), fields, hub_id)
     else:
         train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
-    return Dataset(train, test, None, {f"hub:{hub_id}": getattr(ds["train"], "_fingerprint", "")}, f"hub:{hub_id}")
+    return Dataset(train, test, None, files, f"hub:{hub_id}")
 
 
 # ---- partitioning ------------------------------------------------------------------------------
@@ -304,14 +351,17 @@ def tokenize(rec: dict, tokenizer, template: str, cutoff_len: int, train_on_inpu
     """input_ids and labels (-100 on the prompt unless train_on_inputs), at most cutoff_len tokens.
 
     Plain right-truncation would drop every answer token of a long prompt (a wasted example, loss 0).
-    Instead the answer keeps at least a quarter of the budget, and an over-long prompt loses its
-    middle, keeping its head and the template's tail (`### Response:`), which the model must see.
+    Instead the answer keeps at least a quarter of the budget, and an over-long prompt loses the end of its
+    input (the passage), never its instruction; a prompt still too long without input loses its middle,
+    keeping its head and the template's tail (`### Response:`), which the model must see.
     """
-    prompt_ids = tokenizer(prompt_text(rec, template, tokenizer), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(prompt_text(rec, template, tokenizer), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(answer_ids) > cutoff_len:
         answer_budget = min(len(answer_ids), max(cutoff_len // 4, cutoff_len - len(prompt_ids)))
         prompt_budget = cutoff_len - answer_budget
+        if len(prompt_ids) > prompt_budget and rec["input"]:
+            prompt_ids = _prompt_with_shorter_input(rec, template, tokenizer, prompt_budget)
         if len(prompt_ids) > prompt_budget:
             tail = min(16, prompt_budget // 2)
             prompt_ids = prompt_ids[: prompt_budget - tail] + prompt_ids[len(prompt_ids) - tail:]
@@ -319,6 +369,18 @@ def tokenize(rec: dict, tokenizer, template: str, cutoff_len: int, train_on_inpu
     ids = prompt_ids + answer_ids
     labels = (list(prompt_ids) if train_on_inputs else [-100] * len(prompt_ids)) + answer_ids
     return {"input_ids": ids, "labels": labels}
+
+
+def _prompt_with_shorter_input(rec: dict, template: str, tokenizer, budget: int) -> list[int]:
+    """The prompt's tokens with its input cut from the end until the prompt fits `budget` (or the input is gone).
+    Re-tokenising the shortened text can merge tokens differently, hence the loop."""
+    input_ids = tokenizer(rec["input"], add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_text(rec, template, tokenizer), add_special_tokens=False)["input_ids"]
+    while len(prompt_ids) > budget and input_ids:
+        input_ids = input_ids[: max(0, len(input_ids) - (len(prompt_ids) - budget) - 1)]
+        short = dict(rec, input=tokenizer.decode(input_ids).rstrip())
+        prompt_ids = tokenizer(prompt_text(short, template, tokenizer), add_special_tokens=False)["input_ids"]
+    return prompt_ids
 
 
 def collate(batch: list[dict], pad_id: int):

@@ -68,6 +68,13 @@ def validate_tasks(names: str | list[str], data_root: str | None = None) -> list
 # ------------------------------------------------------------------------------------------------ sources
 
 
+def _md5_of_files(files: list[Path]) -> str:
+    h = hashlib.md5()
+    for f in files:
+        h.update(f"{f.name} {md5(f)}\n".encode())
+    return h.hexdigest()
+
+
 def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
     """({"path", "md5"}, "") when the task's data is there; (None, "<the path looked for>") when not."""
     from .tasks import loaders
@@ -81,6 +88,13 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
     if data_root is None:
         return None, "no data root (set BENCH_DATA_ROOT or pass --data-root)"
     root = Path(data_root).expanduser().resolve()
+    if name in loaders.FILE_SET_TASKS:
+        files = [root / rel for rel in loaders.FILE_SET_TASKS[name]]
+        absent = [f for f in files if not f.is_file()]
+        if absent:
+            return None, str(absent[0])
+        return {"path": str(files[0].parent), "md5": _md5_of_files(files), "files": len(files),
+                "md5_of": "lines '<file name> <md5>' of the task's files"}, ""
     subjects = mmlu_subjects_of(name)
     if subjects is not None:
         d = root / loaders.MMLU_DIRS[0]
@@ -89,10 +103,7 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
             files = [f for f in files if f.name[: -len("_test.csv")] in subjects]
         if not files:
             return None, str(d / (f"{subjects[0]}_test.csv" if len(subjects) == 1 else "<subject>_test.csv"))
-        h = hashlib.md5()
-        for f in files:
-            h.update(f"{f.name} {md5(f)}\n".encode())
-        return {"path": str(d), "md5": h.hexdigest(), "files": len(files),
+        return {"path": str(d), "md5": _md5_of_files(files), "files": len(files),
                 "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
     p = root / loaders.FILE_TASKS[name][0]
     if not p.is_file():

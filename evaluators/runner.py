@@ -343,8 +343,9 @@ def _run_task(lm, t: dict, plan: dict, out_dir: Path) -> dict:
                 del samples[n], tasks[n]
             loaded = {"tasks": tasks, "groups": {}}
             names = sorted(tasks)
+    chat = bool((tasks[names[0]].config.metadata or {}).get("apply_chat_template"))
     out = evaluate(lm=lm, task_dict=loaded, samples=samples, bootstrap_iters=1000, log_samples=True,
-                   confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
+                   apply_chat_template=chat, confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
     res = out["results"]
     logged = out["samples"]
     from .tasknames import task_family
@@ -397,7 +398,8 @@ def _task_manager(builtin: bool):
 
 PRIMARY_METRIC = {"mmlu": "acc", "gsm8k": "exact_match,strict-match", "humaneval": "pass@1",
                   "boolq": "acc", "piqa": "acc", "siqa": "acc", "hellaswag": "acc", "winogrande": "acc",
-                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc", "mmlu_flora": "acc"}
+                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc", "mmlu_flora": "acc",
+                  "dolly_heldout": "rougeL", "dolly_heldout_val": "rougeL"}
 
 
 def _metric_name(key: str) -> str:

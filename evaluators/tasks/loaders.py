@@ -36,6 +36,9 @@ MMLU_DIRS = ("mmlu/test", "mmlu/dev")
 MMLU_FLORA_FILE = "mmlu_flora/mmlu_test_1444.jsonl"
 # every task read from one test file: (test file, train file or None = the task has none)
 FILE_TASKS = {**COMMONSENSE_FILES, "gsm8k": GSM8K_FILES, "mmlu_flora": (MMLU_FLORA_FILE, None)}
+# tasks read from several files at once (no train split): the held-out draw is made from the whole pool
+DOLLY_POOL = tuple(f"dolly_fedit_10clients/local_training_{i}.json" for i in range(10))
+FILE_SET_TASKS = {"dolly_heldout": DOLLY_POOL, "dolly_heldout_val": DOLLY_POOL}
 
 
 def _split(instruction: str, marker: str) -> tuple[str, str]:
@@ -340,3 +343,46 @@ def winogrande_doc_to_choice(doc):
     idx = doc["sentence"].index("_")
     options = [doc["option1"], doc["option2"]]
     return [doc["sentence"][:idx] + opt for opt in options]
+
+
+# ---- Dolly held-out instructions: greedy generations scored by ROUGE-L --------------------------------------
+def load_dolly_heldout(data_root: str, split: str = "test", **_: object):
+    """The records that the `dolly-heldout` training source holds out (bench.data.heldout_records), as
+    instruction / context / response docs with the prompt the training template builds from them."""
+    from bench.data import heldout_records
+
+    docs = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": r["label"],
+             "prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}
+            for r in heldout_records("dolly-heldout", data_root, split)]
+    return _dataset_dict({"test": docs})
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 with Porter stemming (Google's rouge_score, as FlexLoRA and OpenFedLLM report it)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def dolly_process_results(doc: dict, results: list) -> dict:
+    prediction = results[0].strip()
+    return {"rougeL": rouge_l(prediction, doc["response"]),
+            "exact_match": float(_normalized(prediction) == _normalized(doc["response"]))}
+
+
+# trivial generators a model must beat: each maps a doc to the text it would "generate"
+TRIVIAL_GENERATIONS = {
+    "copy-instruction": lambda doc: doc["instruction"],
+    "copy-prompt": lambda doc: doc["prompt"],  # instruction and its context: strong where the answer is in the passage
+    "empty": lambda doc: "",
+}
