@@ -40,6 +40,8 @@ class RunConfig:
     field_map: dict[str, str] = field(default_factory=dict)
     test_fraction: float = 0.05          # held-out share for sources without a test split
     test_limit: int | None = None        # cap on held-out examples for the test loss (seeded subset)
+    heldout_split: str = "test"          # the held-out split the test loss reads: test, or validation (for tuning;
+    #                                      sources with a held-out draw, e.g. dolly-heldout)
     client_test_fraction: float = 0.0    # each client's own held-out split, taken from its shard (0: none)
     # clients and data partition
     num_clients: int = 10
@@ -146,7 +148,7 @@ class RunConfig:
 # a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
 # skip-what-is-done) still match the same experiment
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
-                         "export_dtype": "auto", "engine": "inprocess"}
+                         "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -245,7 +247,10 @@ def load_preset(name: str) -> dict:
     if not path.is_file():
         raise BenchError(f"preset: unknown preset {name!r}{_did_you_mean(name, preset_names())}; "
                          f"available: {', '.join(preset_names())}")
-    return load_yaml(path, "preset")
+    data = load_yaml(path, "preset")
+    if "include" in data:  # a variant of another preset: its values, then this one's
+        data = {**load_preset(data.pop("include")), **data}
+    return data
 
 
 def build_config(preset: str | None = None, config_file: str | None = None,
@@ -335,6 +340,7 @@ def validate(cfg: RunConfig) -> None:
         need(cfg.rank_distribution != "explicit", "ranks: rank_distribution 'explicit' needs a ranks list, e.g. --ranks 16,8,4,4")
     need(0 < cfg.test_fraction < 1, f"test_fraction: must be in (0, 1), got {cfg.test_fraction}")
     need(cfg.test_limit is None or cfg.test_limit >= 1, f"test_limit: must be ≥ 1, got {cfg.test_limit}")
+    need(cfg.heldout_split in ("test", "validation"), f"heldout_split: must be test or validation, got {cfg.heldout_split!r}")
     need(0 <= cfg.client_test_fraction < 1, f"client_test_fraction: must be in [0, 1), got {cfg.client_test_fraction}")
     need(cfg.reference is None or cfg.reference in REFERENCES, f"reference: unknown {cfg.reference!r}"
          f"{_did_you_mean(str(cfg.reference), REFERENCES)}; choose one of {', '.join(REFERENCES)}")

@@ -119,6 +119,9 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     dataset = data_mod.load_dataset(cfg)
+    if cfg.heldout_split == "validation" and not dataset.validation:
+        raise BenchError(f"heldout_split: dataset {cfg.dataset} holds out no validation split; use heldout_split test, "
+                         "or a source with one (dolly-heldout)")
     shards, client_tests = data_mod.client_test_splits(cfg, data_mod.partition(cfg, dataset))
     eval_tasks: list[str] = []
     if cfg.eval_tasks:
@@ -216,7 +219,7 @@ def client_examples(cfg: RunConfig, plan: Plan, tok, clients) -> dict[int, list[
 
 
 def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
-    test = plan.dataset.test
+    test = plan.dataset.validation if cfg.heldout_split == "validation" else plan.dataset.test
     if cfg.test_limit and len(test) > cfg.test_limit:
         pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
         test = [test[i] for i in sorted(pick)]
