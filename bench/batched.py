@@ -44,10 +44,10 @@ def use_batching(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def refusal(method, cfg) -> str | None:
-    """Why this round cannot be batched (a one-line note), or None."""
-    if getattr(method, "merges_per_client", False):
-        return f"{method.name}: its clients do not share a base within a round"
+def refusal(method) -> str | None:
+    """Why this method's rounds cannot be batched (a one-line note), or None."""
+    if not method.batchable:
+        return f"{method.name} declares its clients unbatchable (they do not share one base within a round)"
     return None
 
 

@@ -451,7 +451,7 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
 
     if not use_batching(cfg.client_batching, device):
         return False
-    why = refusal(get_method(cfg.method, cfg.method_options), cfg)
+    why = refusal(get_method(cfg.method, cfg.method_options))
     if why:
         log(f"[bench] client_batching: {why}; its clients train one by one")
         return False

@@ -90,6 +90,29 @@ def test_batched_adamw_equals_torch_adamw_per_client():
     assert torch.equal(stacked[2].detach(), p0[2])
 
 
+def test_unbatchable_method_is_trained_one_by_one_with_a_note():
+    from bench.batched import refusal
+    from bench.engine import _client_batching
+    from methods import get_method
+
+    assert all(refusal(get_method(m)) is None for m in METHODS)
+    cls = type(get_method("fedit"))
+    monkey = type("Unbatchable", (cls,), {"batchable": False})
+    assert "unbatchable" in refusal(monkey())
+    import bench.engine as engine
+
+    cfg = build_config(preset="tiny", overrides={"method": "fedit", "client_batching": "on"})
+    notes = []
+    orig = engine.get_method
+    try:
+        engine.get_method = lambda *a, **k: monkey()
+        assert _client_batching(cfg, torch.device("cpu"), notes.append) is False
+    finally:
+        engine.get_method = orig
+    assert len(notes) == 1 and "one by one" in notes[0]
+    assert _client_batching(cfg, torch.device("cpu"), notes.append) is True
+
+
 def test_client_batching_modes_and_bad_value():
     from bench import BenchError
     from bench.batched import use_batching
@@ -98,3 +121,21 @@ def test_client_batching_modes_and_bad_value():
     assert use_batching("auto", torch.device("cuda")) and not use_batching("auto", torch.device("cpu"))
     with pytest.raises(BenchError, match="client_batching"):
         build_config(preset="tiny", overrides={"client_batching": "yes"})
+
+
+def test_clients_perf_section_runs_on_cpu_and_reports_exactness():
+    """`bench perf --only clients`'s code path on a tiny Llama on the CPU: its exactness check passes, both paths
+    train the same tokens, the markdown has both rows (speed is measured there, never asserted here)."""
+    from transformers import LlamaConfig
+
+    from benchmarks import clients_perf
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    r = clients_perf.measure_clients(device="cpu", dtype=torch.float32, config=cfg, client_counts=(3,), seq=(8, 24),
+                                     sizes=(2, 9), batch_size=2, dropout=0.05, max_tokens=64, log=lambda *a: None)
+    assert r["exactness"]["passed"] and r["exactness"]["same_steps_and_tokens"]
+    row = r["rounds"]["3"]
+    assert row["batched"]["tokens"] == row["sequential"]["tokens"] and row["batched"]["steps"] == row["sequential"]["steps"]
+    text = "\n".join(clients_perf.markdown(r) + clients_perf.summary_rows(r))
+    assert "| 3 | sequential |" in text and "| 3 | batched |" in text and "batched = sequential on cpu | pass" in text
