@@ -56,8 +56,17 @@ def test_batched_round_equals_sequential_round(tmp_path, shared_data, method):
             for key in ("first_loss", "last_loss", "loss"):
                 assert cb[key] == pytest.approx(cs[key], rel=1e-5, abs=1e-6), (rs["round"], cs["id"], key)
     assert seq_state.keys() == bat_state.keys()
+    # FlexLoRA's factors are singular vectors (sensitive to rounding by 1/gap): its state is compared by the
+    # products B A it holds; every other method's tensor for tensor
+    products = method == "flexlora"
     for key, t in seq_state.items():
-        if t.is_floating_point():
+        if products and key.endswith("/A"):
+            b_key = key[:-2] + "/B"
+            want, got = seq_state[b_key].double() @ t.double(), bat_state[b_key].double() @ bat_state[key].double()
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), key
+        elif products and key.endswith("/B"):
+            continue
+        elif t.is_floating_point():
             scale = float(t.abs().max()) if t.numel() else 0.0
             assert torch.allclose(bat_state[key], t, rtol=1e-4, atol=1e-5 * max(scale, 1e-3)), key
         else:
