@@ -30,6 +30,9 @@ FIELD_HELP = {
                          "audit re-export it from the run's last checkpoint, tensor for tensor)",
     "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
               "(a SuperLink, --superlink): docs/flower.md",
+    "client_batching": "auto (default: on with CUDA, off on the CPU) | on | off: a round's in-process clients share one "
+                       "forward/backward per micro-step, each with its own factors, optimizer, data order and dropout "
+                       "(docs/performance.md)",
 }
 
 

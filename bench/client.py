@@ -168,6 +168,17 @@ class ClientRuntime:
 
     # ---- one client's round -----------------------------------------------------------------------
     def train(self, msg: TaskMessage) -> Reply:
+        ready = self.prepare(msg)
+        if isinstance(ready, Reply):
+            return ready
+        method, adapter = ready
+        t = time.time()
+        stats = self._fit(adapter, msg.task, method, msg)
+        return self.reply(msg, method, self._factors(adapter), stats, time.time() - t)
+
+    def prepare(self, msg: TaskMessage):
+        """(method, adapter slot) with the merges applied and the slot loaded with the client's starting
+        factors, or the error Reply."""
         k = msg.client_id
         if k not in self.examples:
             return Reply(msg.round, k, msg.rank, 0, {}, error=f"this runtime holds no data for client {k}")
@@ -176,13 +187,13 @@ class ClientRuntime:
         except BaseOutOfSync as exc:
             return Reply(msg.round, k, msg.rank, 0, {}, base_round=self.base_round, error=f"base out of sync: {exc}")
         method = resolve_method(msg.method, msg.method_options)
-        task = msg.task
         adapter = self._slot(msg.rank)
         self._load(adapter, msg.rank, self._start(msg), msg.init_seed)
-        t = time.time()
-        stats = self._fit(adapter, task, method, msg)
-        secs = time.time() - t
-        trained = self._factors(adapter)
+        return method, adapter
+
+    def reply(self, msg: TaskMessage, method, trained: Factors, stats: dict, secs: float) -> Reply:
+        """The client's reply from its trained factors: kept factors stored, the method's client_finish."""
+        k, task = msg.client_id, msg.task
         if task.keep:
             self.personal[k] = {"rank": msg.rank, "factors": {n: _only(p, task.keep) for n, p in trained.items()}}
         sent = method.client_finish(trained, task)

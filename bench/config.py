@@ -94,6 +94,7 @@ class RunConfig:
     export_dtype: str = "auto"   # the global model's dtype on disk (auto: float32, which holds every round's update)
     device: str = "auto"
     engine: str = "inprocess"
+    client_batching: str = "auto"  # on | off | auto (on with CUDA): a round's clients in one forward/backward
     output_dir: str | None = None
     results_dir: str = "results"
     save_client_adapters: bool = False   # each client's upload and what it received, every round (audit trail)
@@ -137,7 +138,7 @@ class RunConfig:
         d = self.to_dict()
         # engine: where the clients run, not what they compute (the Flower engines reproduce in-process runs)
         for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "keep_global_model", "preset",
-                  "engine"):
+                  "engine", "client_batching"):
             d.pop(k, None)
         for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
             if d.get(k) == default:
@@ -352,6 +353,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
     need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")
     need(cfg.engine in ENGINES, f"engine: unknown {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    need(cfg.client_batching in ("auto", "on", "off"),
+         f"client_batching: unknown {cfg.client_batching!r}; choose auto, on or off")
     from methods import get_method
 
     try:

@@ -283,7 +283,9 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         t = time.time()
         runtime = ClientRuntime(tcfg, ModelSpec(plan.model_path, device, dtype), tplan.ranks, examples)
         timings["load_s"] = time.time() - t
-        transport = InProcessTransport(runtime)
+        transport = InProcessTransport(runtime, batched=_client_batching(tcfg, device, log))
+    elif tcfg.client_batching == "on":
+        log(f"[bench] client_batching: on applies to the in-process engine; {tcfg.engine} trains its clients one by one")
     transport = hooks.wrap_transport(transport)
     server = ReplyFilter(Server(method, seed=tcfg.seed, num_clients=tcfg.num_clients, client_fraction=tcfg.client_fraction,
                                 ranks=tplan.ranks, scaling=tcfg.scaling), plan.module_shapes, tcfg.max_update_norm)
@@ -441,6 +443,20 @@ def _losses(model, examples, pad, device) -> dict:
     """Held-out loss (mean per labelled token) with its per-example sums and token counts, for pairing."""
     sums, counts = held_out_losses(model, examples, pad, device)
     return {"loss": mean_loss(sums, counts), "examples": len(sums), "loss_sums": sums, "tokens": counts}
+
+
+def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
+    """Whether a round's clients train in one batch (bench/batched.py): the mode, and whether the method allows."""
+    from .batched import refusal, use_batching
+
+    if not use_batching(cfg.client_batching, device):
+        return False
+    why = refusal(get_method(cfg.method, cfg.method_options))
+    if why:
+        log(f"[bench] client_batching: {why}; its clients train one by one")
+        return False
+    log(f"[bench] client_batching: on ({cfg.client_batching}): a round's clients share one forward/backward per micro-step")
+    return True
 
 
 def _own_models(runtime: ClientRuntime, server, next_round: int, pooled: list[dict], own: list[list[dict]]) -> dict:

@@ -14,11 +14,16 @@ class InProcessTransport:
 
     name = "inprocess"
 
-    def __init__(self, runtime: ClientRuntime):
+    def __init__(self, runtime: ClientRuntime, batched: bool = False):
         self.runtime = runtime
+        self.batched = batched  # a round's clients in one forward/backward per micro-step (bench/batched.py)
 
     def run(self, tasks: list[TaskMessage], on_reply=None) -> dict[int, Reply]:
         """Each task's reply, by client id; on_reply(msg, reply) as each one arrives."""
+        if self.batched and len(tasks) > 1:
+            from .batched import train_round
+
+            return train_round(self.runtime, tasks, on_reply)
         replies = {}
         for msg in tasks:
             reply = self.runtime.train(msg)

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu", "flower")
+SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu", "clients", "flower")
 SCHEMA = "fedlora-bench/perf/1"
 
 
@@ -120,6 +120,10 @@ def main(args) -> int:
                 r = engine_perf.measure_memory(args.model, args.method, clients=mem_clients, log=log)
             elif section == "overhead":
                 r = engine_perf.measure_overhead(args.model, args.method, quick=args.quick, repeats=args.repeats, log=log)
+            elif section == "clients":  # a round's clients batched vs sequential (benchmarks/clients_perf.py)
+                from . import clients_perf
+
+                r = clients_perf.measure_clients(quick=args.quick, log=log)
             elif section == "flower":  # a flower-sim round vs the in-process round (bench/flower/perf.py)
                 from bench.flower.perf import measure as measure_flower
 
@@ -219,6 +223,10 @@ def to_markdown(r: dict) -> str:
                                 f"peak {_fmt(a['peak_bf16_tflops'])} TFLOP/s | MFU {_fmt(t['mfu'])} | – | – |")
         else:
             rows.append(f"| gpu | {a.get('reason', a['status'])} | – | – | – | – |")
+    if "clients" in s:
+        from .clients_perf import summary_rows
+
+        rows += summary_rows(s["clients"]) if "rounds" in s["clients"] or s["clients"].get("status") != "ok" else []
     if "flower" in s:
         from bench.flower.perf import markdown_rows
 
@@ -267,6 +275,10 @@ def to_markdown(r: dict) -> str:
         lines.append("")
     elif "gpu" in s:
         lines += ["## GPU", "", s["gpu"].get("reason", s["gpu"]["status"]), ""]
+    if "clients" in s and s["clients"].get("status") == "ok":
+        from .clients_perf import markdown
+
+        lines += markdown(s["clients"])
     if "aggregation" in s and s["aggregation"]["status"] == "ok":
         lines += ["## Aggregation", "", f"Details: {s['aggregation']['markdown']}", ""]
     if "svd" in s and s["svd"]["status"] == "ok":

@@ -153,6 +153,9 @@ class AggregationMethod:
     has_global_model: ClassVar[bool] = True
     # False: clients of different ranks are refused before any work (check_ranks says why).
     heterogeneous_ranks: ClassVar[bool] = True
+    # False: a round's clients cannot share one batched forward (e.g. each trains on a base of its own); the
+    # in-process engine then trains them one by one (bench/batched.py).
+    batchable: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))

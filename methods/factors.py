@@ -7,14 +7,24 @@ from torch import Tensor
 from .base import ClientUpdate
 
 
-def stack(updates: list[ClientUpdate], weights: list[float], name: str) -> tuple[Tensor, Tensor]:
+def stack(updates: list[ClientUpdate], weights: list[float], name: str, spare: int = 0) -> tuple[Tensor, Tensor]:
     """FLoRA's stacking: A_s = [A_1; …; A_K], B_s = [p_1 s_1 B_1, …, p_K s_K B_K], so that
-    B_s @ A_s = Σ_k p_k s_k B_k A_k exactly, whatever the ranks."""
-    a_s = torch.cat([u.factors[name][0] for u in updates], dim=0)
+    B_s @ A_s = Σ_k p_k s_k B_k A_k exactly, whatever the ranks. `spare` zero rows of A_s / columns of B_s
+    lead the stack (the product is unchanged): svd_factors_top writes the top triplets there in place."""
+    a0 = updates[0].factors[name][0]
+    m = sum(u.factors[name][0].shape[0] for u in updates)
     # B_s is built as the transpose of a row-major m × d_out block: the Gram matrix B_sᵀB_s that
     # factored_svd takes first is then a product in the fast memory layout
-    b_s = torch.cat([(p * u.scaling) * u.factors[name][1].mT for u, p in zip(updates, weights)], dim=0).mT
-    return a_s, b_s
+    a_s = torch.empty(spare + m, a0.shape[1], dtype=a0.dtype, device=a0.device)
+    bt = torch.empty(spare + m, updates[0].factors[name][1].shape[0], dtype=a0.dtype, device=a0.device)
+    a_s[:spare], bt[:spare] = 0, 0
+    row = spare
+    for u, p in zip(updates, weights):
+        a, b = u.factors[name]
+        a_s[row:row + a.shape[0]] = a
+        torch.mul(b.mT, p * u.scaling, out=bt[row:row + a.shape[0]])
+        row += a.shape[0]
+    return a_s, bt.mT
 
 
 def pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -328,21 +338,136 @@ def svd_for_energy(b: Tensor, a: Tensor, tau: float, first: int = 32) -> tuple[T
         k *= 2
 
 
-def svd_factors_top(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, int, float]:
+def gram(x: Tensor, dtype: torch.dtype, blocks: int = 4) -> Tensor:
+    """x xᵀ (x: n×d, row-major) in `dtype`. The Gram is symmetric: only its upper block triangle is computed
+    (blocks (blocks + 1) / 2 of blocks² products: 5/8 of x @ xᵀ at 4 blocks), the rest mirrored."""
+    xw = x.to(dtype)
+    n = x.shape[0]
+    edge = [n * i // blocks for i in range(blocks + 1)]
+    g = torch.empty(n, n, dtype=dtype, device=x.device)
+    for i in range(blocks):
+        g[edge[i]:edge[i + 1], edge[i]:] = xw[edge[i]:edge[i + 1]] @ xw[edge[i]:].mT
+    return g.triu() + g.triu(1).mT
+
+
+def _g_orth(y: Tensor, gy: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(y R⁻¹, gy R⁻¹) with the columns of y R⁻¹ orthonormal in the inner product <u, v> = uᵀ G v, given gy = G y
+    (CholeskyQR2: G's product is taken once and carried along); None if y is rank-deficient in it."""
+    for _ in range(2):
+        l, info = torch.linalg.cholesky_ex((y.mT @ gy).double())
+        if int(info) != 0:
+            return None
+        l = l.to(y.dtype)
+        y = torch.linalg.solve_triangular(l, y.mT, upper=False).mT
+        gy = torch.linalg.solve_triangular(l, gy.mT, upper=False).mT
+    return y, gy
+
+
+def _gram_krylov(b: Tensor, a: Tensor, g_b: Tensor, g_a: Tensor, k: int, block: int, tol: float, max_steps: int,
+                 info: dict):
+    """_krylov_top_svd's block Krylov iteration, run on coefficients: a left vector B y is held as y, a right
+    vector Aᵀ x as x (both m-vectors), so that Mᵀ(B y) = Aᵀ(G_b y), M(Aᵀ x) = B(G_a x) and the inner products
+    are yᵀ G_b y', xᵀ G_a x'. A step is two m×m×block products (G_b y, G_a x) instead of four
+    (d_out + d_in)×m×block ones; G_a = A Aᵀ and G_b = BᵀB are the float32 Grams that ‖ΔW‖² needs anyway. The
+    left basis P = B Y has MᵀP = Aᵀ X with X = G_b Y, so projections against it need no product. Finished by
+    _refine_coeff's float64 Rayleigh–Ritz. Returns (U, S, V, X) with V = Aᵀ X, or None (not converged)."""
+    m = g_a.shape[0]
+    weight = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)
+    x0 = torch.zeros(m, block, dtype=g_a.dtype, device=g_a.device)
+    x0[torch.argsort(weight, descending=True)[:block], torch.arange(block)] = 1  # A's rows of the largest terms
+    y = g_a @ x0
+    yx = _g_orth(y, g_b @ y)
+    if yx is None:  # dependent rows (clients share an initial A): seeded random combinations of them
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        y = g_a @ torch.randn(m, block, generator=gen, dtype=g_a.dtype).to(g_a.device)
+        yx = _g_orth(y, g_b @ y)
+    y_all = x_all = gram_z = prev = delta_prev = None
+    extra_done = False
+    for step in range(max_steps):
+        info.update(steps=step + 1, basis=(0 if y_all is None else y_all.shape[1]) + block, mixed=True)
+        if y_all is not None:                            # block classical Gram–Schmidt in G_b, twice (X = G_b Y)
+            if y_all.shape[1] + block > min(m, b.shape[0], a.shape[1]) // 2:
+                return None
+            for _ in range(2):
+                y = y - y_all @ (x_all.mT @ y)
+            yx = _g_orth(y, g_b @ y)
+        if yx is None:
+            return None
+        y, x = yx                                        # Mᵀ P = Aᵀ x
+        gx = g_a @ x
+        if y_all is None:
+            y_all, x_all, gram_z = y, x, (x.mT @ gx).double()
+        else:
+            cross = (x_all.mT @ gx).double()
+            gram_z = torch.cat([torch.cat([gram_z, cross], 1), torch.cat([cross.mT, (x.mT @ gx).double()], 1)], 0)
+            y_all, x_all = torch.cat([y_all, y], 1), torch.cat([x_all, x], 1)
+        evals, evecs = torch.linalg.eigh(gram_z)         # ZᵀZ = C Cᵀ, C = PᵀM: Ritz values², left Ritz vectors
+        vals = evals.flip(0)[:k].clamp_min(0).sqrt()
+        if prev is not None:
+            floor = vals[0].clamp_min(torch.finfo(vals.dtype).tiny) * 1e-12
+            delta = float(((vals - prev).abs() / vals.clamp_min(floor)).max())
+            rho = min(delta / delta_prev, 0.5) if delta_prev else 0.5
+            if delta * rho / (1 - rho) <= max(tol, 1e-7):
+                if extra_done or delta >= 1e-5:           # see _krylov_top_svd: float32 resolves ~1e-7
+                    kp = min(k + max(k // 4, 8), y_all.shape[1])
+                    return _refine_coeff(b, a, y_all.double() @ evecs[:, -kp:].flip(1), vals, k)
+                extra_done = True
+            delta_prev = delta
+        prev = vals
+        y = gx                                           # M Mᵀ P = B (G_a x)
+    return None
+
+
+def _refine_coeff(b: Tensor, a: Tensor, y_top: Tensor, vals: Tensor, k: int):
+    """_refine for coefficients: Rayleigh–Ritz in B's precision on the span of B y_top; also X (m×k) with
+    V = Aᵀ X. None if its values disagree with the float32 ones beyond float32's reach."""
+    u0 = orthonormal_basis(b @ y_top.to(b.dtype))[0]
+    c = b.mT @ u0                                       # Bᵀ U0: Mᵀ U0 = Aᵀ c
+    q_z, r_z = orthonormal_basis(a.mT @ c)
+    u_c, s, w_ch = torch.linalg.svd(r_z.mT, full_matrices=False)
+    if float(((s[:k] - vals[:k]).abs() / s[:k].clamp_min(torch.finfo(s.dtype).tiny)).max()) > 1e-3:
+        return None
+    w = w_ch[:k].mT
+    x = torch.linalg.solve_triangular(r_z, c, upper=True, left=False) @ w  # q_z = Aᵀ c R_z⁻¹
+    return u0 @ u_c[:, :k], s[:k], q_z @ w, x
+
+
+def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor, int, float]:
     """(A', B', ordered, E) with B' A' = B A exactly, whose first `ordered` (≥ min(k, rank)) rows/columns are
     the SVD B' = U√S, A' = √S Vᵀ in descending order: every slice [:r], r ≤ ordered, is the best rank-r
     approximation (Eckart–Young); E = ‖B A‖_F².
     Where the exact path is faster, this is svd_factors (everything ordered, E = Σ σ²). Otherwise the top-k
-    triplets come from top_svd's Krylov path and the rest is the remainder B A − B_k A_k, kept factored:
-    A' = [A_k; A; A_k], B' = [B_k, B, −B_k] (rank m + 2k; the product cancels exactly in float64 sums)."""
+    triplets come from a block Krylov iteration on the factors' Gram matrices G_a = A Aᵀ, G_b = BᵀB (float32,
+    one pass over the factors: _gram_krylov), E = Σ G_a ⊙ G_b from the same Grams (float32 products: relative error ≤ 1e-6),
+    and the rest is the remainder B A − U S Vᵀ = (B − U S Xᵀ) A with V = Aᵀ X, kept factored: A' = [A_k; A],
+    B' = [B_k, B − U S Xᵀ] (rank m + k). spare: b's first `spare` columns and a's first rows are zero and
+    receive [B_k, A_k] in place (stack(..., spare=k)); the rest is then updated in place, nothing of the
+    factors' size is allocated. Where the iteration does not converge (e.g. a block wider than the stack's
+    numerical rank), top_svd answers and the remainder is [B, −B_k] [A; A_k] (rank m + 2k)."""
+    b_in, a_in = b, a
+    b, a = b[:, spare:], a[spare:]
     m = b.shape[1]
     full = min(m, b.shape[0], a.shape[1])
     if k >= full or not krylov_pays(m, min(k, full)):
         a2, b2 = svd_factors(b, a)
         return a2, b2, a2.shape[0], float(((torch.linalg.vector_norm(a2, dim=1) * torch.linalg.vector_norm(b2, dim=0))
                                             .double() ** 2).sum())
-    u, s, v = top_svd(b, a, k)
+    kk = min(k, full)
+    work = torch.float32 if b.dtype == torch.float64 else b.dtype
+    g_a, g_b = gram(a, work), gram(b.mT, work)
+    energy = float((g_a.double() * g_b.double()).sum().clamp_min(0))
+    out = _gram_krylov(b, a, g_b, g_a, kk, _block(kk, m), 1e-10, 8, {})
+    del g_a, g_b
+    if out is None:  # the d-space iteration (or the exact path); the remainder B A − B_k A_k as [B, −B_k] [A; A_k]
+        u, s, v = top_svd(b, a, kk)
+        a_k, b_k = (v * s.sqrt()).mT, u * s.sqrt()
+        return torch.cat([a_k, a, a_k], 0), torch.cat([b_k, b, -b_k], 1), kk, energy
+    u, s, v, x = out
     root = s.sqrt()
     a_k, b_k = (v * root).mT, u * root
-    return (torch.cat([a_k, a, a_k], 0), torch.cat([b_k, b, -b_k], 1), a_k.shape[0],
-            gram_energy(b.double(), a.double()))
+    if spare >= kk:
+        a_out, b_out = a_in[spare - kk:], b_in[:, spare - kk:]
+        a_out[:kk], b_out[:, :kk] = a_k, b_k
+        b_out[:, kk:].mT.addmm_(x, (u * s).mT, alpha=-1)  # (B − U S Xᵀ)ᵀ, in B's row-major transposed layout
+        return a_out, b_out, kk, energy
+    return torch.cat([a_k, a], 0), torch.cat([b_k, b - (u * s) @ x.mT], 1), kk, energy

@@ -22,7 +22,7 @@ import torch
 
 from . import register_method
 from .base import Aggregate, AggregationMethod, ClientTask, GlobalState, Option, client_weights, module_names, slice_adapter
-from .factors import stack, svd_factors_top
+from .factors import krylov_pays, stack, svd_factors_top
 
 LEADING = 4  # leading singular values recorded per module per round
 
@@ -61,23 +61,24 @@ class FlexLoRA(AggregationMethod):
                 a2, b2, k, _ = svd_factors_top(b, a, client.rank)
                 adapter[name] = self._split(a2, b2, k)
         kept = total = 0.0
-        for name, pair in adapter.items():
-            sq = singular_values(pair).double() ** 2
-            kept += float(sq[: client.rank].sum())
+        for name, (a, b) in adapter.items():
             key = f"energy/{name}"
+            # with the energy recorded, only the client's slice is read (the state can be Σr_k + R_max wide)
+            sq = singular_values((a[: client.rank], b[:, : client.rank]) if key in state.extra else (a, b)).double() ** 2
+            kept += float(sq[: client.rank].sum())
             total += float(state.extra[key]) if key in state.extra else float(sq.sum())
         loss = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
         return ClientTask(init=slice_adapter(adapter, client.rank, client.scaling),
                           info={"truncation_loss": loss})
 
     def _split(self, a, b, k):
-        """svd_factors_top's balanced factors (B = U√S, A = √S Vᵀ) in the configured split."""
+        """svd_factors_top's balanced factors (B = U√S, A = √S Vᵀ) in the configured split, in place (they are
+        svd_factors_top's own results)."""
         if self.opts["split"] == "sqrt":
             return a, b
         # B = U S, A = Vᵀ: move √S from A's rows into B's columns
         root = torch.linalg.vector_norm(a[:k], dim=1)
         nz = root > 0
-        a, b = a.clone(), b.clone()
         a[:k] = torch.where(nz[:, None], a[:k] / torch.where(nz, root, 1)[:, None], a[:k])
         b[:, :k] = b[:, :k] * root
         return a, b
@@ -87,11 +88,13 @@ class FlexLoRA(AggregationMethod):
         # the round's largest rank: a larger client sampled later gets its slice ordered in configure (no
         # method-instance state, so a resumed or replayed run hands out the same factors)
         top = max(u.rank for u in updates)
+        spare = top if krylov_pays(sum(u.rank for u in updates), top) else 0
         adapter, leading, extra, ordered = {}, {}, {}, None
         for name in module_names(updates):
-            a_s, b_s = stack(updates, weights, name)
-            # ordered by singular value: a slice [:r] with r ≤ k is a truncation
-            a, b, k, energy = svd_factors_top(b_s, a_s, top)
+            # ordered by singular value: a slice [:r] with r ≤ k is a truncation; the top triplets are written
+            # into `spare` leading rows of the stack (no copy of the factors)
+            a_s, b_s = stack(updates, weights, name, spare=spare)
+            a, b, k, energy = svd_factors_top(b_s, a_s, top, spare=spare)
             a, b = self._split(a, b, k)
             adapter[name] = (a, b)
             leading[name] = [float(x) for x in singular_values((a[:k], b[:, :k]))[:LEADING]]
