@@ -97,10 +97,11 @@ def cmd_audit(args) -> int:
     from .audit import replay
 
     report = replay(args.run_dir)
-    worst = max([max(r["init_rel_err"], r["merge_rel_err"]) for r in report["rounds"]] or [0.0])
+    worst = max([max(r["init_rel_err"], r["merge_rel_err"], r["peft_rel_err"]) for r in report["rounds"]] or [0.0])
     for r in report["rounds"]:
         print(f"round {r['round']}: {r['clients']} clients, starting factors rel. err {r['init_rel_err']:.2e}, "
-              f"merges rel. err {r['merge_rel_err']:.2e}, |p - recorded p| {r['p_abs_err']:.1e}")
+              f"merges rel. err {r['merge_rel_err']:.2e}, |p - recorded p| {r['p_abs_err']:.1e}, "
+              f"PEFT folders (scaling, rank, factors) rel. err {r['peft_rel_err']:.2e}")
     ex = report["export_rel_err"]
     print(f"global model - base vs replayed deltas: rel. err {ex['relative']:.2e} over {ex['modules']} modules"
           + (f" ({ex['global_dtype']} on disk)" if "global_dtype" in ex else ""))
