@@ -5,7 +5,8 @@ Every client holds the same A (the server's, or the round's shared draw in round
     B̄ = Σ p_k s_k pad(B_k)   ⇒   B̄ A = Σ p_k s_k B_k A[:r_k]            exactly, for any ranks.
 Then, each round (every `svd_every` rounds; the public code's --recalculate-svd-period, default 1):
     B̄ A = U S Vᵀ  (thin SVD through the factors, float64),   A' = Vᵀ (orthonormal rows),   B' = U S
-so that B' A' = B̄ A: the re-factorization changes the parametrization, never the model. Global model: base + B' A'.
+so that B' A' = B̄ A: the re-factorization changes the parametrization, never the model (a rank beyond
+min(d_out, d_in) keeps its rows, at zero). Global model: base + B' A'.
 A client of rank r_k starts from (A'[:r_k], B'[:, :r_k] / s_k): the top r_k singular directions, the best rank-r_k
 approximation of the global update (Eckart–Young); with one rank for all (the paper's setting) it is the whole of it.
 
@@ -56,9 +57,11 @@ class FedSVD(AggregationMethod):
                            a.shape[0], 1)
             if refactor:
                 u_, s_, v_ = factored_svd(b.double(), a.double())
-                a, b = v_.mT.contiguous(), u_ * s_
-                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-                ortho = max(ortho, float((a @ a.mT - eye).abs().max()))
+                rows, q = a.shape[0], s_.shape[0]   # q < rows only when the rank exceeds min(d_out, d_in)
+                a, b = a.new_zeros(rows, a.shape[1], dtype=torch.float64), b.new_zeros(b.shape[0], rows, dtype=torch.float64)
+                a[:q], b[:, :q] = v_.mT, u_ * s_
+                eye = torch.eye(q, dtype=a.dtype, device=a.device)
+                ortho = max(ortho, float((a[:q] @ a[:q].mT - eye).abs().max()))
             adapter[name] = (a, b)
         return Aggregate(GlobalState(adapter, state.round + 1),
                          metrics={"noise": 0.0, "a_mismatch": mismatch, "refactorized": int(refactor),
