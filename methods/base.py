@@ -162,6 +162,9 @@ class AggregationMethod:
     has_global_model: ClassVar[bool] = True
     # False: clients of different ranks are refused before any work (check_ranks says why).
     heterogeneous_ranks: ClassVar[bool] = True
+    # What one engine round is for this method, when it is not one iteration of the paper's algorithm (recorded in
+    # the results record's method_info, so that comparisons at equal rounds say what they compare).
+    round_convention: ClassVar[str] = "one round = one iteration of the paper's algorithm (one communication each way)"
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))

@@ -19,8 +19,6 @@ from bench.config import build_config
 from bench.engine import run_federated
 from methods import METHODS
 
-# HetLoRA with a tail regularizer strong enough that clients prune within the run (documented in docs/methods.md)
-PRUNING = {"method_options": {"lam": 50.0, "gamma": 0.5}, "lr": 0.05, "rounds": 3}
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +44,15 @@ def audited(tmp_path_factory, shared_data):
         for name in sorted(METHODS):
             seen = {}
             over = {"method": name, "data_root": str(shared_data), "output_dir": str(tmp / "runs" / name),
-                    "results_dir": str(tmp / "results"), "rounds": 2, "local_steps": 1, "save_client_adapters": True}
-            if name == "hetlora":
-                over.update(PRUNING)
+                    "results_dir": str(tmp / "results"), "save_client_adapters": True}
+            preset = "tiny"
+            if name == "hetlora":   # its documented pruning settings: clients prune within the run
+                preset = "hetlora-pruning"
+            else:
+                over.update(rounds=2, local_steps=1)
             if not METHODS[name].heterogeneous_ranks:
                 over["ranks"] = [4, 4, 4]
-            rec = run_federated(build_config(preset="tiny", overrides=over), log=lambda *a: None)
+            rec = run_federated(build_config(preset=preset, overrides=over), log=lambda *a: None)
             out[name] = (rec, dict(seen))
     finally:
         ClientRuntime.train = real_train
@@ -168,3 +169,11 @@ def test_new_methods_send_what_they_promise(audited, name):
             else:
                 assert c["bytes_up"] == 4 * c["rank"] ** 2 * 4       # 4 modules × r² floats
         assert r["noise"] == 0.0 or (name == "fed-sb" and r["round"] == 1)
+
+
+def test_every_record_states_its_round_convention(audited):
+    for name, (rec, _) in audited.items():
+        assert rec["method_info"]["round_convention"] == METHODS[name].round_convention
+    rec, _ = audited["rolora"]
+    assert [r["iteration"] for r in rec["rounds"]] == [1, 1]
+    assert audited["hetlora"][0]["config"]["method_options"] == {"lam": 50.0, "gamma": 0.5}
