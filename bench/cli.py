@@ -24,7 +24,7 @@ FIELD_HELP = {
     "alpha_policy": "shared (every client lora_alpha; s_k = α/r_k) | proportional (α_k = alpha_ratio·r_k; FLoRA's heterogeneous runs)",
     "dtype": "training dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
     "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
-    "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
+    "save_client_adapters": "audit trail: each client's trained adapter (PEFT folder), its upload and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
     "keep_global_model": "false: delete <run>/global_model once the run is scored (bench eval/serve --run and bench "
                          "audit re-export it from the run's last checkpoint, tensor for tensor)",

@@ -12,10 +12,12 @@ From round 2 every round is exact (`noise` 0). A client's core starts at R̄ / s
 parametrized as R @ A (bench/client.py), so the client trains exactly R and nothing else.
 
 Choices, and why: the gradient-SVD initialization is replaced by the first round's update (the engine's clients
-have no full-weight gradient step; the first round plays its part at the cost of one r·(d_in + d_out) upload);
-one rank for every client (the core is shared; with mixed ranks a smaller client would train a block of it):
-refused before any work otherwise. The server state keeps A and R̄ in `extra`, and (R̄ A, B) as the adapter, so that
-the export and every reader of the global adapter see base + B R̄ A.
+have no full-weight gradient step; the first round plays its part at the cost of one r·(d_in + d_out) upload).
+Heterogeneous ranks: R is the largest rank of round 1's clients; a client of rank r_k trains the top-left r_k × r_k
+block of the core with A[:r_k], B[:, :r_k], and R̄ = Σ p_k s_k pad(R_k) is still exactly the average of the
+clients' models (B pad(R_k) A = B[:, :r_k] R_k A[:r_k]). A client of a rank above R gets zero rows of A and columns
+of B there: those entries of its core get no gradient and stay zero. The server state keeps A and R̄ in `extra`,
+and (R̄ A, B) as the adapter, so that the export and every reader of the global adapter see base + B R̄ A.
 """
 from __future__ import annotations
 
@@ -26,6 +28,20 @@ from .base import Aggregate, AggregationMethod, ClientTask, GlobalState, client_
 from .factors import factored_svd, stack
 
 
+def fit(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """t cut or zero-padded to n along dim (0: rows, 1: columns); a copy."""
+    if t.shape[dim] >= n:
+        return (t[:n] if dim == 0 else t[:, :n]).clone()
+    shape = list(t.shape)
+    shape[dim] = n
+    out = t.new_zeros(shape)
+    if dim == 0:
+        out[: t.shape[0]] = t
+    else:
+        out[:, : t.shape[1]] = t
+    return out
+
+
 @register_method("fed-sb")
 class FedSB(AggregationMethod):
     description = ("clients train only an r×r core R between fixed B and A (LoRA-SB); averaging R is exact and the "
@@ -33,13 +49,13 @@ class FedSB(AggregationMethod):
     citation = ("Singhal et al., Fed-SB: A Silver Bullet for Extreme Communication Efficiency and Performance in "
                 "(Private) Federated LoRA Fine-Tuning, 2025 (arXiv 2502.15436); code github.com/CERT-Lab/fed-sb "
                 "(not checked here)")
-    heterogeneous_ranks = False
 
     def configure(self, state, client):
         if not state.extra:  # round 1: a plain LoRA round, from peft's init
             return ClientTask()
-        init = {name: (state.extra[f"A/{name}"].clone(), b.clone()) for name, (_, b) in state.adapter.items()}
-        core = {name: state.extra[f"R/{name}"] / client.scaling for name in state.adapter}
+        r = client.rank
+        init = {name: (fit(state.extra[f"A/{name}"], r, 0), fit(b, r, 1)) for name, (_, b) in state.adapter.items()}
+        core = {name: fit(fit(state.extra[f"R/{name}"], r, 0), r, 1) / client.scaling for name in state.adapter}
         return ClientTask(init=init, train="R", upload="R", core=core)
 
     def aggregate(self, updates, state):
@@ -47,7 +63,7 @@ class FedSB(AggregationMethod):
         adapter, extra, lost, total = {}, {}, 0.0, 0.0
         for name in module_names(updates):
             if not state.extra:
-                rank = updates[0].rank
+                rank = max(u.rank for u in updates)
                 a_s, b_s = stack(updates, weights, name)
                 u, s, v = factored_svd(b_s.double(), a_s.double())
                 k = min(rank, s.shape[0])
@@ -58,7 +74,9 @@ class FedSB(AggregationMethod):
                 lost, total = lost + float((s[k:] ** 2).sum()), total + float((s ** 2).sum())
             else:
                 a0, b0 = state.extra[f"A/{name}"], state.adapter[name][1]
-                core = sum(p * u.scaling * u.factors[name][0].to(a0.dtype) for u, p in zip(updates, weights))
+                top = a0.shape[0]
+                core = sum(p * u.scaling * fit(fit(u.factors[name][0].to(a0.dtype), top, 0), top, 1)
+                           for u, p in zip(updates, weights))
             adapter[name] = (core @ a0, b0)
             extra[f"A/{name}"], extra[f"R/{name}"] = a0, core
         noise = (lost / total) ** 0.5 if total > 0 else 0.0

@@ -50,8 +50,6 @@ def audited(tmp_path_factory, shared_data):
                 preset = "hetlora-pruning"
             else:
                 over.update(rounds=2, local_steps=1)
-            if not METHODS[name].heterogeneous_ranks:
-                over["ranks"] = [4, 4, 4]
             rec = run_federated(build_config(preset=preset, overrides=over), log=lambda *a: None)
             out[name] = (rec, dict(seen))
     finally:
@@ -167,7 +165,7 @@ def test_new_methods_send_what_they_promise(audited, name):
             elif r["round"] == 1:
                 assert c["bytes_up"] == c["rank"] * (a_per_rank + b_per_rank)
             else:
-                assert c["bytes_up"] == 4 * c["rank"] ** 2 * 4       # 4 modules × r² floats
+                assert c["bytes_up"] == 4 * c["rank"] ** 2 * 4       # 4 modules × r_k² floats
         assert r["noise"] == 0.0 or (name == "fed-sb" and r["round"] == 1)
 
 

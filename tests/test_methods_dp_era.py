@@ -216,6 +216,29 @@ def test_fed_sb_core_rounds_are_exact_and_upload_only_the_core(device, shape):
         state = agg.state
 
 
-def test_fed_sb_refuses_mixed_ranks_in_one_line():
-    with pytest.raises(ValueError, match="ranks: fed-sb needs every client at the same rank"):
-        get_method("fed-sb").check_ranks([4, 2, 2])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ranks", [(4, 2, 2), (1, 3, 4, 2)])
+def test_fed_sb_mixed_ranks_average_the_clients_models_exactly(device, shape, ranks):
+    """Mixed ranks: R is round 1's largest rank; client k starts from A[:r_k], B[:, :r_k] and the top-left block of
+    R̄ / s_k, and the new global B R̄ A is Σ p_k s_k B[:, :r_k] R_k A[:r_k] exactly; a client above R trains zeros there."""
+    m = get_method("fed-sb")
+    shapes = module_shapes(*shape)
+    g = gen(seed_of("sb-mixed", device, shape, ranks))
+    state = m.aggregate(simulate_round(m, GlobalState(), list(ranks), shapes, g, 1, device), GlobalState()).state
+    top = max(ranks)
+    for n in shapes:
+        assert state.extra[f"R/{n}"].shape == (top, top)
+    task = m.configure(state, ClientSpec(9, top + 2, 1.5, 2))          # a larger client: zero rows/columns there
+    for n in shapes:
+        a, b = task.init[n]
+        assert a.shape[0] == b.shape[1] == top + 2 and not a[top:].any() and not b[:, top:].any()
+        assert not task.core[n][top:].any() and not task.core[n][:, top:].any()
+    ups = simulate_round(m, state, list(ranks), shapes, g, 2, device)
+    n_tot = sum(u.num_examples for u in ups)
+    agg = m.aggregate(ups, state)
+    for n in shapes:
+        a0, b0 = state.extra[f"A/{n}"].double().cpu(), state.adapter[n][1].double().cpu()
+        want = sum((u.num_examples / n_tot) * u.scaling * b0[:, : u.rank] @ u.factors[n][0].double().cpu() @ a0[: u.rank]
+                   for u in ups)
+        assert_close(dense(agg.state.adapter[n]), want, rel=1e-12, what=n)
