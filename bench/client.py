@@ -269,7 +269,7 @@ class ClientRuntime:
             live = {n: (l.lora_A[adapter].parametrizations.weight.original, l.lora_B[adapter].weight)
                     for n, l in self.layers.items()}
         params = []
-        for name, pair in live.items():
+        for pair in live.values():
             for which, p in zip("AB", pair):
                 on = which in task.train or (task.train == "R" and which == "A")  # a core sits in A's place
                 p.requires_grad_(on)

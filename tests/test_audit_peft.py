@@ -175,3 +175,52 @@ def test_every_record_states_its_round_convention(audited):
     rec, _ = audited["rolora"]
     assert [r["iteration"] for r in rec["rounds"]] == [1, 1]
     assert audited["hetlora"][0]["config"]["method_options"] == {"lam": 50.0, "gamma": 0.5}
+
+
+@pytest.mark.parametrize("name", ["fedsvd", "fed-sb"])
+def test_cli_runs_the_new_methods_on_the_tiny_preset_and_audits(tmp_path, shared_data, name):
+    """`python -m bench run --method <m> --preset tiny --save-client-adapters`, then `bench audit` on its folder."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENCH_DATA_ROOT": str(shared_data), "PYTHONPATH": str(repo)}
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "bench", "run", "--method", name, "--preset", "tiny",
+                          "--save-client-adapters", "--output-dir", str(out), "--results-dir", str(tmp_path / "results")],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
+    audit = subprocess.run([sys.executable, "-m", "bench", "audit", str(out)], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert audit.returncode == 0 and "audit: consistent" in audit.stdout, audit.stdout[-1500:] + audit.stderr[-1500:]
+
+
+@pytest.mark.parametrize("name", ["fedsvd", "fed-sb"])
+def test_the_new_methods_train_only_what_they_say(audited, name):
+    """From the files: FedSVD's saved A is the A it received, bit for bit (only B trained); Fed-SB's saved B is the B
+    it received, bit for bit, and its saved A is R @ A_received with R the core it sent (only R trained)."""
+    from safetensors.torch import load_file
+
+    rec, _ = audited[name]
+    checked = 0
+    for r in rec["rounds"][1:]:
+        for c in r["clients"]:
+            folder = Path(rec["run_dir"]) / "clients" / f"round_{r['round']}" / f"client_{c['id']}"
+            got, init = load_file(str(folder / "adapter_model.safetensors")), load_file(str(folder / "received.safetensors"))
+            sent = load_file(str(folder / "sent.safetensors"))
+            for key, t in got.items():
+                module, which = key[len("base_model.model."):].rsplit(".lora_", 1)
+                start = init[f"init/-/{module}/{which[0]}"]
+                if name == "fedsvd" and which[0] == "A":
+                    assert torch.equal(t, start), key
+                elif name == "fed-sb":
+                    if which[0] == "B":
+                        assert torch.equal(t, start), key
+                    else:
+                        core = sent[f"up/-/{module}/A"]
+                        assert core.shape == (c["rank"], c["rank"])
+                        want = core.double() @ start.double()
+                        assert float((t.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), key
+                checked += 1
+    assert checked
