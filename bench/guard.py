@@ -65,7 +65,10 @@ class ReplyFilter:
                     return f"{name}.{which}: shape {tuple(t.shape)}, expected {shape}"
                 if not torch.isfinite(t).all():
                     return f"non-finite values in {name}.{which}"
-            if self.max_update_norm is not None and a is not None and b is not None and not core:
+            if self.max_update_norm is not None and core:   # the client's update is s · B R A with its task's A, B
+                a0, b0 = msg.task.init[name]
+                sq += (msg.scaling * product_fro_norm(b0.double() @ a.double(), a0.double())) ** 2
+            elif self.max_update_norm is not None and a is not None and b is not None:
                 sq += (msg.scaling * product_fro_norm(b.double(), a.double())) ** 2
         if self.max_update_norm is not None and math.sqrt(sq) > self.max_update_norm:
             return f"update norm {math.sqrt(sq):.3g} > max_update_norm {self.max_update_norm:g}"

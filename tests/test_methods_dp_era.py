@@ -242,3 +242,29 @@ def test_fed_sb_mixed_ranks_average_the_clients_models_exactly(device, shape, ra
         want = sum((u.num_examples / n_tot) * u.scaling * b0[:, : u.rank] @ u.factors[n][0].double().cpu() @ a0[: u.rank]
                    for u in ups)
         assert_close(dense(agg.state.adapter[n]), want, rel=1e-12, what=n)
+
+
+def test_reply_filter_checks_a_core_reply_against_its_task():
+    """A core task's reply: R of shape rank × rank in A's slot and nothing else passes; a d_in-wide A, a sent B, or a
+    core whose update s · B R A is over max_update_norm is refused, naming the reason."""
+    from bench.guard import ReplyFilter
+    from bench.messages import Reply, TaskMessage
+    from methods import ClientTask
+
+    shapes = {"q": (6, 5)}
+    g = gen(11)
+    a0, b0 = torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)
+    task = ClientTask(init={"q": (a0, b0)}, train="R", upload="R", core={"q": torch.eye(3)})
+    msg = TaskMessage(2, 0, 3, 2.0, task, {}, 1, 2, "fed-sb", {})
+    guard = ReplyFilter(None, shapes, max_update_norm=10.0)
+    core = 0.1 * torch.randn(3, 3, generator=g)
+
+    def reply(factors):
+        return Reply(2, 0, 3, 5, factors)
+
+    assert guard.check(msg, reply({"q": (core, None)})) is None
+    assert "shape (3, 5), expected (3, 3)" in guard.check(msg, reply({"q": (a0, None)}))
+    assert "q.B: sent" in guard.check(msg, reply({"q": (core, b0)}))
+    big = 100.0 * torch.eye(3)
+    norm = 2.0 * float(torch.linalg.matrix_norm(b0.double() @ big.double() @ a0.double()))
+    assert guard.check(msg, reply({"q": (big, None)})) == f"update norm {norm:.3g} > max_update_norm 10"
