@@ -5,6 +5,8 @@ client received (received.safetensors) and its task (task.json: rank, scaling, p
 rounds. The audit replays the server from those files with the run's own method and config:
   - each client's starting factors and base merges, re-derived, against what it received;
   - p_k re-derived from the example counts, against the recorded p;
+  - each saved PEFT folder (adapter_config.json: r, lora_alpha, rsLoRA) against the scaling the client trained
+    with and the rank it sent, and its factors against what the server received (sent.safetensors);
   - the exported global model minus the base, against the replayed merges plus the global adapter.
 Nothing of the run's process is needed: a reviewer can run it on a copied folder.
 """
@@ -36,6 +38,47 @@ def _read_upload(folder: Path) -> dict:
     return {n: tuple(p) for n, p in out.items()}
 
 
+def _read_sent(folder: Path) -> dict:
+    """What the server received from this client (sent.safetensors); a run without it: the PEFT folder."""
+    from safetensors.torch import load_file
+
+    from .messages import _take
+
+    path = folder / "sent.safetensors"
+    return _take(load_file(str(path)), "up").get("-", {}) if path.is_file() else _read_upload(folder)
+
+
+def peft_scaling(folder: Path) -> tuple[int, float]:
+    """(r, scaling) that peft applies to a saved adapter folder, from its adapter_config.json."""
+    spec = json.loads((folder / "adapter_config.json").read_text())
+    r = int(spec["r"])
+    return r, float(spec["lora_alpha"]) / (r ** 0.5 if spec.get("use_rslora") else r)
+
+
+def _peft_error(folder: Path, task: dict, sent: dict, init: dict | None, core: dict) -> float:
+    """The saved PEFT folder against the task and the upload: its scaling against the one the client trained with
+    (relative), its rank against the rank sent (inf if not), and each factor the server received against the
+    folder's (a core: the folder's A against R @ A_init)."""
+    if not (folder / "adapter_config.json").is_file():
+        return 0.0 if not sent else float("inf")
+    r, scaling = peft_scaling(folder)
+    if r != task.get("rank_sent", task["rank"]):
+        return float("inf")
+    err = abs(scaling - task["scaling"]) / task["scaling"]
+    saved = _read_upload(folder)
+    upload = task["task"]["upload"]
+    for name, (a, b) in sent.items():
+        fa, fb = saved.get(name, (None, None))
+        if upload == "R":
+            a0 = init[name][0][: a.shape[0]]
+            err = max(err, _rel(fa, a.double() @ a0.double()) if fa is not None else float("inf"))
+            continue
+        for got, want in ((fa, a), (fb, b)):
+            if want is not None:
+                err = max(err, _rel(got, want) if got is not None and got.shape == want.shape else float("inf"))
+    return err
+
+
 def _read_received(folder: Path) -> tuple[dict | None, dict[int, dict]]:
     from safetensors.torch import load_file
 
@@ -45,6 +88,15 @@ def _read_received(folder: Path) -> tuple[dict | None, dict[int, dict]]:
     init = _take(arrays, "init").get("-")
     merges = {int(r): f for r, f in _take(arrays, "merge").items()}
     return init, merges
+
+
+def _read_core(folder: Path) -> dict:
+    """A core task's starting core (module -> R) from received.safetensors; {} for other tasks."""
+    from safetensors.torch import load_file
+
+    from .messages import _take
+
+    return {n: a for n, (a, _) in _take(load_file(str(folder / "received.safetensors")), "core").get("-", {}).items()}
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -77,23 +129,29 @@ def replay(run_dir: str | Path) -> dict:
     state, merges, report = GlobalState(), {}, {"method": cfg.method, "rounds": []}
     for row in rows:
         rnd = row["round"]
-        init_err = merge_err = p_err = 0.0
+        init_err = merge_err = p_err = peft_err = 0.0
         updates = []
         for c in row["clients"]:
             folder = run_dir / "clients" / f"round_{rnd}" / f"client_{c['id']}"
             task = json.loads((folder / "task.json").read_text())
             init, got_merges = _read_received(folder)
-            want = method.configure(state, ClientSpec(c["id"], task["rank"], task["scaling"], rnd)).init
-            if (init is None) != (want is None):
+            core = _read_core(folder)
+            expected = method.configure(state, ClientSpec(c["id"], task["rank"], task["scaling"], rnd))
+            want = expected.init
+            if (init is None) != (want is None) or (expected.core is None) != (not core):
                 init_err = float("inf")
             for name in (want or {}):
                 init_err = max(init_err, _pair_error(init.get(name, (None, None)), want[name]))
+            for name, r in (expected.core or {}).items():
+                init_err = max(init_err, _rel(core[name], r) if name in core else float("inf"))
+            sent = _read_sent(folder)
+            if sent:
+                peft_err = max(peft_err, _peft_error(folder, task, sent, init, core))
             for r, m in got_merges.items():
                 for name, pair in m.items():
                     merge_err = max(merge_err, _rel(pair[1] @ pair[0], merges[r][name][1] @ merges[r][name][0]))
             if "excluded" not in c:
-                updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"], c["examples"],
-                                            _read_upload(folder)))
+                updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"], c["examples"], sent))
         agg = method.aggregate(updates, state)
         total = sum(u.num_examples for u in updates)
         for u, c in zip(updates, [c for c in row["clients"] if "excluded" not in c]):
@@ -102,7 +160,7 @@ def replay(run_dir: str | Path) -> dict:
         if agg.merge:
             merges[rnd] = agg.merge
         report["rounds"].append({"round": rnd, "clients": len(row["clients"]), "init_rel_err": init_err,
-                                 "merge_rel_err": merge_err, "p_abs_err": p_err})
+                                 "merge_rel_err": merge_err, "p_abs_err": p_err, "peft_rel_err": peft_err})
     report["export_rel_err"] = _export_error(run_dir, resolve_model(cfg.model)[0], merges, state)
     return report
 

@@ -47,7 +47,7 @@ def use_batching(mode: str, device: torch.device) -> bool:
 def refusal(method) -> str | None:
     """Why this method's rounds cannot be batched (a one-line note), or None."""
     if not method.batchable:
-        return f"{method.name} declares its clients unbatchable (they do not share one base within a round)"
+        return f"{method.name} declares its clients unbatchable (batchable = False: see the method)"
     return None
 
 

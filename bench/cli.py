@@ -24,7 +24,7 @@ FIELD_HELP = {
     "alpha_policy": "shared (every client lora_alpha; s_k = α/r_k) | proportional (α_k = alpha_ratio·r_k; FLoRA's heterogeneous runs)",
     "dtype": "training dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
     "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
-    "save_client_adapters": "audit trail: each client's upload (PEFT folder) and what it received, every round",
+    "save_client_adapters": "audit trail: each client's trained adapter (PEFT folder), its upload and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
     "keep_global_model": "false: delete <run>/global_model once the run is scored (bench eval/serve --run and bench "
                          "audit re-export it from the run's last checkpoint, tensor for tensor)",
@@ -100,10 +100,11 @@ def cmd_audit(args) -> int:
     from .audit import replay
 
     report = replay(args.run_dir)
-    worst = max([max(r["init_rel_err"], r["merge_rel_err"]) for r in report["rounds"]] or [0.0])
+    worst = max([max(r["init_rel_err"], r["merge_rel_err"], r["peft_rel_err"]) for r in report["rounds"]] or [0.0])
     for r in report["rounds"]:
         print(f"round {r['round']}: {r['clients']} clients, starting factors rel. err {r['init_rel_err']:.2e}, "
-              f"merges rel. err {r['merge_rel_err']:.2e}, |p - recorded p| {r['p_abs_err']:.1e}")
+              f"merges rel. err {r['merge_rel_err']:.2e}, |p - recorded p| {r['p_abs_err']:.1e}, "
+              f"PEFT folders (scaling, rank, factors) rel. err {r['peft_rel_err']:.2e}")
     ex = report["export_rel_err"]
     print(f"global model - base vs replayed deltas: rel. err {ex['relative']:.2e} over {ex['modules']} modules"
           + (f" ({ex['global_dtype']} on disk)" if "global_dtype" in ex else ""))

@@ -12,6 +12,7 @@ it accumulates, and the view is the master's nearest bf16 value.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -173,8 +174,11 @@ class ClientRuntime:
             return ready
         method, adapter = ready
         t = time.time()
-        stats = self._fit(adapter, msg.task, method, msg)
-        return self.reply(msg, method, self._factors(adapter), stats, time.time() - t)
+        with self._core(adapter, msg.task.core) as cores:
+            stats = self._fit(adapter, msg.task, method, msg, cores)
+            trained = self._factors(adapter)   # a core task: A is R @ A_init, as its model computes it
+            core = {n: c.detach().float().cpu().clone() for n, c in cores.items()}
+        return self.reply(msg, method, trained, stats, time.time() - t, core)
 
     def prepare(self, msg: TaskMessage):
         """(method, adapter slot) with the merges applied and the slot loaded with the client's starting
@@ -191,17 +195,43 @@ class ClientRuntime:
         self._load(adapter, msg.rank, self._start(msg), msg.init_seed)
         return method, adapter
 
-    def reply(self, msg: TaskMessage, method, trained: Factors, stats: dict, secs: float) -> Reply:
-        """The client's reply from its trained factors: kept factors stored, the method's client_finish."""
+    def reply(self, msg: TaskMessage, method, trained: Factors, stats: dict, secs: float,
+              core: dict[str, torch.Tensor] | None = None) -> Reply:
+        """The client's reply from its trained factors (and, for a core task, its trained cores): kept factors
+        stored, the method's client_finish."""
         k, task = msg.client_id, msg.task
         if task.keep:
             self.personal[k] = {"rank": msg.rank, "factors": {n: _only(p, task.keep) for n, p in trained.items()}}
         sent = method.client_finish(trained, task)
         rank = next(iter(sent.values()))[0].shape[0] if sent else msg.rank
-        factors = {n: _only(p, task.upload) for n, p in sent.items()}
+        if task.upload == "R":
+            factors = {n: (c, None) for n, c in core.items()}
+        else:
+            factors = {n: _only(p, task.upload) for n, p in sent.items()}
         return Reply(msg.round, k, rank, len(self.examples[k]), factors,
                      {**stats, "seconds": round(secs, 3), "tokens_per_s": round(stats["tokens"] / secs, 2) if secs > 0 else None},
-                     base_round=self.base_round)
+                     base_round=self.base_round, trained=sent if self.cfg.save_client_adapters else None)
+
+    @contextlib.contextmanager
+    def _core(self, adapter: str, core: dict[str, torch.Tensor] | None):
+        """With a core (ClientTask.core): each layer's lora_A weight becomes R @ A (a parametrization whose parameter
+        is R, started from the core; A is the loaded weight, fixed), so the model is s · B R A and R is what trains.
+        Yields module -> R; on exit the weight is left at R @ A, a plain parameter again."""
+        from torch.nn.utils import parametrize
+
+        if core is None:
+            yield {}
+            return
+        mods = {n: self.layers[n].lora_A[adapter] for n in core}
+        for name, mod in mods.items():
+            w = mod.weight
+            parametrize.register_parametrization(mod, "weight", CoreTimesA(w.detach().clone(), core[name].to(w.device, w.dtype)),
+                                                 unsafe=True)
+        try:
+            yield {n: m.parametrizations.weight.original for n, m in mods.items()}
+        finally:
+            for mod in mods.values():
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
 
     def _start(self, msg: TaskMessage) -> Factors | None:
         """The task's init, with the factors the client keeps taken from its own last round."""
@@ -245,14 +275,19 @@ class ClientRuntime:
                        layer.lora_B[adapter].weight.detach().float().cpu().clone())
                 for name, layer in self.layers.items()}
 
-    def _fit(self, adapter: str, task: ClientTask, method, msg: TaskMessage) -> dict:
-        """Train the factors the task names (the others stay bit for bit), with the method's penalty."""
+    def _fit(self, adapter: str, task: ClientTask, method, msg: TaskMessage, cores: dict) -> dict:
+        """Train the factors the task names (the others stay bit for bit), with the method's penalty; a core task
+        (train "R") trains the cores alone."""
         live = {n: (l.lora_A[adapter].weight, l.lora_B[adapter].weight) for n, l in self.layers.items()}
+        if cores:
+            live = {n: (l.lora_A[adapter].parametrizations.weight.original, l.lora_B[adapter].weight)
+                    for n, l in self.layers.items()}
         params = []
         for pair in live.values():
             for which, p in zip("AB", pair):
-                p.requires_grad_(which in task.train)
-                if which in task.train:
+                on = which in task.train or (task.train == "R" and which == "A")  # a core sits in A's place
+                p.requires_grad_(on)
+                if on:
                     params.append(p)
         try:
             return local_train(self.model, self.examples[msg.client_id], self.cfg, msg.train_seed, self.device,
@@ -332,6 +367,22 @@ def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, 
 
 class BaseOutOfSync(Exception):
     pass
+
+
+class CoreTimesA(torch.nn.Module):
+    """A parametrization of peft's lora_A weight as R @ A (A fixed, a buffer): its parameter is the r×r core R.
+    right_inverse hands register_parametrization the core to start from (not a function of the weight)."""
+
+    def __init__(self, a: torch.Tensor, start: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+        self.start = start
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        return core @ self.a
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.start
 
 
 def _only(pair, which: str):

@@ -97,7 +97,7 @@ class RunConfig:
     client_batching: str = "auto"  # on | off | auto (on with CUDA): a round's clients in one forward/backward
     output_dir: str | None = None
     results_dir: str = "results"
-    save_client_adapters: bool = False   # each client's upload and what it received, every round (audit trail)
+    save_client_adapters: bool = False   # each client's trained adapter (PEFT), its upload and what it received, every round (audit trail)
     keep_round_states: bool = False      # the server state after every round, not only the last checkpoint
     keep_global_model: bool = True       # false: <run>/global_model is deleted once the run is scored; a grid's cells
     #                                      then cost their checkpoint (MBs), not a model (0.5 GB for the default)

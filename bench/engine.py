@@ -406,7 +406,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             kind="run", run_id=run_id, method=name, engine=engine_name,
             method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
                          "merges_into_base": method.merges_into_base, "personalized": method.personalized,
-                         "reference": cfg.reference},
+                         "round_convention": method.round_convention, "reference": cfg.reference},
             setting=run_setting(cfg, plan.ranks, plan.model_id), seed=cfg.seed, config=cfg.to_dict(),
             config_hash=config_hash,
             provenance=provenance(model_id=plan.model_id, model_path=plan.model_path, data=plan.dataset.files,

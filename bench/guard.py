@@ -51,10 +51,11 @@ class ReplyFilter:
         if missing:
             return f"module {missing[0]!r} missing"
         sq = 0.0
+        core = msg.task.upload == "R"  # the core R (rank × rank) travels in A's slot
         for name, (a, b) in reply.factors.items():
             d_out, d_in = self.module_shapes[name]
-            for which, t, shape in (("A", a, (reply.rank, d_in)), ("B", b, (d_out, reply.rank))):
-                if (t is not None) != (which in msg.task.upload):
+            for which, t, shape in (("A", a, (reply.rank, reply.rank if core else d_in)), ("B", b, (d_out, reply.rank))):
+                if (t is not None) != (which in msg.task.upload or (core and which == "A")):
                     return f"{name}.{which}: {'sent' if t is not None else 'missing'}, but the task uploads {msg.task.upload!r}"
                 if t is None:
                     continue
@@ -64,7 +65,10 @@ class ReplyFilter:
                     return f"{name}.{which}: shape {tuple(t.shape)}, expected {shape}"
                 if not torch.isfinite(t).all():
                     return f"non-finite values in {name}.{which}"
-            if self.max_update_norm is not None and a is not None and b is not None:
+            if self.max_update_norm is not None and core:   # the client's update is s · B R A with its task's A, B
+                a0, b0 = msg.task.init[name]
+                sq += (msg.scaling * product_fro_norm(b0.double() @ a.double(), a0.double())) ** 2
+            elif self.max_update_norm is not None and a is not None and b is not None:
                 sq += (msg.scaling * product_fro_norm(b.double(), a.double())) ** 2
         if self.max_update_norm is not None and math.sqrt(sq) > self.max_update_norm:
             return f"update norm {math.sqrt(sq):.3g} > max_update_norm {self.max_update_norm:g}"

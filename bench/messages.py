@@ -56,6 +56,9 @@ class Reply:
     metrics: dict[str, Any] = field(default_factory=dict)
     base_round: int = 0
     error: str | None = None
+    # the client's adapter as it ends the round (after client_finish: at the rank it sent), both factors, for the
+    # audit trail only: filled when the run saves client adapters, never aggregated, not counted in bytes_up
+    trained: Factors | None = None
 
 
 def factor_bytes(factors: Factors | None) -> int:
@@ -64,9 +67,15 @@ def factor_bytes(factors: Factors | None) -> int:
     return sum(t.numel() * t.element_size() for pair in factors.values() for t in pair if t is not None)
 
 
+def _core_pairs(core: dict[str, torch.Tensor] | None) -> Factors | None:
+    """A task's core as factor pairs, (R, None): its wire and byte-count form (R takes A's slot, ClientTask)."""
+    return None if core is None else {n: (r, None) for n, r in core.items()}
+
+
 def task_bytes(msg: TaskMessage) -> int:
-    """What the server sends a client: its starting factors and the merges it has not applied."""
-    return factor_bytes(msg.task.init) + sum(factor_bytes(m) for m in msg.merges.values())
+    """What the server sends a client: its starting factors (and core) and the merges it has not applied."""
+    return (factor_bytes(msg.task.init) + factor_bytes(_core_pairs(msg.task.core))
+            + sum(factor_bytes(m) for m in msg.merges.values()))
 
 
 # ---- wire form ------------------------------------------------------------------------------------
@@ -99,10 +108,11 @@ def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         _put(arrays, "init", "-", msg.task.init)
     for rnd, merge in msg.merges.items():
         _put(arrays, "merge", str(rnd), merge)
+    _put(arrays, "core", "-", _core_pairs(msg.task.core))
     t = msg.task
     config = {"round": msg.round, "client_id": msg.client_id, "rank": msg.rank, "scaling": float(msg.scaling),
               "init_seed": msg.init_seed, "train_seed": msg.train_seed, "method": msg.method,
-              "task": json.dumps({"fresh": t.init is None, "train": t.train, "keep": t.keep, "upload": t.upload,
+              "task": json.dumps({"fresh": t.init is None, "core": t.core is not None, "train": t.train, "keep": t.keep, "upload": t.upload,
                                   "info": t.info, "options": t.options, "method_options": msg.method_options})}
     return arrays, config
 
@@ -111,8 +121,9 @@ def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Task
     spec = json.loads(config["task"])
     init = None if spec["fresh"] else _take(arrays, "init").get("-", {})
     merges = {int(r): f for r, f in _take(arrays, "merge").items()}
+    core = {n: a for n, (a, _) in _take(arrays, "core").get("-", {}).items()} if spec.get("core") else None
     task = ClientTask(init=init, train=spec["train"], keep=spec["keep"], upload=spec["upload"], info=spec["info"],
-                      options=spec["options"])
+                      options=spec["options"], core=core)
     return TaskMessage(int(config["round"]), int(config["client_id"]), int(config["rank"]), float(config["scaling"]),
                        task, dict(sorted(merges.items())), int(config["init_seed"]), int(config["train_seed"]),
                        str(config["method"]), spec["method_options"])
@@ -121,6 +132,7 @@ def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Task
 def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arrays: dict[str, torch.Tensor] = {}
     _put(arrays, "up", "-", reply.factors)
+    _put(arrays, "trained", "-", reply.trained)
     config = {"round": reply.round, "client_id": reply.client_id, "rank": reply.rank,
               "num_examples": reply.num_examples, "base_round": reply.base_round,
               "metrics": json.dumps(reply.metrics), "error": reply.error or ""}
@@ -131,11 +143,13 @@ def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Rep
     """A reply from an untrusted client: structural problems raise ValueError naming the field."""
     try:
         factors = _take(arrays, "up").get("-", {})
+        trained = _take(arrays, "trained").get("-")
         metrics = json.loads(config.get("metrics") or "{}")
         if not isinstance(metrics, dict):
             raise ValueError("metrics: not a JSON object")
         return Reply(int(config["round"]), int(config["client_id"]), int(config["rank"]), int(config["num_examples"]),
-                     factors, metrics, int(config.get("base_round", 0)), str(config.get("error") or "") or None)
+                     factors, metrics, int(config.get("base_round", 0)), str(config.get("error") or "") or None,
+                     trained)
     except KeyError as exc:
         raise ValueError(f"reply: missing field {exc.args[0]!r}") from None
     except (TypeError, json.JSONDecodeError) as exc:

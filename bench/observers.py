@@ -71,10 +71,13 @@ class Progress(Observer):
 
 
 class AuditTrail(Observer):
-    """clients/round_<r>/client_<k>/: the upload as a PEFT folder (adapter_config.json +
-    adapter_model.safetensors), received.safetensors (init/<module>/<A|B>: the starting factors as sent,
-    un-scaled; merge/<round>/<module>/<A|B>: the base merges sent) and task.json (rank, scaling, p, seeds,
-    what trains / is kept / is sent, the method's info, and `excluded` with its reason)."""
+    """clients/round_<r>/client_<k>/: the client's adapter as it ended the round as a PEFT folder (adapter_config.json
+    + adapter_model.safetensors: both factors, at the rank it sent, with the lora_alpha that makes peft's scaling the
+    one it trained with, so that PeftModel.from_pretrained gives the model it trained, a pruned one included),
+    sent.safetensors (up/-/<module>/<A|B>: exactly what the server received; a factor the task keeps or freezes is in
+    the PEFT folder only), received.safetensors (init/<module>/<A|B>: the starting factors as sent, un-scaled;
+    core/-/<module>/A: a core task's starting core; merge/<round>/<module>/<A|B>: the base merges sent) and task.json
+    (rank, scaling, p, seeds, what trains / is kept / is sent, the method's info, and `excluded` with its reason)."""
 
     def __init__(self, run_dir: Path, cfg, base_model: str):
         self.root, self.cfg, self.base_model = run_dir / "clients", cfg, base_model
@@ -86,13 +89,18 @@ class AuditTrail(Observer):
         from safetensors.torch import save_file
 
         from .export import save_peft_adapter
-        from .messages import pack_task
+        from .messages import pack_reply, pack_task
 
         out = self.folder(msg.round, msg.client_id)
         cfg = self.cfg
         if not reply.error and reply.factors:
-            save_peft_adapter(reply.factors, reply.rank, cfg.alpha_for(msg.rank), cfg.use_rslora, cfg.target_modules,
-                              self.base_model, out)
+            adapter = reply.trained or reply.factors
+            # peft's scaling is lora_alpha / r (/ √r with rsLoRA) at the rank saved; the client trained at msg.scaling
+            # (its rank before any pruning), so the alpha saved is the one that gives that scaling at this rank
+            alpha = msg.scaling * (reply.rank ** 0.5 if cfg.use_rslora else reply.rank)
+            save_peft_adapter(adapter, reply.rank, alpha, cfg.use_rslora, cfg.target_modules, self.base_model, out)
+            sent, _ = pack_reply(reply)
+            save_file({k: v for k, v in sent.items() if k.startswith("up/")}, str(out / "sent.safetensors"))
         out.mkdir(parents=True, exist_ok=True)
         arrays, config = pack_task(msg)
         save_file({k: v.contiguous() for k, v in arrays.items()}, str(out / "received.safetensors"))

@@ -30,7 +30,7 @@ from torch import Tensor
 # module name -> (A, B). A factor a client does not send (see ClientTask.upload) is None.
 Factors = dict[str, tuple[Tensor | None, Tensor | None]]
 
-FACTOR_SETS = ("AB", "A", "B", "")
+FACTOR_SETS = ("AB", "A", "B", "", "R")
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,17 @@ class ClientTask:
     init:  module -> (A, B) to start from, un-scaled, as the client's peft layer holds them; None for the
            whole dict: a fresh peft init (A from the round's shared seed, B = 0). A factor given with
            fewer rows/columns than the client's rank fills the first ones; a None factor is fresh.
-    train: the factors the client optimizes; the others stay bit for bit as they started.
+    train: the factors the client optimizes; the others stay bit for bit as they started. "R": only the r×r core
+           (see `core`), A and B fixed.
     keep:  the factors the client takes from its own previous round instead of `init` (personal state;
            fresh the first time it takes part).
-    upload: the factors the client sends back; the others never leave it.
+    upload: the factors the client sends back; the others never leave it. "R": the trained core, sent in A's slot
+           of the factor pair, (R, None): it is the factor that multiplies A (the client's A is R @ A_init).
     info:  JSON numbers about what the client receives (e.g. FlexLoRA's truncation loss), recorded in the
            client's row of the round.
     options: method-defined JSON values the client-side hooks read (e.g. a regularizer's weight).
+    core:  module -> r×r core R to start from (train "R"): the client's adapter is s · B R A with A and B from
+           `init`, fixed (peft's lora_A weight parametrized as R @ A), and only R trains (LoRA-SB, Fed-SB).
     """
 
     init: Factors | None = None
@@ -65,11 +69,16 @@ class ClientTask:
     upload: str = "AB"
     info: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    core: dict[str, Tensor] | None = None
 
     def __post_init__(self):
         for what in ("train", "keep", "upload"):
             if getattr(self, what) not in FACTOR_SETS:
                 raise ValueError(f"ClientTask.{what}: {getattr(self, what)!r} is not one of {FACTOR_SETS}")
+        if (self.train == "R") != (self.core is not None) or (self.upload == "R" and self.train != "R") \
+                or (self.core is not None and (self.init is None or self.keep)):
+            raise ValueError("ClientTask: train 'R' needs a core and an init (A, B) and keeps nothing; "
+                             "upload 'R' needs train 'R'")
 
 
 @dataclass
@@ -156,6 +165,9 @@ class AggregationMethod:
     # False: a round's clients cannot share one batched forward (e.g. each trains on a base of its own); the
     # in-process engine then trains them one by one (bench/batched.py).
     batchable: ClassVar[bool] = True
+    # What one engine round is for this method, when it is not one iteration of the paper's algorithm (recorded in
+    # the results record's method_info, so that comparisons at equal rounds say what they compare).
+    round_convention: ClassVar[str] = "one round = one iteration of the paper's algorithm (one communication each way)"
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))

@@ -29,7 +29,7 @@ def row_average(parts: list[tuple[float, torch.Tensor]], previous: torch.Tensor 
     rows = max(max(t.shape[0] for _, t in parts), previous.shape[0] if previous is not None else 0)
     t0 = parts[0][1]
     out = torch.zeros(rows, t0.shape[1], dtype=t0.dtype, device=t0.device)
-    mass = torch.zeros(rows, 1, dtype=torch.float64)
+    mass = torch.zeros(rows, 1, dtype=torch.float64, device=t0.device)
     for w, t in parts:
         out[: t.shape[0]] += w * t
         mass[: t.shape[0]] += w

@@ -11,15 +11,18 @@ and after local training prunes itself to rank max(⌊γr⌋, min_rank), sending
 when that tail norm ended smaller than it started (the tail matters less and less). The server then
 configures it at the new rank from the next round on.
 
-Choices where the paper (no public code) leaves room, and why:
+Checked against the paper's Figure 2 (zero-padding, weights ‖ΔW_k‖/Z with ΔW_k = B_k A_k, truncation); not
+verified (no public code, full text not reachable here): the regularizer's form, the pruning rule, γ and λ.
+The preset `hetlora-pruning` is one where clients do prune. Choices where the paper leaves room, and why:
 - weights per module, from that module's own ‖ΔW_k‖_F (the paper's Figure 2 draws one LoRA module);
   `weighting=examples` gives FedAvg's n_k weights instead, for an ablation;
 - the tail norm is ‖B_t A_t‖_F, the norm of the tail's contribution to the update (the regularizer as
   written), computed through the r_t × r_t Gram matrices, never as a d_out × d_in matrix;
 - "smaller than it started" compares the end of local training with its start (the tail of the global
   slice the client received; 0 in a client's first round, so nobody prunes then);
-- defaults γ = 0.99, λ = 0.01, min_rank = 1: not verifiable offline here; γ = 0.99 prunes one rank at a
-  time for the ranks of this suite (⌊0.99 r⌋ = r − 1 for r ≤ 100).
+- defaults γ = 0.99, λ = 0.01, min_rank = 1: this suite's, not the paper's values; γ = 0.99 prunes one rank at a
+  time for the ranks of this suite (⌊0.99 r⌋ = r − 1 for r ≤ 100), and at these defaults a few local steps never
+  shrink the tail, so nobody prunes (docs/methods.md).
 The aggregation noise recorded is against the method's own weights: ‖B̄Ā − Σ w_k s_k B_k A_k‖ / ‖Σ w_k s_k B_k A_k‖.
 A client's own model is base + s_k B̄[:, :r_k] Ā[:r_k] at its current (possibly pruned) rank: what it
 starts the next round from (personalized).
@@ -52,7 +55,8 @@ class HetLoRA(AggregationMethod):
     averages_factors = True
     personalized = True
     options = {
-        "gamma": Option(0.99, "decay γ: the tail is ranks ⌊γr⌋..r−1 and a pruning client keeps ⌊γr⌋ (paper's γ)"),
+        "gamma": Option(0.99, "decay γ: the tail is ranks ⌊γr⌋..r−1 and a pruning client keeps ⌊γr⌋ (the paper's "
+                              "decay factor; 0.99 is this suite's default, not the paper's value: unverified)"),
         "lam": Option(0.01, "weight λ of the tail regularizer λ Σ ‖B_t A_t‖_F added to the client's loss"),
         "min_rank": Option(1, "no client prunes below this rank"),
         "weighting": Option("norm", "'norm': w_k ∝ ‖s_k B_k A_k‖_F per module (the paper); 'examples': p_k ∝ n_k"),

@@ -97,7 +97,9 @@ class LoRAFAIR(AggregationMethod):
     options = {"lam": Option(0.01, "weight λ of ‖ΔB‖ in the correction's objective (the paper's default 0.01)"),
                "iters": Option(100, "L-BFGS iterations for the correction"),
                "similarity": Option("cosine", "S in the objective: 'cosine' (1 − cos, the paper) or 'frobenius' "
-                                              "(‖(B̄+ΔB)Ā − ΔW‖² / ‖ΔW‖², an ablation that also fixes the scale)")}
+                                              "(‖(B̄+ΔB)Ā − ΔW‖² / ‖ΔW‖², an ablation that also fixes the scale)"),
+               "preserve_norm": Option(False, "rescale the corrected B̄' so that ‖B̄'Ā‖ = ‖ΔW‖ per module (cosine only: "
+                                              "S is scale-free, so S is unchanged; an option beyond the paper)")}
     # the paper's default LoRA rank; its client optimizer (SGD, lr 0.01, batch 128) is not this engine's AdamW
     recipe = {"rank": 16}
 
@@ -105,6 +107,9 @@ class LoRAFAIR(AggregationMethod):
         super().__init__(**options)
         if self.opts["lam"] < 0 or self.opts["iters"] < 1:
             raise ValueError("method_options: lora-fair needs lam ≥ 0 and iters ≥ 1")
+        if self.opts["preserve_norm"] and self.opts["similarity"] != "cosine":
+            raise ValueError("method_options: lora-fair preserve_norm needs similarity=cosine (the Frobenius error "
+                             "is not scale-free)")
         if self.opts["similarity"] not in ("cosine", "frobenius"):
             raise ValueError(f"method_options: lora-fair similarity must be 'cosine' or 'frobenius', "
                              f"got {self.opts['similarity']!r}")
@@ -113,17 +118,28 @@ class LoRAFAIR(AggregationMethod):
         weights = client_weights(updates)
         unit = sum(p * u.scaling for u, p in zip(updates, weights))   # s̄: ‖ΔB‖ in the clients' units
         averaged, corrected, exact, cos = {}, {}, {}, {}
+        norms = [0.0, 0.0, 0.0]  # Σ over modules of ‖ΔW‖², ‖B̄Ā‖², ‖B̄'Ā‖²
         for name in module_names(updates):
             a_bar, b_bar = padded_average(updates, weights, name)
             a_s, b_s = stack(updates, weights, name)
             delta, before, after = correction(a_bar, b_bar, a_s, b_s, self.opts["lam"], unit, self.opts["iters"],
                                               self.opts["similarity"])
-            averaged[name], corrected[name], exact[name] = (a_bar, b_bar), (a_bar, b_bar + delta), (a_s, b_s)
+            b_new = b_bar + delta
+            target = product_fro_norm(b_s.double(), a_s.double())
+            size = product_fro_norm(b_new.double(), a_bar.double())
+            if self.opts["preserve_norm"] and size > 0:
+                b_new = b_new * (target / size)
+            averaged[name], corrected[name], exact[name] = (a_bar, b_bar), (a_bar, b_new), (a_s, b_s)
             cos[name] = (before, after)
+            norms = [norms[0] + target ** 2, norms[1] + product_fro_norm(b_bar.double(), a_bar.double()) ** 2,
+                     norms[2] + product_fro_norm(b_new.double(), a_bar.double()) ** 2]
         noise, per_module = aggregation_noise(corrected, exact)
         noise_fedavg, _ = aggregation_noise(averaged, exact)
         n = len(cos)
         return Aggregate(GlobalState(corrected, state.round + 1),
                          metrics={"noise": noise, "noise_per_module": per_module, "noise_fedavg": noise_fedavg,
                                   "cos_before": sum(c[0] for c in cos.values()) / n,
-                                  "cos_after": sum(c[1] for c in cos.values()) / n})
+                                  "cos_after": sum(c[1] for c in cos.values()) / n,
+                                  # ‖B̄'Ā‖ / ‖ΔW‖ and ‖B̄Ā‖ / ‖ΔW‖ over all modules: how much the update shrank
+                                  "norm_ratio": (norms[2] / norms[0]) ** 0.5 if norms[0] > 0 else 1.0,
+                                  "norm_ratio_fedavg": (norms[1] / norms[0]) ** 0.5 if norms[0] > 0 else 1.0})

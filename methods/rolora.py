@@ -14,8 +14,9 @@ can form B̄ A (in round 1 that is every client). `frozen_mismatch` checks that 
 server's rows (0: frozen and shared).
 
 B first, A second: B starts at zero (peft's init), so an A-round first would see zero gradient. The
-paper alternates the two half-steps within its iterations; here one round is one half-step, one
-communication (the issue's "alternating rounds"); `first=A` swaps the order.
+paper's iteration (its Algorithm 1) is both half-steps, each with its own aggregation, so two communications; here
+one round is one half-step, one communication, and `round_convention` (in the record's method_info) and each
+round's `iteration` say so: T paper iterations are 2T rounds. `first=A` swaps the order.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class RoLoRA(AggregationMethod):
     citation = ("Chen et al., Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA, "
                 "NeurIPS 2025 (arXiv 2502.01755)")
     options = {"first": Option("B", "the factor trained in round 1 ('B': B starts at zero, so A first learns nothing)")}
+    round_convention = ("one round = one half-step of the paper's iteration: round 2t-1 trains and averages one factor, "
+                        "round 2t the other; 2 rounds = 1 RoLoRA iteration (equal communications, half the iterations)")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -79,4 +82,5 @@ class RoLoRA(AggregationMethod):
                      for n, (_, b) in adapter.items()}
             noise = aggregation_noise(adapter, exact)[0]
         return Aggregate(GlobalState(adapter, state.round + 1),
-                         metrics={"noise": noise, "trained_b": int(train == "B"), "frozen_mismatch": mismatch})
+                         metrics={"noise": noise, "trained_b": int(train == "B"), "frozen_mismatch": mismatch,
+                                  "iteration": (state.round + 2) // 2})

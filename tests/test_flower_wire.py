@@ -295,3 +295,25 @@ def test_compacted_node_state_restores_the_same_base(offline_data_env):
     assert fresh.base_round == 3
     want, got = live.base_weights(), fresh.base_weights()
     assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+def test_core_task_and_audited_reply_round_trip_and_fit_the_limit():
+    """A core task (Fed-SB: train and upload R) crosses the wire with its core bit for bit; a reply sending the
+    rank × rank core plus the trained adapter for the audit trail fits the limit of a run that saves adapters."""
+    from bench.flower import wire
+
+    g = torch.Generator().manual_seed(5)
+    core = {n: torch.randn(3, 3, generator=g) for n in SHAPES}
+    task = TaskMessage(2, 1, 3, 4.0, ClientTask(init=_factors(3, 1), train="R", upload="R", core=core), {}, 11, 12,
+                       "fed-sb", {})
+    got, _, _ = wire.task_of(wire.task_content(task, "{}", "s1"))
+    assert got.task.train == "R" and all(torch.equal(got.task.core[n], core[n]) for n in SHAPES)
+    reply = _reply(rank=3, trained=_factors(3, 4))
+    reply.factors = {n: (c, None) for n, c in core.items()}
+    content = wire.reply_content(reply)
+    back = wire.reply_of(content)
+    assert _same(back.trained, reply.trained) and all(torch.equal(back.factors[n][0], core[n]) for n in SHAPES)
+    size = wire.array_bytes(content[wire.ARRAYS])
+    assert size <= wire.expected_reply_bytes(task, SHAPES, audit=True)
+    assert wire.expected_reply_bytes(task, SHAPES) == 3 * 3 * 4 * len(SHAPES) + len(SHAPES) * wire.NPY_HEADER_BYTES \
+        + wire.REPLY_ARRAY_SLACK

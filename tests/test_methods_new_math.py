@@ -50,10 +50,10 @@ def dense_svd(x):
 # ----------------------------------------------------------------------------------------------------
 # the registry: every method lists a description, a citation, and refuses bad options in one line
 # ----------------------------------------------------------------------------------------------------
-def test_registry_lists_eleven_methods_with_description_and_citation():
+def test_registry_lists_thirteen_methods_with_description_and_citation():
     from methods import METHODS
 
-    assert len(METHODS) == 11 and set(NEW_METHODS) <= set(METHODS)
+    assert len(METHODS) == 13 and set(NEW_METHODS) | {"fedsvd", "fed-sb"} <= set(METHODS)
     for name, cls in METHODS.items():
         assert cls.description and "\n" not in cls.description, name
         assert cls.citation and any(y in cls.citation for y in ("2017", "2024", "2025")), name

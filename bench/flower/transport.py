@@ -161,7 +161,7 @@ class GridTransport:
         elif rep.metadata.src_node_id != node:
             why = f"reply from node {rep.metadata.src_node_id}, the task went to node {node}"
         else:
-            limit = wire.expected_reply_bytes(task, self.plan.module_shapes)
+            limit = wire.expected_reply_bytes(task, self.plan.module_shapes, audit=self.cfg.save_client_adapters)
             try:
                 size = wire.array_bytes(rep.content[wire.ARRAYS]) if wire.ARRAYS in rep.content else 0
                 if size > limit:

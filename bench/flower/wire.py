@@ -104,14 +104,21 @@ def reply_content(reply: Reply):
     return RecordDict({ARRAYS: encode_arrays(arrays), CONFIG: ConfigRecord({**config, "protocol": PROTOCOL})})
 
 
-def expected_reply_bytes(msg: TaskMessage, module_shapes: dict[str, tuple[int, int]]) -> int:
+def expected_reply_bytes(msg: TaskMessage, module_shapes: dict[str, tuple[int, int]], audit: bool = False) -> int:
     """The size limit of a reply's arrays: an honest reply holds rank × Σ(d_in + d_out) × 4 bytes over the
-    factors the task uploads, plus one npy header per array; REPLY_ARRAY_SLACK on top (a reply just over
-    the exact size is refused by the shape checks, with a more telling reason)."""
-    per_module = sum(d_in for _, d_in in module_shapes.values()) * ("A" in msg.task.upload) \
-        + sum(d_out for d_out, _ in module_shapes.values()) * ("B" in msg.task.upload)
-    n_arrays = len(module_shapes) * len(msg.task.upload)
-    return msg.rank * per_module * 4 + n_arrays * NPY_HEADER_BYTES + REPLY_ARRAY_SLACK
+    factors the task uploads (a core, upload "R": rank² per module), plus one npy header per array; with audit
+    (the run saves client adapters) also the client's trained adapter, both factors; REPLY_ARRAY_SLACK on top (a
+    reply just over the exact size is refused by the shape checks, with a more telling reason)."""
+    if msg.task.upload == "R":
+        size, n_arrays = msg.rank * msg.rank * 4 * len(module_shapes), len(module_shapes)
+    else:
+        per_module = sum(d_in for _, d_in in module_shapes.values()) * ("A" in msg.task.upload) \
+            + sum(d_out for d_out, _ in module_shapes.values()) * ("B" in msg.task.upload)
+        size, n_arrays = msg.rank * per_module * 4, len(module_shapes) * len(msg.task.upload)
+    if audit:
+        size += msg.rank * sum(d_in + d_out for d_out, d_in in module_shapes.values()) * 4
+        n_arrays += 2 * len(module_shapes)
+    return size + n_arrays * NPY_HEADER_BYTES + REPLY_ARRAY_SLACK
 
 
 def reply_of(content, max_array_bytes: int | None = None) -> Reply:
