@@ -276,3 +276,39 @@ def test_privacy_utility_plot_renders_from_real_records(dp_runs, tmp_path):
     assert [p[1].mean for p in pts] == pytest.approx([records[f"fedit-{eps}"]["test_loss"] for eps in EPS], rel=1e-9)
     assert fedit["no_dp"].mean == pytest.approx(records["fedit-None"]["test_loss"], rel=1e-9)
     assert [p[0] for p in series[("ffa-lora", False)]["dp"][variant]] == [records["ffa-lora-8.0"]["privacy"]["epsilon_max"]]
+
+
+def test_dp_run_killed_and_resumed_reaches_the_same_numbers(tmp_path, shared_data):
+    """SIGKILL in round 2 after client 1's first DP step, then --resume: the rows (spent ε included), the privacy
+    section and the test loss equal an uninterrupted run's (seeded Poisson draws and noise)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--method", "fedavg-lora", "--preset", "tiny", "--dp-epsilon", "4", "--dp-delta", "1e-5", "--seed", "2"]
+
+    def bench(out, kill_at=None, resume=False):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_TEST_")}
+        env.update({"BENCH_DATA_ROOT": str(shared_data), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo),
+                    **({"BENCH_TEST_KILL_AT": kill_at} if kill_at else {})})
+        cmd = (["--resume", str(out)] if resume else [*args, "--output-dir", str(out)]) + ["--results-dir", str(tmp_path / "r")]
+        return subprocess.run([sys.executable, "-m", "bench.cli", "run", *cmd], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert bench(whole).returncode == 0
+    assert bench(cut, kill_at="round2:client1").returncode == -9
+    done = bench(cut, resume=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    timing = {"seconds", "tokens_per_s", "aggregate_seconds", "rss_mb"}
+
+    def result(run):
+        rec = json.loads(Path(json.loads((run / "run.json").read_text())["record"]).read_text())
+        rows = [{**{k: v for k, v in r.items() if k not in timing},
+                 "clients": [{k: v for k, v in c.items() if k not in timing} for c in r["clients"]]} for r in rec["rounds"]]
+        return rows, rec["privacy"], rec["test_loss"]
+
+    a, b = result(whole), result(cut)
+    assert a == b
+    assert all("dp_epsilon" in c for r in a[0] for c in r["clients"])
