@@ -259,6 +259,10 @@ def test_privacy_utility_plot_renders_from_real_records(dp_runs, tmp_path):
     drawn = {Path(f).name for f in summary["files"]}
     assert {"privacy_utility.png", "privacy_utility.svg"} <= drawn, summary["plots_skipped"]
     assert (tmp_path / "plots" / "privacy_utility.png").stat().st_size > 5000
+    again = build_report([str(results)], str(tmp_path / "again"), plots=True)
+    for name in ("privacy_utility.png", "privacy_utility.svg"):  # deterministic, as every report file
+        assert (tmp_path / "plots" / name).read_bytes() == (tmp_path / "again" / "plots" / name).read_bytes()
+    assert len(again["files"]) == len(summary["files"])
     # what the plot shows: per method, the spent ε of its DP rows against the test loss, and the non-DP level
     recs, _ = load_records([str(results)])
     notes = []
