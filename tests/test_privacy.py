@@ -21,19 +21,19 @@ DELTA = 1e-5
 def dp_runs(tmp_path_factory, shared_data):
     """Real tiny runs through the CLI: fedit at ε = 2 and 8 (the issue's command), ffa-lora at ε = 8, and a
     non-DP fedit run (the plot's ε = ∞ reference)."""
-    import os
-
-    os.environ.setdefault("BENCH_DATA_ROOT", str(shared_data))
     out = tmp_path_factory.mktemp("dp")
     results = out / "results"
     runs = {}
-    for method, eps in (("fedit", 8.0), ("fedit", 2.0), ("ffa-lora", 8.0), ("fedit", None)):
-        name = f"{method}-{eps}"
-        flags = ["--dp-epsilon", str(eps), "--dp-delta", str(DELTA)] if eps else []
-        rc = bench_main(["run", "--method", method, "--preset", "tiny", *flags, "--no-eval",
-                         "--output-dir", str(out / name), "--results-dir", str(results)])
-        assert rc == 0
-        runs[name] = json.loads((out / name / "run.json").read_text())["record"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENCH_DATA_ROOT", str(shared_data))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        for method, eps in (("fedit", 8.0), ("fedit", 2.0), ("ffa-lora", 8.0), ("fedit", None)):
+            name = f"{method}-{eps}"
+            flags = ["--dp-epsilon", str(eps), "--dp-delta", str(DELTA)] if eps else []
+            rc = bench_main(["run", "--method", method, "--preset", "tiny", *flags, "--no-eval",
+                             "--output-dir", str(out / name), "--results-dir", str(results)])
+            assert rc == 0
+            runs[name] = json.loads((out / name / "run.json").read_text())["record"]
     return {k: json.loads(open(v).read()) for k, v in runs.items()}, results
 
 
