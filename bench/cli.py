@@ -28,6 +28,12 @@ FIELD_HELP = {
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",
     "keep_global_model": "false: delete <run>/global_model once the run is scored (bench eval/serve --run and bench "
                          "audit re-export it from the run's last checkpoint, tensor for tensor)",
+    "dp_epsilon": "differential privacy: target ε per client over the run (DP-SGD on local training; σ calibrated; "
+                  "needs --dp-delta): bench/privacy.py, docs/methods.md",
+    "dp_delta": "δ of the (ε, δ) guarantee, below 1/n of every client (e.g. 1e-5)",
+    "dp_noise_multiplier": "σ of DP-SGD's Gaussian noise (instead of --dp-epsilon); the spent ε is recorded per round",
+    "dp_clip_norm": "C: each example's gradient on the trained factors is clipped to this L2 norm (default 1.0)",
+    "dp_accountant": "rdp | prv: Opacus's accountant for calibration and the spent ε",
     "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
               "(a SuperLink, --superlink): docs/flower.md",
     "client_batching": "auto (default: on with CUDA, off on the CPU) | on | off: a round's in-process clients share one "
@@ -89,7 +95,7 @@ def cmd_methods(args) -> int:
         print(f"{'':13s} {cls.citation}")
         traits = [t for t, on in (("heterogeneous ranks", cls.heterogeneous_ranks), ("merges into the base", cls.merges_into_base),
                                   ("averages factors", cls.averages_factors), ("personalized", cls.personalized),
-                                  ("no global model", not cls.has_global_model)) if on]
+                                  ("no global model", not cls.has_global_model), ("no DP", not cls.supports_dp)) if on]
         print(f"{'':13s} [{', '.join(traits) or 'homogeneous ranks only'}]")
         for opt, o in cls.options.items():
             print(f"{'':13s} --method-options {opt}=…  (default {o.default!r}) {o.help}")

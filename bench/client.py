@@ -329,6 +329,10 @@ class ClientRuntime:
 def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, pad_id: int, params: list,
                 penalty=None, on_step=None) -> dict:
     """Local training: AdamW over `params`, gradient accumulation, mean loss on labelled tokens (+ penalty())."""
+    from . import privacy
+
+    if privacy.enabled(cfg):  # DP-SGD: Poisson batches, per-example clipping, Gaussian noise (bench/privacy.py)
+        return privacy.dp_local_train(model, examples, cfg, seed, device, pad_id, params, penalty, on_step)
     model.train()
     torch.manual_seed(seed)  # dropout
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if params else None

@@ -78,6 +78,12 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)   # the method's own options (bench methods lists them)
     # robustness
     max_update_norm: float | None = None   # a client update with ‖s·B·A‖_F above this is excluded
+    # differential privacy (bench/privacy.py): DP-SGD on every client's local training, record-level
+    dp_epsilon: float | None = None          # target ε per client over the whole run (σ calibrated to it)
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None  # σ itself, instead of dp_epsilon
+    dp_clip_norm: float = 1.0                # C: each example's gradient (all trained factors) clipped to this L2 norm
+    dp_accountant: str = "rdp"               # rdp | prv (Opacus's accountants)
     # evaluation
     eval_tasks: list[str] = field(default_factory=list)
     eval_limit: int | None = None
@@ -149,7 +155,8 @@ class RunConfig:
 # a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
 # skip-what-is-done) still match the same experiment
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
-                         "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test"}
+                         "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
+                         "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -361,6 +368,9 @@ def validate(cfg: RunConfig) -> None:
         m = get_method(cfg.method, cfg.method_options)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
+    from .privacy import validate as validate_privacy
+
+    validate_privacy(cfg, m)
     need(m.has_global_model or cfg.engine == "inprocess",
          f"engine: {cfg.method} has no global model; its score is each client's own model, which only the in-process "
          "engine evaluates: use --engine inprocess")

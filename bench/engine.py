@@ -27,7 +27,7 @@ import torch
 
 from methods import get_method
 
-from . import BenchError, data as data_mod, hooks, models
+from . import BenchError, data as data_mod, hooks, models, privacy
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
 from .config import RunConfig, save_config
@@ -137,6 +137,7 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
         name = min(shapes, key=lambda n: min(shapes[n]))
         raise BenchError(f"ranks: rank {max(ranks)} exceeds the smaller dimension ({smallest}) of target module {name}; "
                          f"use ranks ≤ {smallest}")
+    privacy.preflight(cfg, [len(s) for s in shards])
     return Plan(cfg, model_path, model_id, dataset, shards, ranks, shapes, eval_tasks, client_tests)
 
 
@@ -346,6 +347,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             row = {"round": rnd, "sampled": result.sampled, "clients": result.clients,
                    "excluded": [e["id"] for e in result.excluded], **result.metrics,
                    "aggregate_seconds": round(agg_s, 4), "seconds": round(time.time() - t_round, 3), "rss_mb": rss_mb()}
+            privacy.account_round(tcfg, rounds_log, row)  # each client's spent ε through this round
             for o in observers:
                 o.round_done(result, row)
             hooks.point(f"round{rnd}:metrics")
@@ -418,6 +420,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
         if personalized is not None:
             record["personalized"] = personalized
+        if privacy.enabled(tcfg):
+            record["privacy"] = privacy.record_section(tcfg, rounds_log, tcfg.num_clients)
         record_path = Path(cfg.results_dir) / f"{run_id}.json"
         hooks.point("record")
         atomic_write_json(record_path, record)
@@ -451,7 +455,10 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
 
     if not use_batching(cfg.client_batching, device):
         return False
-    why = refusal(get_method(cfg.method, cfg.method_options))
+    from . import privacy
+
+    why = ("DP-SGD clips and noises each client's per-example gradients one client at a time"
+           if privacy.enabled(cfg) else refusal(get_method(cfg.method, cfg.method_options)))
     if why:
         log(f"[bench] client_batching: {why}; its clients train one by one")
         return False

@@ -48,9 +48,13 @@ def partition_of(cfg) -> dict:
 
 
 def run_setting(cfg, ranks: list[int], model_id: str) -> dict:
-    return {"model": model_id, "dataset": cfg.dataset, "partition": partition_of(cfg), "ranks": list(ranks),
-            "rank_distribution": "explicit" if cfg.ranks else cfg.rank_distribution, "num_clients": cfg.num_clients,
-            "client_fraction": cfg.client_fraction, "rounds": cfg.rounds, "preset": cfg.preset}
+    from .privacy import setting as privacy_setting
+
+    setting = {"model": model_id, "dataset": cfg.dataset, "partition": partition_of(cfg), "ranks": list(ranks),
+               "rank_distribution": "explicit" if cfg.ranks else cfg.rank_distribution, "num_clients": cfg.num_clients,
+               "client_fraction": cfg.client_fraction, "rounds": cfg.rounds, "preset": cfg.preset}
+    dp = privacy_setting(cfg)  # only under DP: a DP run is a row of its own, and earlier records keep their keys
+    return {**setting, "dp": dp} if dp else setting
 
 
 def reference_setting(model_id: str) -> dict:

@@ -168,6 +168,13 @@ class AggregationMethod:
     # What one engine round is for this method, when it is not one iteration of the paper's algorithm (recorded in
     # the results record's method_info, so that comparisons at equal rounds say what they compare).
     round_convention: ClassVar[str] = "one round = one iteration of the paper's algorithm (one communication each way)"
+    # False: `bench run --dp-*` is refused (bench/privacy.py), with `dp_refusal` as the reason. True when what a
+    # client uploads is a function of its DP-SGD-trained factors and of the task alone: then the uploads are
+    # post-processing of the DP mechanism, and so is everything the server computes from them. The client hooks
+    # below see only factors and the task, never the data, so a method meets this unless its clients send
+    # something else computed from their data.
+    supports_dp: ClassVar[bool] = True
+    dp_refusal: ClassVar[str] = ""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))

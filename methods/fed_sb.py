@@ -51,6 +51,9 @@ class FedSB(AggregationMethod):
                 "(not checked here)")
     # its clients train R inside a parametrization of lora_A, which the batched forward's hooks do not apply
     batchable = False
+    supports_dp = False
+    dp_refusal = ("its clients train R inside a parametrization of lora_A, whose per-example gradients Opacus's hooks "
+                  "do not compute; use fedsvd or ffa-lora for DP")
 
     def configure(self, state, client):
         if not state.extra:  # round 1: a plain LoRA round, from peft's init

@@ -26,7 +26,7 @@ from .metrics import AVG, Metric
 from .stats import bootstrap_values
 
 PLOT_NAMES = ("score_vs_rank_heterogeneity", "score_vs_data_heterogeneity", "noise_vs_round",
-              "score_vs_communication", "paired_vs_rank_heterogeneity")
+              "score_vs_communication", "paired_vs_rank_heterogeneity", "privacy_utility")
 # 16 colours × 11 markers (coprime lengths): a study's 14+ methods and references never share a colour and a marker
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"]
@@ -435,6 +435,81 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
         _save(fig, out / stems[ctx], written)
 
 
+# ---------------------------------------------------------------------------------------------- privacy
+
+def privacy_metric(metrics: dict[str, Metric], main: Metric | None) -> Metric | None:
+    """The score a privacy–utility plot shows: the main metric when it is a score (a task), else the task average
+    (accuracy / ROUGE over the tasks), else the main metric (the held-out test loss)."""
+    if main is not None and not main.lower_is_better:
+        return main
+    return metrics.get(AVG.name) or main
+
+
+def privacy_points(rows: list[Row], m: Metric) -> dict[tuple, dict[tuple, dict]]:
+    """context (the fields but DP) -> (method, reference) -> {"dp": {(δ, C, accountant): [(ε, Estimate)]}, "no_dp":
+    Estimate | None}. ε is the spent ε of each record (its largest over clients), mean over the row's seeds.
+    Contexts without a DP row are left out."""
+    out: dict[tuple, dict[tuple, dict]] = {}
+    for r in rows:
+        if r.kind != "run" or m.name not in r.est:
+            continue
+        entry = out.setdefault(_context(r.fields, ("dp",)), {}).setdefault((r.method, r.reference),
+                                                                           {"dp": {}, "no_dp": None})
+        dp = r.setting.get("dp")
+        if not dp:
+            entry["no_dp"] = r.est[m.name]
+            continue
+        spent = [(rec.data.get("privacy") or {}).get("epsilon_max") for rec in r.records]
+        spent = [float(e) for e in spent if isinstance(e, (int, float)) and math.isfinite(e)]
+        if spent:
+            variant = (dp.get("delta"), dp.get("clip_norm"), dp.get("accountant"))
+            entry["dp"].setdefault(variant, []).append((float(np.mean(spent)), r.est[m.name]))
+    return {c: {k: e for k, e in ms.items() if e["dp"]} for c, ms in out.items()
+            if any(e["dp"] for e in ms.values())}
+
+
+def plot_privacy_utility(rows, metrics: dict[str, Metric], main: Metric | None, out, written, skipped):
+    """Score against the spent ε (log scale), one line per method (and δ, C), its non-DP score a dotted level."""
+    name = "privacy_utility"
+    m = privacy_metric(metrics, main)
+    contexts = privacy_points(rows, m) if m is not None else {}
+    if not contexts:
+        skipped.append({"plot": name, "reason": "no run with differential privacy (bench run --dp-epsilon) and a score"})
+        return
+    stems = _file_stems(name, sorted(contexts))
+    methods_all = [r.method for r in rows]
+    for ctx in sorted(contexts):
+        fig, (ax,) = _figure(1)
+        xs = []
+        for (method, reference), entry in sorted(contexts[ctx].items()):
+            st = method_style(method, methods_all, reference)
+            variants = sorted(entry["dp"], key=lambda v: tuple(str(x) for x in v))
+            for vi, variant in enumerate(variants):
+                pts = sorted(entry["dp"][variant], key=lambda p: p[0])
+                x = np.array([p for p, _ in pts])
+                xs += list(x)
+                est = [e for _, e in pts]
+                y = np.array([e.mean for e in est])
+                lo = np.array([e.lo if e.lo is not None else e.mean for e in est])
+                hi = np.array([e.hi if e.hi is not None else e.mean for e in est])
+                delta, clip, acc = variant
+                label = f"{method} (δ={fmt_value(delta)}, C={fmt_value(clip)}, {acc})"
+                ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=st["marker"], color=st["color"],
+                            ls=[st["ls"], ":", "-."][vi % 3] if len(variants) > 1 else st["ls"], lw=1.8, capsize=3,
+                            label=label)
+            if entry["no_dp"] is not None:
+                ax.axhline(entry["no_dp"].mean, color=st["color"], ls=":", lw=1.2, label=f"{method} without DP (ε = ∞)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("ε spent over the run (largest over clients; log scale). Record-level DP inside each client")
+        ax.set_ylabel(_ylabel(m))
+        ax.set_title(m.label, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (95% CI bars)", title_fontsize=8)
+        fig.suptitle(f"Privacy–utility: score vs spent ε\n{_context_text(ctx)}", fontsize=10)
+        _save(fig, out / stems[ctx], written)
+
+
 def _remove_stale(out: Path, written: list[str]) -> list[str]:
     """Delete earlier outputs of these plots that this build did not write (no stale figures)."""
     keep = {Path(p).name for p in written}
@@ -466,5 +541,6 @@ def make_plots(rows: list[Row], comparisons: list, metrics: dict[str, Metric], m
         plot_noise(rows, out, written, skipped)
         plot_communication(rows, score_metrics, out, written, skipped)
         plot_paired(comparisons, diff_metrics, out, written, skipped)
+        plot_privacy_utility(rows, metrics, main, out, written, skipped)
     removed = _remove_stale(out, written)
     return {"files": written, "skipped": skipped, "removed": removed}

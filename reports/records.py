@@ -172,6 +172,11 @@ def validate(rec: dict) -> str | None:
         elif k == "partition" and v is not None:
             if not isinstance(v, dict) or not isinstance(v.get("kind"), str):
                 return "field 'setting.partition' must be an object with a string 'kind'"
+        elif k == "dp" and v is not None:  # a DP run (bench/privacy.py): its spent ε is in the privacy section
+            if not isinstance(v, dict) or v.get("kind") != "dp-sgd" or not _is_num(v.get("delta")):
+                return "field 'setting.dp' must be an object with kind 'dp-sgd' and a number 'delta'"
+            if not _is_num((rec.get("privacy") or {}).get("epsilon_max")):
+                return "missing required field 'privacy.epsilon_max' (a DP run records its spent ε)"
         elif isinstance(v, (dict, list)):
             return f"field 'setting.{k}' must be a scalar, not {type(v).__name__}"
     if kind == "run" and (setting.get("ranks") is None or setting.get("partition") is None):
