@@ -30,6 +30,7 @@ from methods import get_method
 from . import BenchError, data as data_mod, hooks, models
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
+from .compute import resolve_compute_dtype
 from .config import RunConfig, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
@@ -243,6 +244,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
+    compute, compute_reason = resolve_compute_dtype(cfg.compute_dtype, dtype, device)
     out_dtype = export_dtype(cfg.export_dtype)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
     run_id = run_dir.name
@@ -266,6 +268,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     log(f"[bench] run {run_id}: {'reference' if cfg.reference else 'method'}={name} model={plan.model_id} "
         f"dataset={cfg.dataset} ({plan.dataset.origin}) partition={cfg.partition} clients={tcfg.num_clients} "
         f"rounds={tcfg.rounds} device={device} dtype={str(dtype)[6:]}")
+    log(f"[bench] compute dtype {str(compute)[6:]}: {compute_reason}")
     clients_info = []
     for k, shard in enumerate(plan.shards):
         hist = data_mod.label_histogram(plan.dataset, shard)
@@ -411,8 +414,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                                   data_origin=plan.dataset.origin,
                                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                   load_start=load_start),
-            dtypes={"training": str(dtype)[6:], "master": "float32", "export": str(out_dtype)[6:],
-                    "eval": (eval_section or {}).get("dtype")},
+            dtypes={"training": str(dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
+                    "master": "float32", "export": str(out_dtype)[6:], "eval": (eval_section or {}).get("dtype")},
             clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
         if personalized is not None:
             record["personalized"] = personalized
