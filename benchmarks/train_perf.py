@@ -90,11 +90,11 @@ def measure_training(model: str = "default", quick: bool = False, repeats: int |
                 f"{runs[name][-1]['tokens_per_cpu_s']:.1f} tok/CPU-s")
     hidden, inter = base.config.hidden_size, base.config.intermediate_size
     rows = max(len(e["input_ids"]) for k in clients for e in examples[k]) * cfg.micro_batch_size
-    peak = {}
+    peak, big = {}, 1024 if quick else 4096
     for label, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        peak[label] = {"gflops_per_cpu_s_4096_rows": round(matmul_rate(hidden, inter, 4096, dtype=dt, clock=time.process_time), 1),
-                       f"gflops_per_cpu_s_{rows}_rows": round(matmul_rate(hidden, inter, rows, repeats=20, dtype=dt,
-                                                                          clock=time.process_time), 1)}
+        peak[label] = {f"gflops_per_cpu_s_{n}_rows": round(matmul_rate(hidden, inter, n, repeats=r, dtype=dt,
+                                                                       clock=time.process_time), 1)
+                       for n, r in ((big, 2 if quick else 5), (rows, 5 if quick else 20))}
         peak[label]["peak"] = max(peak[label].values())
     med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
     base_wall, base_cpu = med(runs[BASELINE], "tokens_per_s"), med(runs[BASELINE], "tokens_per_cpu_s")
