@@ -190,6 +190,10 @@ def test_views_follow_a_merge(runtime):
     w = layer.base_layer.weight
     with rt.precision.views():
         before = layer.base_layer.weight.clone()
+        ptr = layer.base_layer.weight.data_ptr()
+    with rt.precision.views():  # nothing written: the same view, not a new copy
+        assert layer.base_layer.weight.data_ptr() == ptr
+    assert layer.base_layer.weight.dtype == torch.float32
     a, b = torch.randn(2, w.shape[1]) * 0.1, torch.randn(w.shape[0], 2) * 0.1
     rt.apply_merges({rt.base_round + 1: {name: (a, b)}})
     with rt.precision.views():
