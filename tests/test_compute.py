@@ -1,4 +1,4 @@
-"""Local training's speed paths (issue 23): bfloat16 mixed precision over float32 masters, and length-bucketed
+"""Local training's speed paths: bfloat16 mixed precision over float32 masters, and length-bucketed
 micro-batches. Bucketing must leave the objective alone (the same labelled tokens, the same normalisation, so the
 same gradient); mixed precision must keep the masters, factors and optimizer in float32 and stay close to float32."""
 import dataclasses
