@@ -23,6 +23,9 @@ FIELD_HELP = {
     "method_options": "the method's own options, e.g. split=official (see `bench methods`)",
     "alpha_policy": "shared (every client lora_alpha; s_k = α/r_k) | proportional (α_k = alpha_ratio·r_k; FLoRA's heterogeneous runs)",
     "dtype": "training dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
+    "compute_dtype": "local training's matmuls over float32 storage: float32 (default) | bfloat16 (autocast, float32 "
+                     "masters, factors and AdamW state) | auto (bfloat16 on CPUs with avx512_bf16/amx_bf16): docs/precision.md",
+    "length_buckets": "group each step's examples by length into micro-batches (no compute on padding; same loss): default on",
     "export_dtype": "global model on disk: auto (float32: holds every round's update) | float32 | bfloat16 | float16",
     "save_client_adapters": "audit trail: each client's trained adapter (PEFT folder), its upload and what it received, every round",
     "keep_round_states": "keep the server state after every round in rounds/round_<r>/, not only the last checkpoint",

@@ -23,6 +23,7 @@ import torch
 from methods import ClientTask, Factors
 
 from . import data as data_mod
+from .compute import MixedPrecision, resolve_compute_dtype
 from .config import RunConfig
 from .messages import Reply, TaskMessage
 from .references import resolve_method
@@ -45,7 +46,11 @@ def token_loss(model, batch, device, per_example: bool = False):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "model_type", None) in PLAIN_LM_HEAD:
         hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
-        logits = base.get_output_embeddings()(hidden).float()
+        if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the output layer and its logits in float32
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = base.get_output_embeddings()(hidden.float())
+        else:
+            logits = base.get_output_embeddings()(hidden).float()
         losses = torch.nn.functional.cross_entropy(logits, target[keep], reduction="none")
     else:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -117,6 +122,8 @@ class ClientRuntime:
         for n, m in self.master.items():
             if m is not None:
                 self.master[n] = m.to(spec.device)
+        self.compute_dtype, _ = resolve_compute_dtype(cfg.compute_dtype, spec.dtype, spec.device)
+        self.precision = MixedPrecision(self.model, self.compute_dtype) if self.compute_dtype != spec.dtype else None
         for r in sorted(set(ranks)):
             self._check_scaling(f"r{r}", r)
         self.base_round = 0          # merges of rounds ≤ this are in the base
@@ -292,7 +299,8 @@ class ClientRuntime:
         try:
             return local_train(self.model, self.examples[msg.client_id], self.cfg, msg.train_seed, self.device,
                                self.tokenizer.pad_token_id, params, penalty=lambda: method.client_penalty(live, task),
-                               on_step=(lambda step: self.on_step(msg, step)) if self.on_step else None)
+                               on_step=(lambda step: self.on_step(msg, step)) if self.on_step else None,
+                               precision=self.precision)
         finally:
             for a, b in live.values():
                 a.requires_grad_(True)
@@ -327,12 +335,21 @@ class ClientRuntime:
 
 
 def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, pad_id: int, params: list,
-                penalty=None, on_step=None) -> dict:
-    """Local training: AdamW over `params`, gradient accumulation, mean loss on labelled tokens (+ penalty())."""
+                penalty=None, on_step=None, precision: MixedPrecision | None = None) -> dict:
+    """Local training: AdamW over `params`, gradient accumulation, mean loss on labelled tokens (+ penalty()).
+
+    precision: bfloat16 forwards and backwards over the float32 model (bench/compute.py); the penalty and the
+    optimizer step stay in float32."""
     from . import privacy
 
     if privacy.enabled(cfg):  # DP-SGD: Poisson batches, per-example clipping, Gaussian noise (bench/privacy.py)
         return privacy.dp_local_train(model, examples, cfg, seed, device, pad_id, params, penalty, on_step)
+    with precision.views() if precision is not None else contextlib.nullcontext():
+        return _local_train(model, examples, cfg, seed, torch.device(device), pad_id, params, penalty, on_step, precision)
+
+
+def _local_train(model, examples, cfg, seed, device, pad_id, params, penalty, on_step, precision) -> dict:
+    forward = (lambda: precision.autocast(device.type)) if precision is not None else contextlib.nullcontext
     model.train()
     torch.manual_seed(seed)  # dropout
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if params else None
@@ -345,15 +362,8 @@ def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, 
         while len(stream) < cfg.batch_size:
             stream.extend(rng.permutation(n).tolist())
         batch, stream = stream[: cfg.batch_size], stream[cfg.batch_size:]
-        micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
-        encoded = [data_mod.collate([examples[j] for j in m], pad_id) for m in micro]
-        n_tok = sum(int((e[1][:, 1:] != -100).sum()) for e in encoded)
-        step_loss = 0.0
-        for enc in encoded:  # sum / tokens-in-the-whole-batch: accumulation equals one big batch
-            loss, _ = token_loss(model, enc, device)
-            if opt is not None:
-                (loss / max(n_tok, 1)).backward()
-            step_loss += loss.item()
+        step_loss, n_tok, step_tokens = accumulate_step(model, [examples[j] for j in batch], cfg, device, pad_id,
+                                                        forward, backward=opt is not None)
         extra = penalty() if penalty is not None and opt is not None else None
         if extra is not None:
             extra.backward()
@@ -361,12 +371,36 @@ def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, 
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(step_loss / max(n_tok, 1))
-        tokens += sum(int(e[2].sum()) for e in encoded)
+        tokens += step_tokens
         if on_step is not None:  # the engine's signal check and test hooks; may raise
             on_step(len(losses))
     del opt
     return {"loss": float(np.mean(losses)), "first_loss": losses[0], "last_loss": losses[-1], "steps": steps,
             "tokens": tokens}
+
+
+def micro_batches(batch: list[dict], cfg: RunConfig) -> list[list[int]]:
+    """Positions of a step's examples in each micro-batch: grouped by length, or in draw order."""
+    if cfg.length_buckets:
+        return data_mod.length_buckets([len(e["input_ids"]) for e in batch], cfg.micro_batch_size)
+    return [list(range(i, min(i + cfg.micro_batch_size, len(batch)))) for i in range(0, len(batch), cfg.micro_batch_size)]
+
+
+def accumulate_step(model, batch: list[dict], cfg: RunConfig, device, pad_id: int, forward=contextlib.nullcontext,
+                    backward: bool = True) -> tuple[float, int, int]:
+    """One step's gradients, accumulated over its micro-batches: Σ token losses / the labelled tokens of the whole
+    step, so that any grouping into micro-batches gives one big batch's gradient. Returns (the summed token loss,
+    the labelled tokens, the tokens computed without padding)."""
+    encoded = [data_mod.collate([batch[i] for i in m], pad_id) for m in micro_batches(batch, cfg)]
+    n_tok = sum(int((e[1][:, 1:] != -100).sum()) for e in encoded)
+    step_loss = 0.0
+    for enc in encoded:
+        with forward():
+            loss, _ = token_loss(model, enc, device)
+        if backward:
+            (loss / max(n_tok, 1)).backward()
+        step_loss += loss.item()
+    return step_loss, n_tok, sum(int(e[2].sum()) for e in encoded)
 
 
 class BaseOutOfSync(Exception):

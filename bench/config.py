@@ -24,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "predefined")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "explicit")
 PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # bench/compute.py resolves them
 ALPHA_POLICIES = ("shared", "proportional")
 ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
 REFERENCES = ("base", "centralized", "local-only")
@@ -62,6 +63,9 @@ class RunConfig:
     cutoff_len: int = 256
     prompt_template: str = "alpaca"
     train_on_inputs: bool = False
+    # each step's examples go into micro-batches grouped by length (≤ micro_batch_size each), so that no micro-batch
+    # computes much padding; the step's examples, its loss and its normalisation are the same either way
+    length_buckets: bool = True
     # LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -97,6 +101,9 @@ class RunConfig:
     # run
     seed: int = 0
     dtype: str = "auto"          # training dtype (auto: bfloat16 on CUDA, float32 on CPU)
+    # what local training's matmuls run in over float32 storage: float32, or bfloat16 autocast with float32 masters,
+    # factors and optimizer state; auto: bfloat16 on CPUs with avx512_bf16/amx_bf16 (bench/compute.py)
+    compute_dtype: str = "float32"
     export_dtype: str = "auto"   # the global model's dtype on disk (auto: float32, which holds every round's update)
     device: str = "auto"
     engine: str = "inprocess"
@@ -156,7 +163,8 @@ class RunConfig:
 # skip-what-is-done) still match the same experiment
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
                          "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
-                         "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp"}
+                         "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp",
+                         "compute_dtype": "float32", "length_buckets": True}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -356,6 +364,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
     need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.compute_dtype in COMPUTE_DTYPES, f"compute_dtype: unknown {cfg.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+    need(cfg.compute_dtype != "bfloat16" or cfg.dtype in ("auto", "float32", "bfloat16"),
+         f"compute_dtype: bfloat16 compute needs float32 or bfloat16 storage, got dtype {cfg.dtype}; set --dtype float32")
     need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
     need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")

@@ -383,6 +383,32 @@ def _prompt_with_shorter_input(rec: dict, template: str, tokenizer, budget: int)
     return prompt_ids
 
 
+MICRO_BATCH_OVERHEAD = 16   # a micro-batch's fixed cost (dispatch of every layer's ops, fwd + bwd), in tokens
+
+
+def length_buckets(lengths: list[int], max_size: int, overhead: int = MICRO_BATCH_OVERHEAD) -> list[list[int]]:
+    """Positions of one step's examples grouped into micro-batches of at most max_size, by length.
+
+    Right-padded, a micro-batch computes size × its longest length. Over the examples sorted by length, the
+    grouping into runs that minimises the padded tokens plus `overhead` per micro-batch is found exactly (a
+    dynamic programme over run boundaries). Each micro-batch keeps its examples in their drawn order, so a step
+    whose best grouping is the draw order's is unchanged.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_size), j):
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return sorted(groups)
+
+
 def collate(batch: list[dict], pad_id: int):
     import torch
 

@@ -30,6 +30,7 @@ from methods import get_method
 from . import BenchError, data as data_mod, hooks, models, privacy
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
+from .compute import resolve_compute_dtype
 from .config import RunConfig, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
@@ -244,6 +245,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
+    compute, compute_reason = resolve_compute_dtype(cfg.compute_dtype, dtype, device)
     out_dtype = export_dtype(cfg.export_dtype)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
     run_id = run_dir.name
@@ -267,6 +269,7 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     log(f"[bench] run {run_id}: {'reference' if cfg.reference else 'method'}={name} model={plan.model_id} "
         f"dataset={cfg.dataset} ({plan.dataset.origin}) partition={cfg.partition} clients={tcfg.num_clients} "
         f"rounds={tcfg.rounds} device={device} dtype={str(dtype)[6:]}")
+    log(f"[bench] compute dtype {str(compute)[6:]}: {compute_reason}")
     clients_info = []
     for k, shard in enumerate(plan.shards):
         hist = data_mod.label_histogram(plan.dataset, shard)
@@ -415,8 +418,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                                   data_origin=plan.dataset.origin,
                                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                   load_start=load_start),
-            dtypes={"training": str(dtype)[6:], "master": "float32", "export": str(out_dtype)[6:],
-                    "eval": (eval_section or {}).get("dtype")},
+            dtypes={"training": str(dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
+                    "master": "float32", "export": str(out_dtype)[6:], "eval": (eval_section or {}).get("dtype")},
             clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
         if personalized is not None:
             record["personalized"] = personalized
@@ -457,8 +460,12 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
         return False
     from . import privacy
 
-    why = ("DP-SGD clips and noises each client's per-example gradients one client at a time"
-           if privacy.enabled(cfg) else refusal(get_method(cfg.method, cfg.method_options)))
+    if privacy.enabled(cfg):
+        why = "DP-SGD clips and noises each client's per-example gradients one client at a time"
+    elif cfg.compute_dtype != "float32" and device.type == "cpu":
+        why = f"compute_dtype {cfg.compute_dtype} (autocast over float32 masters) is applied by the sequential path only"
+    else:
+        why = refusal(get_method(cfg.method, cfg.method_options))
     if why:
         log(f"[bench] client_batching: {why}; its clients train one by one")
         return False

@@ -1,12 +1,15 @@
-"""`bench perf`: aggregation speed, memory per client, engine loop overhead and (with CUDA) GPU throughput.
+"""`bench perf`: aggregation speed, memory per client, engine loop overhead, local training speed and (with CUDA)
+GPU throughput.
 
     bench perf                                   # everything, results/perf/perf.json + perf.md
     bench perf --quick                           # CI-sized
     bench perf --only memory,overhead --model tiny-random-llama --out /tmp/perf
     bench perf --only svd                        # the top-R SVD alone: K = 10, 50, 100 at 4096² and 4096×11008
+    bench perf --only training                   # the study preset's local training: float32 padded vs bf16, buckets
 
 Each measure is reported as a ratio against a baseline measured by the same `bench perf` process
-(memory: the 1-client run; overhead: a bare peft loop; aggregation: the dense-SVD FlexLoRA path).
+(memory: the 1-client run; overhead: a bare peft loop; aggregation: the dense-SVD FlexLoRA path; training: today's
+float32 padded local training).
 Speed is measured here and never asserted in tests.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("aggregation", "svd", "memory", "overhead", "gpu", "clients", "flower")
+SECTIONS = ("aggregation", "svd", "memory", "overhead", "training", "gpu", "clients", "flower")
 SCHEMA = "fedlora-bench/perf/1"
 
 
@@ -32,7 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="default",
                    help="model for memory and overhead (default: SmolLM2-135M-Instruct; tiny-random-llama for smoke runs)")
     p.add_argument("--method", default="flora", help="aggregation method of the memory and overhead runs (default: flora)")
-    p.add_argument("--repeats", type=int, default=None, help="engine/bare pairs in the overhead measure (default: 3, quick: 2)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="engine/bare pairs in the overhead measure (default: 3, quick: 2); passes over the training variants (default: 3, quick: 1)")
     p.add_argument("--memory-clients", default="1,5,20", metavar="N,N,...",
                    help="client counts of the memory runs; the first is the baseline (default: 1,5,20)")
 
@@ -120,6 +124,10 @@ def main(args) -> int:
                 r = engine_perf.measure_memory(args.model, args.method, clients=mem_clients, log=log)
             elif section == "overhead":
                 r = engine_perf.measure_overhead(args.model, args.method, quick=args.quick, repeats=args.repeats, log=log)
+            elif section == "training":  # benchmarks/train_perf.py
+                from . import train_perf
+
+                r = train_perf.measure_training(args.model, quick=args.quick, repeats=args.repeats, log=log)
             elif section == "clients":  # a round's clients batched vs sequential (benchmarks/clients_perf.py)
                 from . import clients_perf
 
@@ -223,6 +231,10 @@ def to_markdown(r: dict) -> str:
                                 f"peak {_fmt(a['peak_bf16_tflops'])} TFLOP/s | MFU {_fmt(t['mfu'])} | – | – |")
         else:
             rows.append(f"| gpu | {a.get('reason', a['status'])} | – | – | – | – |")
+    if "training" in s:
+        from .train_perf import markdown_rows as training_rows
+
+        rows += training_rows(s["training"])
     if "clients" in s:
         from .clients_perf import summary_rows
 
@@ -259,6 +271,10 @@ def to_markdown(r: dict) -> str:
         for i, (e, bare) in enumerate(zip(a["engine_runs"], a["bare_runs"])):
             lines.append(f"| {i + 1} | {e['tokens_per_s']:.1f} | {e['train_tokens_per_s']:.1f} | {bare['tokens_per_s']:.1f} | {a['pair_ratios'][i]:.3f} |")
         lines.append("")
+    if "training" in s:
+        from .train_perf import markdown_section
+
+        lines += markdown_section(s["training"])
     if "gpu" in s and s["gpu"]["status"] == "ok":
         a = s["gpu"]
         lines += [f"## GPU: {a['device']}", "", f"MFU convention: {a['mfu_convention']}.", "",

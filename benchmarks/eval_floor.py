@@ -106,18 +106,19 @@ def fewest(counts: dict) -> int:
     return min(v for k, v in counts.items() if k == "prompt_tokens" or k.startswith(("per_", "prefix_", "context_")))
 
 
-def matmul_rate(hidden: int, inter: int, tokens: int = 4096, repeats: int = 5) -> float:
-    """Best float32 GFLOP/s over the model's projection shapes at a `tokens`-row batch."""
+def matmul_rate(hidden: int, inter: int, tokens: int = 4096, repeats: int = 5, dtype=None, clock=time.perf_counter) -> float:
+    """Best GFLOP/s (float32 unless dtype) over the model's projection shapes at a `tokens`-row batch, per second of
+    `clock` (time.process_time: per CPU-second, what a shared machine leaves comparable)."""
     import torch
 
     best = 0.0
     for k, n in ((hidden, hidden), (hidden, inter), (inter, hidden)):
-        a, b = torch.randn(tokens, k), torch.randn(k, n)
+        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(repeats):
             a @ b
-        best = max(best, 2 * tokens * k * n * repeats / (time.perf_counter() - t0) / 1e9)
+        best = max(best, 2 * tokens * k * n * repeats / (clock() - t0) / 1e9)
     return best
 
 

@@ -104,3 +104,26 @@ def test_gpu_fallback_config_is_the_default_models_architecture():
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "tie_word_embeddings"):
         assert ours[key] == real[key], key
+
+
+def test_perf_training_smoke(tmp_path, shared_data, monkeypatch):
+    """`bench perf --only training` on the tiny model: every variant measured on the same examples, the ratios and
+    the matmul peaks recorded; the bucketed and padded float32 variants train the same objective."""
+    monkeypatch.setenv("BENCH_DATA_ROOT", str(shared_data))
+    out = tmp_path / "perf"
+    rc = bench_main(["perf", "--quick", "--only", "training", "--model", "tiny-random-llama", "--out", str(out)])
+    assert rc == 0
+    t = json.loads((out / "perf.json").read_text())["sections"]["training"]
+    assert t["status"] == "ok", t
+    from benchmarks.train_perf import BASELINE, VARIANTS
+
+    assert list(t["variants"]) == list(VARIANTS) and t["variants"][BASELINE]["ratio_cpu"] == 1.0
+    assert len({r["tokens"] for runs in t["runs"].values() for r in runs}) == 1   # same examples in every variant
+    for v in t["variants"].values():
+        assert v["tokens_per_s_median"] > 0 and v["tokens_per_cpu_s_median"] > 0 and v["pct_of_own_dtype_peak"] > 0
+    assert t["matmul_peak"]["float32"]["peak"] > 0 and t["matmul_peak"]["bfloat16"]["peak"] > 0
+    padded, bucketed = t["variants"][BASELINE]["first_losses"], t["variants"]["length buckets"]["first_losses"]
+    assert padded == bucketed
+    assert isinstance(t["meets_goal"], bool) and t["git_commit"]
+    md = (out / "perf.md").read_text()
+    assert "| training (study): bfloat16 + buckets |" in md and "## Local training (tiny-random-llama" in md

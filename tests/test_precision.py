@@ -39,7 +39,8 @@ def bf16_runs(tmp_path_factory, shared_data):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_bf16_export_holds_every_rounds_update(bf16_runs, method):
     rec = bf16_runs[method]
-    assert rec["dtypes"] == {"training": "bfloat16", "master": "float32", "export": "float32", "eval": None}
+    assert rec["dtypes"] == {"training": "bfloat16", "compute": "bfloat16", "master": "float32", "export": "float32",
+                             "eval": None, "compute_reason": "storage dtype bfloat16: compute in the storage dtype"}
     report = replay(rec["run_dir"])
     assert all(r["init_rel_err"] <= 1e-6 and r["merge_rel_err"] <= 1e-6 for r in report["rounds"]), report
     ex = report["export_rel_err"]

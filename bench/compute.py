@@ -1,0 +1,136 @@
+"""The compute dtype: what local training's forward and backward run in, distinct from the storage dtype.
+
+`compute_dtype: bfloat16` over float32 storage is mixed precision: the matmuls of the forward and backward run
+in bfloat16 (torch.autocast), while the base weights (the float32 masters that receive merges), the LoRA factors,
+their gradients and AdamW's state stay float32. On a CPU with AVX512-BF16 or AMX a bfloat16 matmul on the
+model's shapes is several times a float32 one; elsewhere bfloat16 runs emulated and slower, so `auto` picks it
+only where /proc/cpuinfo lists avx512_bf16 or amx_bf16 (on CUDA, `auto` follows the storage dtype).
+
+Three things keep mixed precision both exact to its definition and fast (docs/precision.md):
+- the frozen base Linear weights get bfloat16 views, made once and re-made only for a weight that changed (a
+  merge bumps its version counter). autocast would round the same float32 weight to the same bfloat16 value on
+  every forward; the view skips that copy of the whole model per micro-batch;
+- attention runs in float32 (q, k, v up-cast): the CPU's bfloat16 attention backward is ~3x slower than float32;
+- the output layer (tied to the input embeddings) is left to the caller, which runs it in float32 on the few
+  labelled positions (bench/client.py token_loss).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from . import BenchError
+from .config import COMPUTE_DTYPES
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementation registered below
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The CPU flags that make bfloat16 matmuls fast here (empty: none, or no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def resolve_compute_dtype(name: str, storage: torch.dtype, device: torch.device,
+                          cpuinfo: str = "/proc/cpuinfo") -> tuple[torch.dtype, str]:
+    """(compute dtype, why) for a requested compute dtype over the storage dtype on a device."""
+    if name not in COMPUTE_DTYPES:
+        raise BenchError(f"compute_dtype: unknown {name!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+    if storage != torch.float32:
+        if name == "bfloat16" and storage != torch.bfloat16:
+            raise BenchError(f"compute_dtype: bfloat16 compute needs float32 or bfloat16 storage, got dtype "
+                             f"{str(storage)[6:]}; set --dtype float32")
+        return storage, f"storage dtype {str(storage)[6:]}: compute in the storage dtype"
+    if name == "float32":
+        return torch.float32, "requested"
+    if name == "bfloat16":
+        return torch.bfloat16, "requested (bfloat16 autocast over float32 masters)"
+    if device.type != "cpu":
+        return torch.float32, f"auto on {device.type}: compute in the storage dtype (float32)"
+    flags = cpu_bf16_flags(cpuinfo)
+    if flags:
+        return torch.bfloat16, f"auto: this CPU has {', '.join(flags)} (bfloat16 autocast over float32 masters)"
+    return torch.float32, "auto: this CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be slower; float32"
+
+
+def _register_float32_attention() -> bool:
+    """Register FLOAT32_ATTENTION with transformers: sdpa with q, k, v in float32 (False: not supported here)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        with torch.autocast(query.device.type, enabled=False):  # autocast would cast sdpa's inputs back down
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                  attention_mask, **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register(FLOAT32_ATTENTION, attention)
+    AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
+    return True
+
+
+class MixedPrecision:
+    """bfloat16 autocast for a model's training calls, with cached bfloat16 views of its frozen Linear weights.
+
+    Build it once per model, after peft has frozen the base (the LoRA factors are never viewed). Inside
+    `views()` the bfloat16 views stand in for the float32 weights, which come back when it exits: there the
+    model's forward runs only under `autocast()` (the backward after it, outside), and nothing writes the base.
+    """
+
+    def __init__(self, model, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = base.config
+        # the embeddings are a lookup (no autocast) and the output layer runs in float32 (token_loss)
+        tied = {id(m.weight) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None}
+        self.modules = [m for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+                        and not m.weight.requires_grad and id(m.weight) not in tied]
+        self._views: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(module) -> (the master's stamp, its view)
+        self.float32_attention = (getattr(self.config, "_attn_implementation", None) == "sdpa"
+                                  and _register_float32_attention())
+
+    def _view(self, module) -> torch.Tensor:
+        """The weight's bfloat16 view, re-made when the weight was written (a merge bumps its version) or moved."""
+        w = module.weight
+        stamp = (w._version, w.data_ptr(), w.device)
+        seen, view = self._views.get(id(module), (None, None))
+        if seen != stamp:
+            view = w.detach().to(self.dtype)
+            self._views[id(module)] = (stamp, view)
+        return view
+
+    def autocast(self, device_type: str):
+        return torch.autocast(device_type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def views(self):
+        masters = [m.weight.data for m in self.modules]
+        attn = self.config._attn_implementation
+        try:
+            for m in self.modules:
+                m.weight.data = self._view(m)
+            if self.float32_attention:
+                self.config._attn_implementation = FLOAT32_ATTENTION
+            yield
+        finally:
+            for m, w in zip(self.modules, masters):
+                m.weight.data = w
+            self.config._attn_implementation = attn
+
+    def note(self) -> str:
+        return (f"{len(self.modules)} frozen Linear weights as cached {str(self.dtype)[6:]} views; attention in "
+                f"{'float32' if self.float32_attention else str(self.dtype)[6:]}; output layer float32")
