@@ -85,6 +85,8 @@ class RunConfig:
     eval_num_fewshot: int | None = None
     eval_dtype: str = "auto"
     eval_seed: int = 0                   # picks --eval-limit subsets; fixed across training seeds, so scores pair by example
+    eval_allow_code_execution: bool = False   # consent for code tasks (humaneval): model-written code in the sandbox
+    eval_humaneval_form: str = "auto"    # humaneval as lm-eval's completion or instruct task; auto: by chat template
     # reference rows (instead of a federated method): base (no training), centralized (one client with the
     # pooled data, the largest rank, the same total steps), local-only (each client trains alone, nothing shared)
     reference: str | None = None
@@ -148,7 +150,8 @@ class RunConfig:
 # a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
 # skip-what-is-done) still match the same experiment
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
-                         "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test"}
+                         "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test",
+                         "eval_allow_code_execution": False, "eval_humaneval_form": "auto"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -347,6 +350,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.max_update_norm is None or cfg.max_update_norm > 0, f"max_update_norm: must be > 0, got {cfg.max_update_norm}")
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
     need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.eval_humaneval_form in ("auto", "completion", "instruct"),
+         f"eval_humaneval_form: unknown {cfg.eval_humaneval_form!r}; choose one of auto, completion, instruct")
     need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")

@@ -7,8 +7,9 @@
 evaluators.cli (add_arguments / main). Code execution (humaneval) happens only in evaluators.sandbox and
 only with allow_code_execution=True.
 """
-from .core import (COMMONSENSE, KNOWN_TASKS, TASK_GROUPS, default_backend, evaluate, expand_tasks,
-                   validate_tasks)
+from .cli import summary_table
+from .core import (COMMONSENSE, KNOWN_TASKS, TASK_GROUPS, check_code_consent, default_backend, evaluate,
+                   expand_tasks, validate_tasks)
 
-__all__ = ["evaluate", "expand_tasks", "validate_tasks", "TASK_GROUPS", "KNOWN_TASKS", "COMMONSENSE",
-           "default_backend"]
+__all__ = ["evaluate", "expand_tasks", "validate_tasks", "check_code_consent", "summary_table", "TASK_GROUPS",
+           "KNOWN_TASKS", "COMMONSENSE", "default_backend"]
