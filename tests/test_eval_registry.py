@@ -185,3 +185,65 @@ def test_request_cache_counts_generation_answers(offline_data_env, tmp_path):
     assert first["request_cache"]["requests"] == again["request_cache"]["requests"] == 2
     assert first["request_cache"]["answered_from_cache"] == 0 and again["request_cache"]["answered_from_cache"] == 2
     assert first["tasks"]["gsm8k"]["value"] == again["tasks"]["gsm8k"]["value"]
+
+
+# --------------------------------------------------------------------------------------------- HumanEval's forms
+def test_humaneval_form_follows_the_chat_template(tmp_path):
+    from bench.models import resolve_model
+
+    model = resolve_model("tiny-random-llama")[0]  # the default model's tokenizer: ChatML template
+    assert core.has_chat_template(model) and not core.has_chat_template(str(tmp_path))
+    names = ["humaneval", "humaneval_10", "piqa"]
+    assert core.task_forms(names, "auto", True) == {"humaneval": "humaneval_instruct",
+                                                    "humaneval_10": "humaneval_instruct_10", "piqa": "piqa"}
+    assert core.task_forms(names, "auto", False) == {n: n for n in names}
+    assert core.task_forms(names, "completion", True) == {n: n for n in names}
+    assert core.task_forms(["humaneval"], "instruct", False) == {"humaneval": "humaneval_instruct"}
+    with pytest.raises(BenchError, match="humaneval-form: unknown 'chat'"):
+        core.task_forms(names, "chat", True)
+
+
+def test_pass_at_k_from_sampled_programs(monkeypatch):
+    """10 programs, 3 of them correct: pass@1 = 3/10, pass@10 = 1; none correct: both 0 (the sandbox runs each)."""
+    from evaluators.tasks import loaders
+
+    monkeypatch.setenv(loaders.ALLOW_ENV, "1")
+    doc = next(iter(loaders.load_humaneval()["test"]))
+    good, bad = doc["prompt"] + doc["canonical_solution"], doc["prompt"] + "    return None\n"
+    out = loaders.humaneval_process_results(doc, [[good] * 3 + [bad] * 7])
+    assert out == {"pass@1": pytest.approx(0.3), "pass@10": 1.0}
+    assert loaders.humaneval_process_results(doc, [[bad] * 10]) == {"pass@1": 0.0, "pass@10": 0.0}
+    assert loaders.humaneval_process_results(doc, [[good]]) == {"pass@1": 1.0}
+
+
+def test_humaneval_instruct_and_sampled_run_on_a_model(tmp_path, monkeypatch):
+    """On a model with a chat template, `humaneval` is scored in lm-eval's instruct form (ChatML prompt ending in
+    the "```python" prefix and the problem) and the record names the variant; humaneval_10 samples 10 programs."""
+    from bench.models import resolve_model
+
+    monkeypatch.setenv("FEDLORA_HUMANEVAL_MAX_GEN_TOKS", "8")
+    model = resolve_model("tiny-random-llama")[0]
+    section = evaluate(model, "humaneval,humaneval_10", backend="hf", limit=1, allow_code_execution=True,
+                       out_dir=str(tmp_path))
+    he, he10 = section["tasks"]["humaneval"], section["tasks"]["humaneval_10"]
+    assert he["variant"] == "humaneval_instruct" and he10["variant"] == "humaneval_instruct_10"
+    assert "scored as humaneval_instruct" in he["notes"] and he["metric"] == "pass@1"
+    sample = json.loads(Path(he["samples"]).read_text().splitlines()[0])
+    assert sample["prompt"].startswith("<|im_start|>") and "Write a solution to the following problem" in sample["prompt"]
+    # lm-eval's gen_prefix "...```python\n{{ prompt }}\n" after the assistant turn's start
+    assert sample["prompt"].endswith("<|im_start|>assistant\nHere is the completed function:\n```python\n"
+                                     + sample["doc"]["prompt"] + "\n")
+    assert he10["metric"] == "pass@10" and set(he10["metrics"]) >= {"pass@1", "pass@10"}
+    s10 = json.loads(Path(he10["samples"]).read_text().splitlines()[0])
+    texts = _strings(s10["resps"])
+    assert len(texts) == 10 and len(set(texts)) > 1  # sampled at temperature 0.8, not one greedy answer
+    plain = evaluate(model, "humaneval", backend="hf", limit=1, allow_code_execution=True, humaneval_form="completion",
+                     out_dir=str(tmp_path / "completion"))["tasks"]["humaneval"]
+    first = json.loads(Path(plain["samples"]).read_text().splitlines()[0])
+    assert plain["variant"] == "humaneval" and first["prompt"] == first["doc"]["prompt"]
+
+
+def _strings(x) -> list[str]:
+    if isinstance(x, (list, tuple)):
+        return [s for v in x for s in _strings(v)]
+    return [x] if isinstance(x, str) else []
