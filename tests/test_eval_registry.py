@@ -247,3 +247,27 @@ def _strings(x) -> list[str]:
     if isinstance(x, (list, tuple)):
         return [s for v in x for s in _strings(v)]
     return [x] if isinstance(x, str) else []
+
+
+# --------------------------------------------------------------------------------------------- the code track
+def test_code_preset_runs_and_records_humaneval_pass_at_k(tmp_path, monkeypatch, offline_data_env, capsys):
+    """`bench run --preset code --method flexlora`: clients train on CodeAlpaca, the record carries HumanEval pass@1
+    (instruct form) and pass@10, and the run ends with the summary table. Without the preset's consent to run
+    model-written code the run is refused before any training."""
+    from bench.cli import main as bench_main
+
+    monkeypatch.setenv("FEDLORA_HUMANEVAL_MAX_GEN_TOKS", "4")
+    common = ["run", "--preset", "code", "--method", "flexlora", "--model", "tiny-random-llama", "--eval-limit", "1",
+              "--eval-backend", "hf", "--max-examples-per-client", "8", "--test-limit", "4",
+              "--results-dir", str(tmp_path / "results")]
+    assert bench_main([*common, "--no-eval-allow-code-execution", "--output-dir", str(tmp_path / "refused")]) == 2
+    assert "allow-code-execution" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert bench_main([*common, "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert record["config"]["dataset"] == "codealpaca" and record["method"] == "flexlora"
+    he, he10 = record["eval"]["tasks"]["humaneval"], record["eval"]["tasks"]["humaneval_10"]
+    assert he["metric"] == "pass@1" and he["variant"] == "humaneval_instruct" and he["n"] == 1
+    assert he10["metric"] == "pass@10" and "pass@1" in he10["metrics"] and he10["variant"] == "humaneval_instruct_10"
+    table = out[out.index("task "):]
+    assert "humaneval (humaneval_instruct)" in table and "pass@10" in table
