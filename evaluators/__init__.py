@@ -1,4 +1,6 @@
-"""fedlora-bench evaluators: lm-eval tasks (hub or offline YAML from the data root) x backend (hf | vllm).
+"""fedlora-bench evaluators: lm-eval tasks (hub or offline YAML from the data root) x backend (hf | vllm | openai).
+
+Tasks are registered from their YAMLs (evaluators/tasknames.py), backends by name (evaluators/backends/).
 
     from evaluators import evaluate, expand_tasks, validate_tasks, TASK_GROUPS
     section = evaluate("runs/x/global_model", expand_tasks("commonsense,gsm8k"), limit=50)
