@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 NOBODY = 65534
 BOOT_TIMEOUT_S = 120.0  # the interpreter's start-up before the program runs (namespaces, uid drop, preimports)
@@ -269,7 +270,9 @@ def run_program(code: str, *, timeout: float = 6.0, memory_mb: int = 1024, cpu_s
 def _wait_for_program(proc: subprocess.Popen, started_marker: str, timeout: float) -> tuple[int | None, float | None]:
     """(exit code, when the program started): the code is None when the program ran longer than `timeout` seconds
     of wall clock after it started (the boot writes `started_marker` just before the program's first line), or
-    the start-up outlasted BOOT_TIMEOUT_S."""
+    the start-up outlasted BOOT_TIMEOUT_S. A program that has ended (its process a zombie: the PID namespace is
+    being torn down, which took seconds on a loaded machine) is waited for, not timed out; its exit code still
+    comes from the process itself."""
     boot_deadline = time.monotonic() + BOOT_TIMEOUT_S
     started = None
     while True:
@@ -282,8 +285,23 @@ def _wait_for_program(proc: subprocess.Popen, started_marker: str, timeout: floa
             started = now
         if rc is not None:
             return rc, started
-        if now > (started + timeout if started is not None else boot_deadline):
+        if now > boot_deadline or (started is not None and now > started + timeout and _program_alive(proc.pid)):
             return None, started
+
+
+def _program_alive(pid: int) -> bool:
+    """Whether the sandboxed program still runs: with a PID namespace it is the boot process's child (PID 1 there),
+    else the boot process itself; a zombie has ended."""
+    def state(p: int) -> str:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return "X"
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        children = []
+    return any(state(c) not in "ZX" for c in children) or (not children and state(pid) not in "ZX")
 
 
 def _kill_group(pgid: int) -> None:
