@@ -17,7 +17,10 @@ FIELD_HELP = {
     "ranks": "explicit per-client ranks, e.g. 64,32,16,16,8,8,4,4,4,4",
     "rank_distribution": "homo | uniform | heavy-tail-light | heavy-tail-strong | normal | explicit",
     "rank_set": "ranks the distribution draws from, e.g. 4,8,16,32",
-    "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks, also mmlu_stem etc. (empty: no evaluation)",
+    "eval_tasks": "mmlu,gsm8k,humaneval,commonsense or single tasks, also mmlu_stem etc. (empty: no evaluation); "
+                  "see `bench eval --help`",
+    "eval_allow_code_execution": "consent for code tasks (humaneval*): model-written code runs in evaluators.sandbox",
+    "eval_humaneval_form": "auto (instruct when the model has a chat template) | completion | instruct",
     "eval_dtype": "auto | float32 | bfloat16 | float16 for scoring (auto: float32 on CPU, bfloat16 on GPU)",
     "max_update_norm": "exclude a client update whose ‖s·B·A‖_F exceeds this",
     "method_options": "the method's own options, e.g. split=official (see `bench methods`)",
@@ -79,14 +82,17 @@ def cmd_run(args) -> int:
     from .evaluator import evaluator_for
     from .flower.launch import run_engine, wants_flower
 
+    evaluator = evaluator_for(cfg)
     if wants_flower(cfg, args):  # Flower's simulation or a SuperLink (bench/flower/)
-        run_engine(cfg, args, evaluator_for(cfg))
-        return 0
-    try:
-        run_federated(cfg, resume=args.resume, evaluator=evaluator_for(cfg))
-    except Interrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return 130
+        record = run_engine(cfg, args, evaluator)
+    else:
+        try:
+            record = run_federated(cfg, resume=args.resume, evaluator=evaluator)
+        except Interrupted as exc:
+            print(f"interrupted: {exc}", file=sys.stderr)
+            return 130
+    if evaluator is not None and (record or {}).get("eval"):  # last, after lm-eval's progress output
+        print(evaluator.summary_table(record["eval"]))
     return 0
 
 

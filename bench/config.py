@@ -95,6 +95,8 @@ class RunConfig:
     eval_num_fewshot: int | None = None
     eval_dtype: str = "auto"
     eval_seed: int = 0                   # picks --eval-limit subsets; fixed across training seeds, so scores pair by example
+    eval_allow_code_execution: bool = False   # consent for code tasks (humaneval): model-written code in the sandbox
+    eval_humaneval_form: str = "auto"    # humaneval as lm-eval's completion or instruct task; auto: by chat template
     # reference rows (instead of a federated method): base (no training), centralized (one client with the
     # pooled data, the largest rank, the same total steps), local-only (each client trains alone, nothing shared)
     reference: str | None = None
@@ -164,7 +166,8 @@ class RunConfig:
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
                          "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
                          "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp",
-                         "compute_dtype": "float32", "length_buckets": True}
+                         "compute_dtype": "float32", "length_buckets": True,
+                         "eval_allow_code_execution": False, "eval_humaneval_form": "auto"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -363,6 +366,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.max_update_norm is None or cfg.max_update_norm > 0, f"max_update_norm: must be > 0, got {cfg.max_update_norm}")
     need(cfg.eval_limit is None or cfg.eval_limit >= 1, f"eval_limit: must be ≥ 1, got {cfg.eval_limit}")
     need(cfg.eval_dtype in DTYPES, f"eval_dtype: unknown {cfg.eval_dtype!r}; choose one of {', '.join(DTYPES)}")
+    need(cfg.eval_humaneval_form in ("auto", "completion", "instruct"),
+         f"eval_humaneval_form: unknown {cfg.eval_humaneval_form!r}; choose one of auto, completion, instruct")
     need(cfg.dtype in DTYPES, f"dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.compute_dtype in COMPUTE_DTYPES, f"compute_dtype: unknown {cfg.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     need(cfg.compute_dtype != "bfloat16" or cfg.dtype in ("auto", "float32", "bfloat16"),

@@ -30,7 +30,8 @@ SOURCES = {
                           fields={"instruction": "instruction", "input": "context", "output": "response", "label": "category"}),
     "gsm8k": dict(hub=("openai/gsm8k", "main"), train="gsm8k/train.jsonl", test="gsm8k/test.jsonl",
                   fields={"instruction": "question", "output": "answer"}),
-    "codealpaca": dict(hub=("sahil280114/codealpaca", None), train="codealpaca/code_alpaca_2k.json", test=None,
+    # the repo's 4,535-record set: its 2k pilot file (code_alpaca_2k.json) has two records with an empty output
+    "codealpaca": dict(hub=("sahil280114/codealpaca", None), train="codealpaca/new_codealpaca.json", test=None,
                        fields={"instruction": "instruction", "input": "input", "output": "output"}),
     **{name: dict(hub=None, train=f"commonsense/{d}/train.json", test=f"commonsense/{d}/test.json",
                   fields={"instruction": "instruction", "input": "input", "output": "output", "label": "answer"})

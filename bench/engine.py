@@ -131,6 +131,7 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
                              "evaluator=evaluators to run_federated, or set eval_tasks to []")
         eval_tasks = evaluator.expand_tasks(",".join(cfg.eval_tasks))
         evaluator.validate_tasks(eval_tasks, cfg.data_root)
+        evaluator.check_code_consent(eval_tasks, cfg.eval_allow_code_execution)
     model_path, model_id = models.resolve_model(cfg.model)
     shapes = target_module_shapes(model_path, cfg.target_modules)
     smallest = min(min(s) for s in shapes.values())
@@ -402,7 +403,9 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             t = time.time()
             eval_section = evaluator.evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
                                               num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
-                                              out_dir=str(run_dir / "eval"), seed=cfg.eval_seed, dtype=cfg.eval_dtype)
+                                              out_dir=str(run_dir / "eval"), seed=cfg.eval_seed, dtype=cfg.eval_dtype,
+                                              allow_code_execution=cfg.eval_allow_code_execution,
+                                              humaneval_form=cfg.eval_humaneval_form)
             timings["eval_s"] = time.time() - t
             signals.check()
         timings["total_s"] = time.time() - t_start

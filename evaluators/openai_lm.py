@@ -14,8 +14,6 @@ import urllib.request
 
 from bench import BenchError
 
-# task families scored by generation only: they need no log-probabilities from the server
-LOGLIKELIHOOD_FREE = {"gsm8k", "humaneval"}
 PROBE_TIMEOUT_S = 10
 REQUEST_TIMEOUT_S = 600
 BATCH = 16        # prompts per HTTP request

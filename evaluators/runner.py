@@ -33,42 +33,11 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ model
 def make_lm(plan: dict, adapter: str | None = None):
-    """The lm-eval LM of the plan's backend. `adapter` (a PEFT folder) applies to hf only: hf loads base + adapter
-    per target, while one vLLM engine switches adapters (EngineLM.use_adapter) and openai scores served names."""
-    backend, path = plan["backend"], plan["model_path"]
-    batch_size = plan.get("batch_size", "auto")
-    if backend == "hf":
-        import torch
-        from lm_eval.models.huggingface import HFLM
+    """The lm-eval LM of the plan's backend (evaluators/backends). `adapter` (a PEFT folder) is for backends that
+    load one LM per adapter (hf); a backend that switches adapters gets them through use_adapter."""
+    from .backends import get_backend
 
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            _cpu_threads(torch)
-        if batch_size in ("auto", None) and not cuda:
-            # lm-eval's "auto" probes with full-context batches: minutes and many GB on a CPU
-            batch_size = 8
-        return HFLM(pretrained=path, dtype=plan["dtype"], batch_size=batch_size,
-                    device="cuda" if cuda else "cpu", max_batch_size=64, peft=adapter)
-    if backend == "vllm":
-        from .adapters import adapter_rank, lora_rank_slot
-        from .vllm_lm import EngineLM
-
-        cpu = os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or _vllm_is_cpu()
-        kwargs = dict(dtype=plan["dtype"], seed=plan.get("seed", 0),
-                      batch_size="auto" if batch_size in ("auto", None) else batch_size)
-        ranks = [adapter_rank(t["adapter"]) for t in targets_of(plan) if t["adapter"]]
-        if ranks:
-            kwargs.update(max_lora_rank=lora_rank_slot(max(ranks)))
-        if cpu:
-            kwargs["block_size"] = CPU_KV_BLOCK
-        else:
-            kwargs["gpu_memory_utilization"] = float(os.environ.get("FEDLORA_VLLM_GPU_MEM", "0.85"))
-        return EngineLM(path, **kwargs)
-    if backend == "openai":
-        from .openai_lm import make_openai_lm
-
-        return make_openai_lm(plan)
-    raise ValueError(f"unknown backend {backend}")
+    return get_backend(plan["backend"]).make_lm(plan, adapter)
 
 
 def targets_of(plan: dict) -> list[dict]:
@@ -78,7 +47,7 @@ def targets_of(plan: dict) -> list[dict]:
                                     "request_cache": plan.get("request_cache")}]
 
 
-def _cpu_threads(torch) -> None:
+def cpu_threads(torch) -> None:
     """FEDLORA_EVAL_THREADS, else torch's default, except on an oversubscribed CPU (load average above the
     core count): there OpenMP's spinning threads collapse (measured 10x slower with 2 threads than with 1
     at load 8 on 2 cores), so use one thread."""
@@ -96,32 +65,19 @@ def _cpu_threads(torch) -> None:
         torch.set_num_threads(1)
 
 
-# vLLM's prefix cache shares whole KV blocks, and its CPU default is 128 tokens: a document re-computes the part of
-# the shared few-shot prefix past the last whole block, 64 tokens on average. At 32 tokens (the CPU backend wants a
-# multiple of 32) MMLU's documents need 1.66 M prompt tokens instead of 2.26 M (benchmarks/eval_floor.py).
-CPU_KV_BLOCK = 32
-
-
-def _vllm_is_cpu() -> bool:
-    try:
-        import importlib.metadata as md
-        return md.version("vllm").endswith("+cpu")
-    except Exception:
-        return False
-
-
 # ------------------------------------------------------------------------------------------------ tasks
-def offline_configs(name: str, data_root: str) -> list[dict]:
-    """lm-eval task configs (dicts, !function resolved) for one of our tasks read from the data root."""
+def offline_configs(name: str, data_root: str | None, yaml: str | None = None) -> list[dict]:
+    """lm-eval task configs (dicts, !function resolved) for one of our tasks read from the data root (`yaml`: its
+    task YAML, default the registered one)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    from .tasknames import mmlu_subjects_of, read_spec, task_spec
     from .tasks import loaders
 
-    from .tasknames import mmlu_subjects_of
-
+    spec = read_spec(yaml) if yaml else task_spec(name)
     selected = mmlu_subjects_of(name)
     if selected is not None:
-        base = load_yaml(str(TASKS_DIR / "mmlu.yaml"))
+        base = load_yaml(str(spec.yaml))
         cfgs = []
         for subject in loaders.mmlu_subjects(data_root):
             if selected and subject not in selected:
@@ -135,18 +91,24 @@ def offline_configs(name: str, data_root: str) -> list[dict]:
                 c.pop("fewshot_split", None)
             cfgs.append(c)
         return cfgs
-    yaml_name = {"siqa": "siqa"}.get(name, name)
-    c = load_yaml(str(TASKS_DIR / f"{yaml_name}.yaml"))
-    if name == "humaneval":
+    c = load_yaml(str(spec.yaml))
+    if spec.code:
         cap = humaneval_max_gen_toks()
         if cap is not None:
             c["generation_kwargs"] = dict(c["generation_kwargs"], max_gen_toks=cap)
+    if spec.source != "data-root":
         return [c]
-    c["dataset_kwargs"] = dict(c.get("dataset_kwargs") or {}, data_root=data_root)
-    train = loaders.FILE_TASKS.get(name, (None, None))[1]
-    if train is not None and not (Path(data_root) / train).is_file():  # the loader then builds no train split
+    if not spec.files:  # a file set: the loader knows its files
+        c["dataset_kwargs"] = dict(c.get("dataset_kwargs") or {}, data_root=data_root)
+        return [c]
+    kwargs = dict(c.get("dataset_kwargs") or {}, data_root=data_root, test_file=spec.files["test"])
+    train = spec.files.get("train")
+    if train is not None and (Path(data_root) / train).is_file():
+        kwargs["train_file"] = train
+    else:  # the loader then builds no train split
         c.pop("training_split", None)
         c.pop("fewshot_split", None)
+    c["dataset_kwargs"] = kwargs
     return [c]
 
 
@@ -164,14 +126,14 @@ def json_safe_copy(cfg: dict) -> dict:
 
 
 def hub_specs(name: str) -> list[str]:
-    from .tasknames import HUB_TASKS, mmlu_subjects_of
+    from .tasknames import mmlu_subjects_of, task_spec
 
     subjects = mmlu_subjects_of(name)
     if subjects is not None:  # lm-eval's per-subject tasks (its mmlu group is their size-weighted mean)
         from .tasks.loaders import mmlu_category_of
 
         return [f"mmlu_{s}" for s in (subjects or sorted(mmlu_category_of()))]
-    return [HUB_TASKS[name]]
+    return [task_spec(name).hub]
 
 
 def seeded_subset(n: int, limit: int | None, seed: int, key: str) -> list[int] | None:
@@ -188,7 +150,9 @@ def run_plan(plan: dict) -> dict:
     _quiet_lm_eval()
     t0 = time.monotonic()
     targets = targets_of(plan)
-    per_target_lm = plan["backend"] == "hf" and any(t["adapter"] for t in targets)
+    from .backends import get_backend
+
+    per_target_lm = get_backend(plan["backend"]).adapters == "per-target" and any(t["adapter"] for t in targets)
     lm = None if per_target_lm else make_lm(plan)
     load_s = time.monotonic() - t0
     out: dict = {}
@@ -292,11 +256,17 @@ def _with_request_cache(lm, path: str):
                 return fn
 
             def counted(requests):
-                before = len(self.dbdict)
-                out = fn(requests)
+                # CachingLM's own rule: a request is answered from the cache when its key is there and it is not
+                # sampled. (The growth of the file is no count of new answers: a backend's cache hook may store an
+                # answer under a second key, and sampled answers are never stored.)
+                from lm_eval.api.model import hash_args
+
+                stats["answered_from_cache"] += sum(
+                    1 for r in requests
+                    if not (attr == "generate_until" and r.args[1].get("do_sample", False))
+                    and hash_args(attr, r.args) in self.dbdict)
                 stats["requests"] += len(requests)
-                stats["answered_from_cache"] += len(requests) - (len(self.dbdict) - before)
-                return out
+                return fn(requests)
             return counted
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +279,7 @@ def _with_request_cache(lm, path: str):
 def load_tasks(t: dict) -> dict:
     """lm-eval's {"tasks", "groups"} for one planned task ({"name", "mode", "data_root", "num_fewshot"}), few-shot
     set per task as simple_evaluate does it (a task whose config fixes 0 keeps 0)."""
-    specs = offline_configs(t["name"], t["data_root"]) if t["mode"] == "offline" else hub_specs(t["name"])
+    specs = offline_configs(t["name"], t["data_root"], t.get("yaml")) if t["mode"] == "offline" else hub_specs(t["name"])
     if not specs:
         raise RuntimeError(f"{t['name']}: no task configs")
     loaded = _task_manager(t["mode"] == "hub").load(specs)
@@ -343,14 +313,13 @@ def _run_task(lm, t: dict, plan: dict, out_dir: Path) -> dict:
                 del samples[n], tasks[n]
             loaded = {"tasks": tasks, "groups": {}}
             names = sorted(tasks)
-    chat = bool((tasks[names[0]].config.metadata or {}).get("apply_chat_template"))
+    spec = _spec(t)
     out = evaluate(lm=lm, task_dict=loaded, samples=samples, bootstrap_iters=1000, log_samples=True,
-                   apply_chat_template=chat, confirm_run_unsafe_code=bool(plan.get("allow_code_execution")))
+                   confirm_run_unsafe_code=bool(plan.get("allow_code_execution")),
+                   apply_chat_template=spec.chat_template)
     res = out["results"]
     logged = out["samples"]
-    from .tasknames import task_family
-
-    primary = PRIMARY_METRIC[task_family(t["name"])]
+    primary = spec.primary_metric
     all_samples = []
     for n in names:
         for s in logged[n]:
@@ -362,7 +331,7 @@ def _run_task(lm, t: dict, plan: dict, out_dir: Path) -> dict:
         metrics = {_metric_name(k): v for k, v in r.items() if "_stderr" not in k and k != "alias"
                    and isinstance(v, (int, float)) and "," in k}
         value = metrics[primary]
-        stderr = r.get(_stderr_key(primary))
+        stderr = next((r[k] for k in _stderr_keys(primary) if isinstance(r.get(k), (int, float))), None)
     else:  # mmlu: size-weighted mean over subjects, stderr over all samples (as lm-eval's group pooling)
         metrics = {}
         for key in {k for n in names for k in res[n] if "," in k and "_stderr" not in k}:
@@ -396,10 +365,12 @@ def _task_manager(builtin: bool):
     return _TM[builtin]
 
 
-PRIMARY_METRIC = {"mmlu": "acc", "gsm8k": "exact_match,strict-match", "humaneval": "pass@1",
-                  "boolq": "acc", "piqa": "acc", "siqa": "acc", "hellaswag": "acc", "winogrande": "acc",
-                  "arc_easy": "acc", "arc_challenge": "acc", "openbookqa": "acc", "mmlu_flora": "acc",
-                  "dolly_heldout": "rougeL", "dolly_heldout_val": "rougeL"}
+def _spec(t: dict):
+    """The planned task's TaskSpec, from the YAML the plan names (a task registered in the parent process only
+    is still known in the vLLM worker)."""
+    from .tasknames import read_spec, task_spec
+
+    return read_spec(t["yaml"]) if t.get("yaml") else task_spec(t["name"])
 
 
 def _metric_name(key: str) -> str:
@@ -408,10 +379,9 @@ def _metric_name(key: str) -> str:
     return metric if flt in ("none", "create_test", "") else f"{metric},{flt}"
 
 
-def _stderr_key(primary: str) -> str:
+def _stderr_keys(primary: str) -> list[str]:
     metric, _, flt = primary.partition(",")
-    candidates = [f"{metric}_stderr,{flt}"] if flt else [f"{metric}_stderr,none", f"{metric}_stderr,create_test"]
-    return candidates[0] if flt else next(iter(candidates))
+    return [f"{metric}_stderr,{flt}"] if flt else [f"{metric}_stderr,none", f"{metric}_stderr,create_test"]
 
 
 def _hub_id(task) -> str:

