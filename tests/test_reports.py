@@ -535,7 +535,7 @@ def test_generation_baselines_score_the_documents(shared_data, tmp_path):
     paired = _csv(tmp_path / "o" / "paired.csv")
     for name, generate in TRIVIAL_GENERATIONS.items():
         scores = np.array([rouge_l(generate(d), d["response"]) for d in docs])
-        assert float(_row(rows, method=name)["dolly_heldout"]) == pytest.approx(scores.mean(), rel=1e-9)
+        assert float(_row(rows, method=name)["dolly_heldout"]) == pytest.approx(scores.mean(), rel=1e-5)
         p = _row(paired, method=name, metric="dolly_heldout")
         direct = [scores.mean() - model["fedit", seed].mean() for seed in (0, 1, 2)]
         assert [float(x) for x in p["seed_diffs"].split(";")] == pytest.approx(direct, rel=1e-5)
