@@ -20,6 +20,7 @@ import pandas as pd
 from .metrics import AVG, HEADLINE, Metric, record_parts, task_metric, task_samples
 from .records import DTYPE_FIELDS, SETTING_ORDER, Record, Skipped, group_key
 from .stats import Estimate, Series
+from .trivial import KIND as BASELINE_KIND
 
 SETTING_LABELS = {"model": "Model", "dataset": "Dataset", "partition": "Partition", "ranks": "Ranks",
                   "rank_distribution": "Rank dist.", "num_clients": "Clients", "rounds": "Rounds",
@@ -244,7 +245,7 @@ def fmt_est(e: Estimate | None, digits: int = 3, n_row: int | None = None) -> st
 
 
 def method_label(row: Row) -> str:
-    if row.kind == "baseline":
+    if row.kind == BASELINE_KIND:
         return f"{row.method} (baseline)"
     return f"{row.method} (reference)" if row.reference else row.method
 

@@ -14,6 +14,7 @@ record of that setting and seed was scored on, so the rows pair with the model r
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Callable
 
@@ -46,9 +47,9 @@ register_generation("dolly_heldout", _dolly_heldout)
 register_generation("dolly_heldout_val", _dolly_heldout)
 
 
-def _metric_name(metric: Metric, rec: Record) -> str:
+def _metric_name(task: str, rec: Record) -> str:
     """The per-document metric a task is scored by, without its lm-eval filter ("acc,none" -> "acc")."""
-    return str(rec.tasks[metric.name].get("metric") or "").partition(",")[0]
+    return str(rec.tasks[task].get("metric") or "").partition(",")[0]
 
 
 def _generation(task: str, name_of_metric: str, lines, cache: dict, notes: list[str]) -> dict[str, np.ndarray]:
@@ -66,7 +67,7 @@ def _generation(task: str, name_of_metric: str, lines, cache: dict, notes: list[
             if not isinstance(doc, dict):
                 notes.append(f"no trivial-baseline rows for {task!r}: its per-sample lines carry no 'doc'")
                 return {}
-            key = (task, name, repr(sorted(doc.items())))
+            key = (task, name, json.dumps(doc, sort_keys=True, default=str))
             if key not in cache:
                 try:
                     cache[key] = score(doc)
@@ -98,13 +99,13 @@ def _multiple_choice(lines) -> dict[str, np.ndarray]:
             "chance": np.array([1.0 / c for c in choices])}
 
 
-def _values(task: str, metric: Metric, rec: Record, cache: dict, notes: list[str]) -> tuple[tuple, dict]:
+def _values(task: str, rec: Record, cache: dict, notes: list[str]) -> tuple[tuple, dict]:
     """(document keys, {baseline name: per-document values}) on the documents of rec's per-sample file for task."""
     path = resolve_samples(rec, rec.tasks[task].get("samples"))
     lines = sorted(sample_lines(path) or [], key=lambda kv: kv[0]) if path is not None else []
     if not lines:
         return (), {}
-    name = _metric_name(metric, rec)
+    name = _metric_name(task, rec)
     if task in GENERATION_BASELINES:
         return tuple(k for k, _ in lines), _generation(task, name, lines, cache, notes)
     if name in ACCURACY_METRICS and (out := _multiple_choice(lines)):
@@ -131,7 +132,7 @@ def baseline_records(records: list[Record], tasks: dict[str, Metric], notes: lis
         found: dict[str, dict[str, tuple[Samples, str]]] = {}   # baseline -> task -> (values, the task's metric)
         for task in sorted({t for r in members for t in r.tasks} & set(tasks)):
             for rec in (r for r in members if task in r.tasks):
-                keys, vals = _values(task, tasks[task], rec, cache, notes)
+                keys, vals = _values(task, rec, cache, notes)
                 for name, v in vals.items():
                     found.setdefault(name, {})[task] = (Samples(keys, v, None), rec.tasks[task].get("metric"))
                 if vals:
