@@ -95,7 +95,9 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
                     r.est[m] = bootstrap_series(res, _tag(r, m), ("row", r.id), s)
                     r.basis[m] = _basis(s)
         for r, b in pairs:
-            comparisons.append(_compare(res, r, b, anchor, metrics, tasks, notes))
+            c = _compare(res, r, b, anchor, metrics, tasks, notes)
+            if c.diffs:   # rows with no metric in common (local-only's losses, a trivial baseline's tasks) compare on nothing
+                comparisons.append(c)
     # one Holm family per metric: every comparison of the report on that metric (the paired table of one metric)
     for m in metrics:
         holm([c.seed[m] for c in comparisons if m in c.seed])
