@@ -5,12 +5,13 @@
 # one-thread jobs side by side finish about twice the cells an hour.
 # Jobs start in the order the report needs them: the main table's seeds first, then the sweeps seed by seed.
 # Resumable: re-run the same command and finished cells are skipped, a killed cell resumes from its last round.
-# Run it at a clean commit (records say git_dirty: false) and commit results/ as cells complete:
+# Run it at a clean commit (records say git_dirty: false) and commit its records (results/v1-commonsense/, the v1
+# study: results/v1-commonsense/README.md) as cells complete:
 #   nohup bash benchmarks/study.sh > study.log 2>&1 &
 # STUDY_DRY_RUN=1 lists every cell as done or todo without running any.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export STUDY_RESULTS=${STUDY_RESULTS:-results} STUDY_RUNS=${STUDY_RUNS:-runs/study}
+export STUDY_RESULTS=${STUDY_RESULTS:-results/v1-commonsense} STUDY_RUNS=${STUDY_RUNS:-runs/study}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 export FEDLORA_EVAL_THREADS=${FEDLORA_EVAL_THREADS:-1}
 seeds=${STUDY_SEEDS:-0,1,2}

@@ -19,6 +19,7 @@ from .leaderboard import (build_rows, dumps_summary_row, leaderboard_frames, ren
 from .paired import analyse, paired_frame, paired_html, paired_markdown
 from .records import load_records
 from .stats import N_BOOT
+from .trivial import GENERATION_BASELINES, baseline_records
 
 OUTPUT_FILES = ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html", "paired.csv")
 DEFAULT_BASELINE = "fedit"
@@ -30,8 +31,9 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     """Build LEADERBOARD.md, leaderboard.csv, leaderboard.html, paired.csv (and with `plots`, <out>/plots/*.png|svg).
 
     baseline: the method every other is compared with (default fedit; a default with no rows gives no paired
-    table, a named one with no rows is refused). metric: the main metric (default test_loss, else the task
-    average): it orders the rows and heads the paired table.
+    table, a named one with no rows is refused). metric: the main metric (default: the capability metric the records
+    carry, see _main_metric; test_loss where they carry none): it leads the tables, orders the rows and heads the
+    paired table. Trivial-baseline rows (reports.trivial) join the records' rows under each setting.
     Returns a summary: {"rows", "records", "table": [row digests], "comparisons": int, "baseline", "metric",
     "skipped": [{"file", "reason"}], "notes": [str], "files": [paths written], "plots_skipped": [{"plot", "reason"}],
     "plots_removed": [paths]}. Invalid, partial or old-schema records are skipped and listed, never raised. A missing
@@ -42,9 +44,9 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     records, skipped = load_records([str(d) for d in results_dirs])
     notes: list[str] = []
     tasks = task_metrics(records, notes)
-    rows = build_rows(records, notes)
+    rows = build_rows(records + baseline_records(records, tasks, notes), notes)
     metrics = report_metrics(rows, tasks, notes)
-    main = _main_metric(metric, metrics, notes)
+    main = _main_metric(metric, metrics, tasks)
     methods = sorted({r.method for r in rows})
     why_none = None
     if baseline is not None and baseline not in methods:
@@ -60,7 +62,7 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     if baseline and not comparisons:
         why_none = f"No paired comparison: no other row shares a setting with a {baseline!r} row."
     rows = sort_rows(rows, main)
-    frame, board = leaderboard_frames(rows, metrics)
+    frame, board = leaderboard_frames(rows, metrics, main)
     notes = list(dict.fromkeys(notes))   # one line per distinct note, in the order they arose
     out = Path(out_dir)
     files = []
@@ -87,16 +89,18 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     return summary
 
 
-def _main_metric(name: str | None, metrics: dict, notes: list[str]):
+def _main_metric(name: str | None, metrics: dict, tasks: dict):
+    """--metric, else the capability metric the records carry: a generation task with trivial baselines (ROUGE-L of
+    the held-out instructions; the first by name), else the task average over several tasks, else the one task;
+    only records without task scores lead with the held-out loss."""
     if name is not None:
         if name not in metrics:
             raise BenchError(f"metric: no record has {name!r}; metrics in these records: "
                              f"{', '.join(metrics) or 'none'}; pass one of them to --metric")
         return metrics[name]
-    for candidate in (DEFAULT_METRIC, "avg"):
+    generation = sorted(t for t in tasks if t in GENERATION_BASELINES)
+    for candidate in (*generation[:1], "avg" if len(tasks) > 1 else next(iter(tasks), None), DEFAULT_METRIC):
         if candidate in metrics:
-            if candidate != DEFAULT_METRIC:
-                notes.append(f"no record has {DEFAULT_METRIC!r}; the main metric is {metrics[candidate].label!r}")
             return metrics[candidate]
     return next(iter(metrics.values()), None)
 

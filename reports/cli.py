@@ -21,10 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", action="store_true",
                         help="also draw the heterogeneity-ablation plots (PNG + SVG) into <out>/plots/")
     parser.add_argument("--baseline", metavar="METHOD", default=None,
-                        help="the method every other is compared with, paired by seed and example (default: fedit)")
+                        help="the method every other is compared with, paired by seed and example (default: fedit; "
+                             "a trivial baseline such as copy-prompt or majority-label works too)")
     parser.add_argument("--metric", metavar="NAME", default=None,
-                        help="the main metric: test_loss (default), client_loss, personal_loss, avg or a task name; "
-                             "it orders the rows and heads the paired table")
+                        help="the main metric: test_loss, client_loss, personal_loss, avg or a task name (default: "
+                             "the capability metric the records carry: dolly_heldout's ROUGE-L, else the task "
+                             "average, else test_loss); it leads the tables, orders the rows and heads the paired table")
 
 
 def main(args: argparse.Namespace) -> int:

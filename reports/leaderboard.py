@@ -20,6 +20,7 @@ import pandas as pd
 from .metrics import AVG, HEADLINE, Metric, record_parts, task_metric, task_samples
 from .records import DTYPE_FIELDS, SETTING_ORDER, Record, Skipped, group_key
 from .stats import Estimate, Series
+from .trivial import KIND as BASELINE_KIND
 
 SETTING_LABELS = {"model": "Model", "dataset": "Dataset", "partition": "Partition", "ranks": "Ranks",
                   "rank_distribution": "Rank dist.", "num_clients": "Clients", "rounds": "Rounds",
@@ -244,6 +245,8 @@ def fmt_est(e: Estimate | None, digits: int = 3, n_row: int | None = None) -> st
 
 
 def method_label(row: Row) -> str:
+    if row.kind == BASELINE_KIND:
+        return f"{row.method} (baseline)"
     return f"{row.method} (reference)" if row.reference else row.method
 
 
@@ -282,13 +285,17 @@ class Table:
     shared: dict
 
 
-def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric]) -> tuple[pd.DataFrame, Table]:
-    """(numeric frame for leaderboard.csv, the display table for MD/HTML)."""
+def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric], main: Metric | None = None
+                       ) -> tuple[pd.DataFrame, Table]:
+    """(numeric frame for leaderboard.csv, the display table for MD/HTML). Columns: the main metric first, then the
+    held-out losses, then the tasks and their average."""
     cols = field_columns([r.fields for r in rows])
     shared = shared_fields(rows, cols)
-    shown = [k for k in cols if k not in shared]
+    shown = [k for k in cols if k not in shared and any(r.fields.get(k) is not None for r in rows)]
     tasks = [m for m in metrics.values() if m.name not in HEADLINE and m.name != AVG.name]
-    display_metrics = tasks + ([AVG] if AVG.name in metrics else []) + [metrics[k] for k in HEADLINE if k in metrics]
+    display_metrics = [metrics[k] for k in HEADLINE if k in metrics] + tasks + ([AVG] if AVG.name in metrics else [])
+    if main is not None and main in display_metrics:
+        display_metrics = [main] + [m for m in display_metrics if m is not main]
     digits = {m.name: decimals([r.est.get(m.name) for r in rows]) for m in display_metrics}
     num_rows, cells, sort_values = [], [], []
     for r in rows:
@@ -345,8 +352,15 @@ NOTE = ("Each cell: mean over seeds ± half-width of the 95% bootstrap CI (2.5th
         "Avg = mean over all task columns (blank where a row lacks a task); a task's chance level is the mean "
         "of 1/(number of choices) over its documents. Comm. = bytes uploaded + downloaded over the run, mean over "
         "seeds. Wall time = timings.total_s, mean over seeds. Reference rows: the base model without federated "
-        "training, centralized training, local-only training. Rows scored in different dtypes are never pooled. "
-        "See docs/reports.md.")
+        "training, centralized training, local-only training. Baseline rows are computed from the scored documents, "
+        "not from a model: copying the instruction or the prompt, an empty answer (generation tasks), the most "
+        "frequent gold label among the documents and a uniform guess (multiple choice); they pair with the model "
+        "rows by document. Rows scored in different dtypes are never pooled. See docs/reports.md.")
+
+
+EMPTY = ("No records yet: no complete results record (*.json) directly in this folder. Rows appear as runs "
+         "complete (bench run, bench ablate, bench eval --model write them here); records in subfolders are reports "
+         "of their own (bench report --results <subfolder>).")
 
 
 def _md_cell(s: str) -> str:
@@ -382,7 +396,7 @@ def render_markdown(board: Table, paired: list[str], n_records: int, skipped: li
     lines = ["# fedlora-bench leaderboard", "", counts_line(len(board.cells), n_records, len(skipped)), ""]
     lines += paired
     lines += ["## Leaderboard", ""]
-    lines += md_table(board) if board.cells else ["_No complete records._"]
+    lines += md_table(board) if board.cells else [f"_{EMPTY}_"]
     lines += ["", NOTE.format(boot=n_boot)]
     if skipped:
         lines += ["", "## Skipped records", ""]
@@ -498,7 +512,7 @@ def render_html(board: Table, paired_html: str, n_records: int, skipped: list[Sk
     return _HTML_TEMPLATE.format(
         summary=e(counts_line(len(board.cells), n_records, len(skipped))), paired=paired_html,
         shared=f"<p>{e(shared_line(board))}</p>" if board.shared else "",
-        table=html_table(board, "leaderboard") if board.cells else "<p><em>No complete records.</em></p>",
+        table=html_table(board, "leaderboard") if board.cells else f"<p><em>{e(EMPTY)}</em></p>",
         note=e(NOTE.format(boot=n_boot)), extra=extra)
 
 

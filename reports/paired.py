@@ -19,7 +19,8 @@ from .leaderboard import (SETTING_LABELS, Row, Table, decimals, field_columns, f
                           method_label, setting_text, shared_fields)
 from .metrics import HEADLINE, Metric
 from .records import setting_key
-from .stats import MDD_FACTOR, N_BOOT, POWER, Estimate, Resampler, align, bootstrap_difference, bootstrap_series
+from .stats import (ALPHA, MDD_FACTOR, N_BOOT, POWER, Estimate, Resampler, SeedTest, align, bootstrap_difference,
+                    bootstrap_series, holm, seed_test)
 
 STAR = "★"
 
@@ -32,6 +33,7 @@ class Comparison:
     diffs: dict[str, Estimate] = field(default_factory=dict)   # metric -> row − baseline
     examples: dict[str, float] = field(default_factory=dict)   # metric -> examples per seed compared (mean)
     seeds: dict[str, list] = field(default_factory=dict)       # metric -> the seeds compared
+    seed: dict[str, SeedTest] = field(default_factory=dict)    # metric -> the seed-level test (Holm per metric)
 
 
 def _context(row: Row) -> tuple:
@@ -93,7 +95,12 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
                     r.est[m] = bootstrap_series(res, _tag(r, m), ("row", r.id), s)
                     r.basis[m] = _basis(s)
         for r, b in pairs:
-            comparisons.append(_compare(res, r, b, anchor, metrics, tasks, notes))
+            c = _compare(res, r, b, anchor, metrics, tasks, notes)
+            if c.diffs:   # rows with no metric in common (local-only's losses, a trivial baseline's tasks) compare on nothing
+                comparisons.append(c)
+    # one Holm family per metric: every comparison of the report on that metric (the paired table of one metric)
+    for m in metrics:
+        holm([c.seed[m] for c in comparisons if m in c.seed])
     return comparisons
 
 
@@ -116,6 +123,7 @@ def _compare(res: Resampler, r: Row, b: Row, where: Row, metrics, tasks, notes) 
         if sizes != full:
             notes.append(f"{label}: compared on the {sum(sizes)} of {sum(full)} examples both records have")
         c.diffs[m] = bootstrap_difference(res, (_tag(r, m), _tag(b, m)), ("pair", r.id, b.id), a, bb)
+        c.seed[m] = seed_test(a, bb)
         c.examples[m] = float(np.mean(sizes))
         c.seeds[m] = sorted(a)
     return c
@@ -131,21 +139,43 @@ def _sort_key(c: Comparison, main: Metric, cols: list[str]):
     return (tuple(val_key(c.where.fields.get(k)) for k in cols), 1 if c.row.reference else 0, score, c.row.method)
 
 
-def fmt_diff(e: Estimate | None, digits: int, verdict: Metric | None = None) -> str:
+def fmt_diff(e: Estimate | None, digits: int) -> str:
+    """Δ with its hierarchical-bootstrap 95% CI (no ★: the verdict is the seed-level test's)."""
     if e is None:
         return ""
     s = f"{e.mean:+.{digits}f}"
     if e.lo is not None:
         s += f" [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
-    if e.excludes_zero:
-        s += f" {STAR}"
-        if verdict is not None:
-            s += " better" if (e.mean < 0) == verdict.lower_is_better else " worse"
     return s
 
 
+def fmt_seed(t: SeedTest | None, digits: int, verdict: Metric | None = None, with_mean: bool = False) -> str:
+    """The seed-level interval at Holm's level, ★ where it excludes 0 ("n/a" with fewer than 2 seeds)."""
+    if t is None:
+        return ""
+    head = f"{t.mean:+.{digits}f} " if with_mean else ""
+    ci = t.ci
+    if ci is None:
+        return head + "n/a"
+    s = head + f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    if t.significant:
+        s += f" {STAR}"
+        if verdict is not None:
+            s += " better" if (t.mean < 0) == verdict.lower_is_better else " worse"
+    return s
+
+
+def seed_mdd(t: SeedTest | None) -> float | None:
+    """The seed-level MDD at Holm's strictest level for the family, α/k."""
+    return None if t is None or not t.family else t.mdd(ALPHA / t.family)
+
+
+def family_size(comparisons: list[Comparison], metric: str) -> int:
+    return sum(1 for c in comparisons if metric in c.seed and c.seed[metric].p is not None)
+
+
 def shown_metrics(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric) -> list[Metric]:
-    """The MD/HTML table: the main metric, then the other held-out losses and the task average (each task is in
+    """The MD/HTML table: the main metric, then the held-out losses and the task average (each task is in
     paired.csv)."""
     have = {m for c in comparisons for m in c.diffs}
     rest = [metrics[m] for m in (*HEADLINE, "avg") if m in have and m in metrics and m != main.name]
@@ -156,59 +186,70 @@ def paired_table(comparisons: list[Comparison], metrics: dict[str, Metric], main
     cols = field_columns([c.where.fields for c in comparisons])
     shared = shared_fields([c.where for c in comparisons], cols) if len(comparisons) > 1 else \
         {k: comparisons[0].where.fields[k] for k in cols if comparisons[0].where.fields.get(k) is not None}
-    shown = [k for k in cols if k not in shared]
+    shown = [k for k in cols if k not in shared and any(c.where.fields.get(k) is not None for c in comparisons)]
     ms = shown_metrics(comparisons, metrics, main)
     digits = {m.name: decimals([c.diffs.get(m.name) for c in comparisons]) for m in ms}
     comparisons = sorted(comparisons, key=lambda c: _sort_key(c, main, cols))
     cells, sort_values, strong = [], [], []
     for c in comparisons:
-        e_main = c.diffs.get(main.name)
         n_seeds = len({s for seeds in c.seeds.values() for s in seeds})
         line = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), str(n_seeds)]
         sv = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), n_seeds]
         sig = [False] * len(line)
         for m in ms:
-            e = c.diffs.get(m.name)
-            line.append(fmt_diff(e, digits[m.name], m if m is main else None))
-            sv.append(e.mean if e else None)
-            sig.append(bool(e and e.excludes_zero))
+            e, t, d = c.diffs.get(m.name), c.seed.get(m.name), digits[m.name]
+            star = bool(t and t.significant)
             if m is main:
-                line.append("" if e_main is None or e_main.mdd is None else f"{e_main.mdd:.{digits[m.name]}f}")
-                sv.append(None if e_main is None else e_main.mdd)
-                sig.append(False)
+                mdd = seed_mdd(t)
+                line += [fmt_diff(e, d), fmt_seed(t, d, m), "" if mdd is None else f"{mdd:.{d}f}"]
+                sv += [e.mean if e else None, t.ci[0] if t and t.ci else None, mdd]
+                sig += [False, star, False]
+            else:
+                line.append(fmt_seed(t, d, with_mean=True))
+                sv.append(e.mean if e else None)
+                sig.append(star)
         cells.append(line)
         sort_values.append(sv)
         strong.append(sig)
     columns = [SETTING_LABELS.get(k, k) for k in shown] + ["Method", "Seeds"]
     for m in ms:
-        columns.append(f"Δ {m.label} [95% CI]")
+        k = family_size(comparisons, m.name)
         if m is main:
-            columns.append("MDD")
+            columns += [f"Δ {m.label} [95% CI]", f"Seed-level CI (Holm, k={k})", "MDD (seeds)"]
+        else:
+            columns.append(f"Δ {m.label} [seed-level CI, Holm, k={k}]")
     numeric = [False] * (len(shown) + 1) + [True] * (len(columns) - len(shown) - 1)
     table = Table(columns, cells, sort_values, [c.row.reference for c in comparisons], numeric, shared)
     return table, strong
 
 
 def mdd_line(comparisons: list[Comparison], main: Metric) -> str:
-    mdds = sorted(c.diffs[main.name].mdd for c in comparisons
-                  if main.name in c.diffs and c.diffs[main.name].mdd is not None)
+    tests = [c.seed[main.name] for c in comparisons if main.name in c.seed]
+    mdds = sorted(x for x in map(seed_mdd, tests) if x is not None)
     if not mdds:
-        return (f"Minimum detectable difference on {main.label}: none computable (one seed and no per-example "
-                "data in every comparison).")
+        return (f"Minimum detectable difference on {main.label} at the seed level: n/a (fewer than 2 seeds in every "
+                "comparison).")
+    k = family_size(comparisons, main.name)
     d = decimals([c.diffs.get(main.name) for c in comparisons])
     spread = f"; {mdds[0]:.{d}f}–{mdds[-1]:.{d}f} across them" if len(mdds) > 1 else ""
-    return (f"Minimum detectable difference on {main.label} at this study's size (80% power, two-sided α = 0.05): "
-            f"{float(np.median(mdds)):.{d}f} (median over {len(mdds)} comparisons{spread}). A |Δ| below it is not "
-            "a finding here: more seeds or more held-out examples shrink it.")
+    boot = sorted(c.diffs[main.name].mdd for c in comparisons
+                  if main.name in c.diffs and c.diffs[main.name].mdd is not None)
+    also = f" The hierarchical bootstrap's MDD (z, α = 0.05): median {float(np.median(boot)):.{d}f}." if boot else ""
+    return (f"Minimum detectable difference on {main.label} at the seed level ({POWER:.0%} power, two-sided t-test "
+            f"at α = {ALPHA:g}/{k} = {ALPHA / k:.3g}, Holm's strictest step over the {k} comparisons of this metric): "
+            f"{float(np.median(mdds)):.{d}f} (median over {len(mdds)} comparisons{spread}). A |Δ| below it is not a "
+            f"finding here: more seeds shrink it.{also}")
 
 
 def intro(baseline: str, main: Metric) -> str:
     return (f"Δ = method − {baseline} in the same setting and dtypes, on the seeds both have and the examples both "
-            f"scored; 95% CI from a paired hierarchical bootstrap ({N_BOOT} seeded replicates: seeds, then held-out "
-            f"examples or task documents within each seed, the same resamples for both sides). {STAR} marks a CI "
-            f"that excludes 0 (better/worse on the main metric, {main.label}; {main.better} is better). "
-            f"MDD = {MDD_FACTOR:.2f} × the paired standard error: the smallest true difference this study detects "
-            f"with {POWER:.0%} power. Every task's difference is in paired.csv.")
+            f"scored. [95% CI]: paired hierarchical bootstrap ({N_BOOT} seeded replicates: seeds, then held-out "
+            f"examples or task documents within each seed, the same resamples for both sides). Seed-level CI: a "
+            f"t-interval over the per-seed differences (each the difference on that seed's paired examples, n − 1 "
+            f"degrees of freedom), Holm-corrected over the k comparisons of its metric (each drawn at the level "
+            f"Holm tests it at); n/a with fewer than 2 seeds. {STAR} only where the Holm-corrected seed-level CI "
+            f"excludes 0 (better/worse on the main metric, {main.label}; {main.better} is better). Every task's "
+            f"difference is in paired.csv.")
 
 
 def paired_markdown(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric,
@@ -242,6 +283,12 @@ def paired_html(comparisons: list[Comparison], metrics: dict[str, Metric], main:
     return out + html_table(table, "paired", strong) + "\n"
 
 
+PAIRED_COLUMNS = ("method", "kind", "reference", "baseline", "metric", "label", "lower_is_better", "diff", "ci_low",
+                  "ci_high", "se", "mdd", "ci_excludes_0", "seed_diffs", "seed_se", "seed_p", "holm_alpha",
+                  "holm_p", "family_size", "seed_ci_low", "seed_ci_high", "seed_mdd", "significant", "n_seeds",
+                  "seeds", "examples_per_seed")
+
+
 def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> pd.DataFrame:
     """paired.csv: one line per comparison and metric, every task included."""
     cols = field_columns([c.where.fields for c in comparisons])
@@ -252,13 +299,17 @@ def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> p
             e = c.diffs.get(name)
             if e is None:
                 continue
+            t = c.seed[name]
+            ci = t.ci or (None, None)
             out.append({**{k: fmt_value(c.where.fields.get(k)) if c.where.fields.get(k) is not None else None
                            for k in cols},
                         "method": c.row.method, "kind": c.row.kind, "reference": c.row.reference,
                         "baseline": c.base.method, "metric": name, "label": m.label,
                         "lower_is_better": m.lower_is_better, "diff": e.mean, "ci_low": e.lo, "ci_high": e.hi,
-                        "se": e.se, "mdd": e.mdd, "significant": e.excludes_zero, "n_seeds": e.n,
-                        "seeds": ";".join(map(str, c.seeds[name])), "examples_per_seed": c.examples[name]})
-    return pd.DataFrame(out, columns=[*cols, "method", "kind", "reference", "baseline", "metric", "label",
-                                      "lower_is_better", "diff", "ci_low", "ci_high", "se", "mdd", "significant",
-                                      "n_seeds", "seeds", "examples_per_seed"])
+                        "se": e.se, "mdd": e.mdd, "ci_excludes_0": e.excludes_zero,
+                        "seed_diffs": ";".join(f"{x:.6g}" for x in t.diffs), "seed_se": t.se, "seed_p": t.p,
+                        "holm_alpha": t.alpha, "holm_p": t.p_holm, "family_size": t.family, "seed_ci_low": ci[0],
+                        "seed_ci_high": ci[1], "seed_mdd": seed_mdd(t), "significant": t.significant,
+                        "n_seeds": e.n, "seeds": ";".join(map(str, c.seeds[name])),
+                        "examples_per_seed": c.examples[name]})
+    return pd.DataFrame(out, columns=[*cols, *PAIRED_COLUMNS])

@@ -380,8 +380,8 @@ def _tick_bytes(v: float) -> str:
 # ---------------------------------------------------------------------------------------------- paired
 
 def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
-    """Each method minus the baseline (95% paired CI bars, hollow where the CI holds 0) against the rank setting,
-    one panel per metric; one figure per context of the other setting fields."""
+    """Each method minus the baseline (95% paired bootstrap CI bars; filled where ★: the Holm-corrected seed-level CI
+    excludes 0) against the rank setting, one panel per metric; one figure per context of the other setting fields."""
     name = "paired_vs_rank_heterogeneity"
     if not comparisons:
         skipped.append({"plot": name, "reason": "no paired comparison (no baseline rows, or none shares a setting)"})
@@ -407,19 +407,19 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
         for ax, m in zip(axes, panels):
             ax.axhline(0, color="#1b1f23", lw=1)
             for i, (method, reference) in enumerate(series):
-                pts = [(order.index(_rank_label(c.where.setting)), c.diffs[m.name]) for c in cs
+                pts = [(order.index(_rank_label(c.where.setting)), c.diffs[m.name], c.seed[m.name]) for c in cs
                        if (c.row.method, c.row.reference) == (method, reference) and m.name in c.diffs]
                 if not pts:
                     continue
                 st = method_style(method, methods_all, reference)
-                x = np.array([p for p, _ in pts], dtype=float) + (i - (len(series) - 1) / 2) * width
-                y = np.array([e.mean for _, e in pts])
-                lo = np.array([e.lo if e.lo is not None else e.mean for _, e in pts])
-                hi = np.array([e.hi if e.hi is not None else e.mean for _, e in pts])
+                x = np.array([p for p, _, _ in pts], dtype=float) + (i - (len(series) - 1) / 2) * width
+                y = np.array([e.mean for _, e, _ in pts])
+                lo = np.array([e.lo if e.lo is not None else e.mean for _, e, _ in pts])
+                hi = np.array([e.hi if e.hi is not None else e.mean for _, e, _ in pts])
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor=st["color"], capsize=3, lw=1.4)
-                sig = np.array([e.excludes_zero for _, e in pts])
+                sig = np.array([t.significant for _, _, t in pts], dtype=bool)
                 label = f"{method}{' (reference)' if reference else ''}"
-                # filled where the CI excludes 0; one legend entry per method, from whichever marker it has
+                # filled where ★ (the Holm-corrected seed-level CI excludes 0); one legend entry per method
                 ax.scatter(x[sig], y[sig], marker=st["marker"], color=st["color"], s=36, zorder=3,
                            label=label if sig.any() else None)
                 ax.scatter(x[~sig], y[~sig], marker=st["marker"], facecolors="white", edgecolors=st["color"], s=36,
@@ -430,7 +430,7 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
             ax.set_xlabel("Client LoRA ranks (ordered by CV)")
             ax.set_ylabel(f"Δ {m.label} vs {baseline} ({m.better} is better)", fontsize=8)
             ax.set_title(f"Δ {m.label}", fontsize=10)
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method − baseline; 95% paired CI\n(hollow: CI holds 0)", title_fontsize=7)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method − baseline; 95% paired CI\n(filled: ★, Holm seed-level CI excludes 0)", title_fontsize=7)
         fig.suptitle(f"Paired differences against {baseline} per rank setting\n{_context_text(ctx)}", fontsize=10)
         _save(fig, out / stems[ctx], written)
 

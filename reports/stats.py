@@ -272,13 +272,14 @@ def _metric_places(obj: dict, metric: str) -> list[tuple[dict, str]]:
     return [(obj, name)] + [(nested[f], name) for f in sorted(nested) if isinstance(nested[f], dict)]
 
 
-def load_samples(path: Path, metric: str | None) -> Samples | None:
-    """None when the file is absent, unreadable, or a line lacks a numeric value of the metric."""
+def sample_lines(path: Path) -> list[tuple[tuple, dict]] | None:
+    """(key, line) per document of a per-sample file, the key (subtask, doc_id) (the line number where doc_id is
+    missing). None when the file is absent or unreadable, a line is not a JSON object, or a key repeats."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-    keys, vals, inv_choices = [], [], []
+    out = []
     for i, line in enumerate(text.splitlines()):
         line = line.strip()
         if not line:
@@ -289,6 +290,18 @@ def load_samples(path: Path, metric: str | None) -> Samples | None:
             return None
         if not isinstance(obj, dict):
             return None
+        doc = obj.get("doc_id")
+        out.append(((str(obj.get("subtask") or obj.get("task") or ""), doc if isinstance(doc, int) else i), obj))
+    return out if len({k for k, _ in out}) == len(out) else None
+
+
+def load_samples(path: Path, metric: str | None) -> Samples | None:
+    """None when the file is absent, unreadable, or a line lacks a numeric value of the metric."""
+    lines = sample_lines(path)
+    if not lines:
+        return None
+    vals, inv_choices = [], []
+    for _, obj in lines:
         value = None
         for m in [x for x in (metric, "value", "score") if x]:
             value = next((place[name] for place, name in _metric_places(obj, m) if name in place), None)
@@ -298,13 +311,127 @@ def load_samples(path: Path, metric: str | None) -> Samples | None:
             value = float(value)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return None
-        doc = obj.get("doc_id")
-        keys.append((str(obj.get("subtask") or obj.get("task") or ""), doc if isinstance(doc, int) else i))
         vals.append(float(value))
         # a multiple-choice document lists its choices; a generated answer has none (no chance level)
         choices = obj.get("continuations")
         inv_choices.append(1 / len(choices) if isinstance(choices, list) and len(choices) > 1 else None)
-    if not vals or len(set(keys)) != len(keys):
-        return None
     chance = float(np.mean(inv_choices)) if all(c is not None for c in inv_choices) else None
-    return Samples(tuple(keys), np.asarray(vals), chance)
+    return Samples(tuple(k for k, _ in lines), np.asarray(vals), chance)
+
+
+# ---------------------------------------------------------------------------------------------- seed level
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| ≥ |t|) for Student's t with a positive integer df: A(t|ν) = P(|T| < t) is a finite sum in θ =
+    atan(t/√ν) (Abramowitz & Stegun 26.7.3–4); seeds give integer degrees of freedom."""
+    if not (isinstance(df, int) and df >= 1):
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:   # odd: (2/π)[θ + sin θ cos θ (1 + (2/3) cos²θ + (2·4)/(3·5) cos⁴θ + …)], ν − 2 terms' worth
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2 / math.pi * (theta + s * math.cos(theta) * total)
+    else:        # even: sin θ (1 + (1/2) cos²θ + (1·3)/(2·4) cos⁴θ + …)
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = s * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile of Student's t (0.5 < q < 1), by bisection on the two-sided tail to 1e-12 relative."""
+    if not 0.5 < q < 1:
+        raise ValueError(f"q must lie in (0.5, 1), got {q!r}")
+    tail = 2 * (1 - q)
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > tail:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > tail else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_values(series: Series) -> dict:
+    """seed -> that seed's metric (mean over its parts of Σ num / Σ den)."""
+    return {s: float(np.mean([p.value for p in parts.values()])) for s, parts in series.items()}
+
+
+@dataclass
+class SeedTest:
+    """A paired difference at the seed level: each seed's difference is the difference of the two rows' metrics on
+    the examples both scored at that seed; the test is a one-sample t-test of those differences against 0, n − 1
+    degrees of freedom. holm() sets the level its interval is drawn at and the verdict, family by family."""
+
+    diffs: tuple                     # per seed, in seed order
+    p: float | None = None           # two-sided; None with fewer than 2 seeds
+    alpha: float | None = None       # the level Holm tested it at (holm())
+    family: int | None = None        # comparisons in its Holm family
+    p_holm: float | None = None      # Holm-adjusted p
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.diffs))
+
+    @property
+    def se(self) -> float | None:
+        return float(np.std(self.diffs, ddof=1) / math.sqrt(self.n)) if self.n >= 2 else None
+
+    def interval(self, alpha: float) -> tuple[float, float] | None:
+        if self.se is None:
+            return None
+        half = t_quantile(1 - alpha / 2, self.n - 1) * self.se
+        return self.mean - half, self.mean + half
+
+    @property
+    def ci(self) -> tuple[float, float] | None:
+        """The interval at Holm's level for this comparison (None before holm(), or with fewer than 2 seeds)."""
+        return None if self.alpha is None else self.interval(self.alpha)
+
+    @property
+    def significant(self) -> bool:
+        return self.p is not None and self.alpha is not None and self.p < self.alpha
+
+    def mdd(self, alpha: float, power: float = POWER) -> float | None:
+        """The true difference a two-sided t-test at `alpha` detects with `power` at this n and spread:
+        (t_{1−α/2, n−1} + t_{power, n−1}) · SE."""
+        if self.se is None:
+            return None
+        return (t_quantile(1 - alpha / 2, self.n - 1) + t_quantile(power, self.n - 1)) * self.se
+
+
+def seed_test(a: Series, b: Series) -> SeedTest:
+    """a − b per seed; a and b aligned (align()): the same seeds, each part on the examples both have."""
+    va, vb = seed_values(a), seed_values(b)
+    test = SeedTest(tuple(va[s] - vb[s] for s in sorted(a)))
+    if test.n >= 2:
+        se = test.se
+        test.p = (1.0 if test.mean == 0 else 0.0) if se == 0 else t_two_sided_p(test.mean / se, test.n - 1)
+    return test
+
+
+def holm(tests: list[SeedTest], alpha: float = ALPHA) -> None:
+    """Holm's step-down over one family (the tests with a p-value; the others stay n/a). The i-th smallest p is
+    tested at α/(k − i + 1) until the first that is not rejected; that one and every later one keep that step's
+    level, so each interval, drawn at its level, excludes 0 exactly where Holm rejects. p_holm is the adjusted p,
+    max over j ≤ i of min(1, (k − j + 1) p_(j))."""
+    family = [t for t in tests if t.p is not None]
+    k = len(family)
+    stop, running = None, 0.0
+    for i, t in enumerate(sorted(family, key=lambda t: t.p)):
+        level = alpha / (k - i) if stop is None else stop
+        if stop is None and not t.p < level:
+            stop = level
+        running = max(running, min(1.0, (k - i) * t.p))
+        t.alpha, t.family, t.p_holm = level, k, running

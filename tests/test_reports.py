@@ -82,10 +82,12 @@ def test_leaderboard_rows_and_reference_rows(study, built):
     out, s = built
     assert s["skipped"] == [] and s["records"] == 16
     rows = _csv(out / "leaderboard.csv")
-    # fedit/flexlora × {4,4,4; 4,2,2}, fedit iid, fedit bf16, centralized, local-only, base
-    assert len(rows) == s["rows"] == 9
+    # fedit/flexlora × {4,4,4; 4,2,2}, fedit iid, fedit bf16, centralized, local-only, base; and the trivial
+    # baselines of piqa (majority label, chance) under each of the 4 scored settings
+    assert len(rows) == s["rows"] == 9 + 4 * 2
     refs = {r["method"] for r in rows if r["reference"] == "True"}
-    assert refs == {"base", "centralized", "local-only"}
+    assert refs == {"base", "centralized", "local-only", "majority-label", "chance"}
+    assert {r["method"] for r in rows if r["kind"] == "baseline"} == {"majority-label", "chance"}
     assert {r["method"] for r in rows if r["reference"] == "False"} == {"fedit", "flexlora"}
     hetero = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
     assert hetero["n_seeds"] == "2" and hetero["seeds"] == "0;1" and hetero["test_loss_ci_basis"] == "seeds+examples"
@@ -94,11 +96,17 @@ def test_leaderboard_rows_and_reference_rows(study, built):
     md = (out / "LEADERBOARD.md").read_text()
     assert "piqa (acc; chance 0.50)" in md
     assert "| centralized (reference) |" in md and "| local-only (reference) |" in md and "| base (reference) |" in md
+    assert "| majority-label (baseline) |" in md and "| chance (baseline) |" in md
     # within a setting, reference rows come first
     table = md.split("## Leaderboard")[1]
     lines = [ln for ln in table.splitlines() if "| 4,2,2 |" in ln and "dirichlet" in ln and "bfloat16" not in ln]
     names = [ln.split("|")[1].strip() for ln in lines]
-    assert set(names[:2]) == {"centralized (reference)", "local-only (reference)"} and "(reference)" not in names[-1]
+    assert set(names[:4]) == {"centralized (reference)", "local-only (reference)", "majority-label (baseline)",
+                              "chance (baseline)"}
+    assert not names[-1].endswith(")")
+    # the capability metric leads: the task column comes first, the held-out losses after it
+    header = next(ln for ln in table.splitlines() if ln.startswith("| Method |")).split(" | ")
+    assert header.index("piqa (acc; chance 0.50)") < header.index("Test loss")
 
 
 def test_point_estimates_are_the_records(study, built):
@@ -133,8 +141,8 @@ def test_eval_dtypes_never_pool(study, built):
     fp32 = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
     assert (bf16["n_seeds"], fp32["n_seeds"]) == ("1", "2")
     paired = _csv(out / "paired.csv")
-    # the bf16 row has no bf16 baseline, and the float32-scored base model never joins its context
-    assert not [p for p in paired if p["eval_dtype"] == "bfloat16"]
+    # the float32-scored base model never joins the bf16 context; only the bf16 setting's trivial baselines do
+    assert {p["method"] for p in paired if p["eval_dtype"] == "bfloat16"} == {"majority-label", "chance"}
     assert "Eval dtype" in (out / "LEADERBOARD.md").read_text()
 
 
@@ -186,7 +194,8 @@ def test_paired_differences_are_paired_by_seed_and_example(study, built):
     out, s = built
     recs = _records(study)
     paired = _csv(out / "paired.csv")
-    assert s["baseline"] == "fedit" and s["metric"] == "test_loss" and s["comparisons"] > 0
+    # piqa is the records' capability metric: it is the main one unless --metric says otherwise
+    assert s["baseline"] == "fedit" and s["metric"] == "piqa" and s["comparisons"] > 0
     p = _row(paired, method="flexlora", baseline="fedit", metric="test_loss", ranks="4,2,2",
              partition="dirichlet(alpha=1)")
     direct = np.mean([recs[f"flexlora-r4-2-2-s{s}"]["test"]["loss"] - recs[f"fedit-r4-2-2-s{s}"]["test"]["loss"]
@@ -199,7 +208,13 @@ def test_paired_differences_are_paired_by_seed_and_example(study, built):
     assert float(p["mdd"]) == pytest.approx(MDD_FACTOR * se, rel=1e-4) and MDD_FACTOR == pytest.approx(2.8016, abs=1e-4)
     for q in paired:
         if q["ci_low"]:
-            assert (q["significant"] == "True") == (float(q["ci_low"]) > 0 or float(q["ci_high"]) < 0)
+            assert (q["ci_excludes_0"] == "True") == (float(q["ci_low"]) > 0 or float(q["ci_high"]) < 0)
+        # ★ is the seed-level test's, after Holm: its CI excludes 0 exactly where Holm rejects
+        if q["seed_ci_low"]:
+            assert (q["significant"] == "True") == (float(q["seed_ci_low"]) > 0 or float(q["seed_ci_high"]) < 0)
+            assert (q["significant"] == "True") == (float(q["holm_p"]) < 0.05)
+        else:
+            assert q["significant"] == "False" and q["n_seeds"] == "1"
     # pairing by example: the same held-out examples are hard for both models, so the paired interval is far
     # narrower than the two rows' own intervals combined as if independent
     rows = _csv(out / "leaderboard.csv")
@@ -238,11 +253,17 @@ def test_paired_table_is_at_the_top_with_the_mdd(built):
     md = (out / "LEADERBOARD.md").read_text()
     top, board = md.split("## Leaderboard")
     assert "## Which method, and by how much: paired differences against fedit" in top
-    assert "Minimum detectable difference on Test loss" in top and "80% power" in top
-    assert "| Partition | Ranks | Method | Seeds | Δ Test loss [95% CI] | MDD |" in top
     paired = _csv(out / "paired.csv")
-    shown = [p for p in paired if p["metric"] in ("test_loss", "client_loss", "personal_loss", "avg")]
+    k = sum(1 for p in paired if p["metric"] == "piqa" and p["seed_p"])
+    assert 0 < k < sum(1 for p in paired if p["metric"] == "piqa")   # the one-seed comparisons are n/a, not tested
+    assert {p["family_size"] for p in paired if p["metric"] == "piqa" and p["seed_p"]} == {str(k)}
+    assert "Minimum detectable difference on piqa (acc; chance 0.50) at the seed level" in top and "80% power" in top
+    assert f"α = 0.05/{k}" in top
+    assert (f"| Partition | Ranks | Eval dtype | Method | Seeds | Δ piqa (acc; chance 0.50) [95% CI] | "
+            f"Seed-level CI (Holm, k={k}) | MDD (seeds) | Δ Test loss [seed-level CI, Holm, k=") in top
+    shown = [p for p in paired if p["metric"] in ("piqa", "test_loss", "client_loss", "personal_loss", "avg")]
     assert ("★" in top) == any(p["significant"] == "True" for p in shown)
+    assert "| n/a |" in top   # the one-seed comparisons (bf16, iid, base) have no seed-level CI
     # every non-baseline row of a fedit setting is compared, references included (base on the task it has)
     compared = {(p["method"], p["ranks"], p["partition"]) for p in paired}
     assert ("base", "4,2,2", "dirichlet(alpha=1)") in compared and ("local-only", "4,2,2", "dirichlet(alpha=1)") in compared
@@ -297,6 +318,228 @@ def test_held_out_sets_that_differ_are_not_paired(study, tmp_path):
     metrics = {q["metric"] for q in _csv(tmp_path / "o" / "paired.csv")}
     assert "test_loss" not in metrics and "piqa" in metrics
     assert any("Test loss: not paired at seed(s) 0" in n for n in s["notes"])
+
+
+# ------------------------------------------------------------------------------------------- seed-level inference
+
+SYNTHETIC_SETTING = {"model": "synthetic-model", "dataset": "synthetic", "partition": {"kind": "iid"}, "ranks": [4, 4],
+                     "rank_distribution": "explicit", "num_clients": 2, "client_fraction": 1.0, "rounds": 1,
+                     "preset": "synthetic"}
+
+
+def _write_synthetic(folder: Path, method: str, seed: int, test: dict | None = None, tasks: dict | None = None) -> dict:
+    """A record built by the engine's own writer (bench.record.build_record) around synthetic numbers."""
+    from bench.io import atomic_write_json
+    from bench.record import build_record
+
+    run_id = f"{method}-s{seed}"
+    rec = build_record(kind="run", run_id=run_id, method=method, setting=json.loads(json.dumps(SYNTHETIC_SETTING)),
+                       seed=seed, config={"method": method, "seed": seed}, config_hash="0" * 64, provenance={},
+                       dtypes={"export": "float32", "eval": "float32" if tasks else None}, timings={"total_s": 1.0},
+                       run_dir=f"runs/{run_id}", rounds=[{"round": 1, "clients": []}], test=test,
+                       eval={"backend": "hf", "dtype": "float32", "tasks": tasks} if tasks else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / f"{run_id}.json", rec)
+    return rec
+
+
+def _held_out(offset: float, seed: int, n: int = 400) -> dict:
+    """Per-example losses on a seed's held-out set: a difficulty shared by every method at that seed (cancels in a
+    paired difference), the method's offset, and a little per-example noise of its own."""
+    shared = np.random.default_rng(seed)
+    tokens = shared.integers(5, 20, size=n)
+    difficulty = shared.gamma(2.0, 0.5, size=n)
+    own = np.random.default_rng([seed, int(abs(offset) * 1e4), int(offset < 0)]).normal(0, 0.02, size=n)
+    sums = (2.0 + difficulty + offset + own) * tokens
+    return {"loss": float(sums.sum() / tokens.sum()), "examples": n, "loss_sums": sums.tolist(),
+            "tokens": tokens.tolist()}
+
+
+# test-loss offsets against fedit at seeds 0, 1, 2 (lower is better)
+OFFSETS = {"strong": [-0.30, -0.31, -0.29],   # clear at the seed level, even after Holm
+           "mid": [-0.20, -0.15, -0.25],      # its uncorrected seed-level CI excludes 0, Holm's does not
+           "wide": [-0.50, -0.10, -0.30],     # every seed better: the bootstrap CI excludes 0, the seed-level CI not
+           "null": [0.05, -0.04, 0.0]}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    res = tmp_path_factory.mktemp("synthetic") / "results"
+    for seed in range(3):
+        _write_synthetic(res, "fedit", seed, _held_out(0.0, seed))
+        for method, offsets in OFFSETS.items():
+            _write_synthetic(res, method, seed, _held_out(offsets[seed], seed))
+    _write_synthetic(res, "single", 0, _held_out(-0.4, 0))   # one seed: no seed-level CI
+    return res
+
+
+def _holm_by_hand(p: dict, alpha: float = 0.05) -> tuple[dict, dict, dict]:
+    """Textbook Holm: H_(i) is rejected iff p_(j) < α/(k − j + 1) for every j ≤ i; adjusted p_(i) = max over j ≤ i
+    of min(1, (k − j + 1) p_(j)); the level each is drawn at: its own step's while rejected, then the first
+    unrejected step's."""
+    order = sorted(p, key=p.get)
+    k = len(order)
+    rejected = {m: all(p[order[j]] < alpha / (k - j) for j in range(i + 1)) for i, m in enumerate(order)}
+    adjusted = {m: max(min(1.0, (k - j) * p[order[j]]) for j in range(i + 1)) for i, m in enumerate(order)}
+    first_kept = next((i for i, m in enumerate(order) if not rejected[m]), k)
+    level = {m: alpha / (k - min(i, first_kept)) for i, m in enumerate(order)}
+    return rejected, adjusted, level
+
+
+def test_seed_level_ci_and_holm_match_an_independent_computation(synthetic, tmp_path):
+    from scipy import stats
+
+    s = build_report([str(synthetic)], str(tmp_path / "o"))
+    assert s["metric"] == "test_loss"   # no capability metric in these records: the held-out loss leads
+    paired = {p["method"]: p for p in _csv(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss"}
+    assert set(paired) == {*OFFSETS, "single"}
+    recs = _records(synthetic)
+
+    def value(name):
+        t = recs[name]["test"]
+        return sum(t["loss_sums"]) / sum(t["tokens"])
+
+    diffs = {m: np.array([value(f"{m}-s{s}") - value(f"fedit-s{s}") for s in range(3)]) for m in OFFSETS}
+    se = {m: d.std(ddof=1) / math.sqrt(3) for m, d in diffs.items()}
+    p = {m: float(2 * stats.t.sf(abs(d.mean() / se[m]), df=2)) for m, d in diffs.items()}
+    rejected, adjusted, level = _holm_by_hand(p)
+    for m, d in diffs.items():
+        row = paired[m]
+        half = stats.t.ppf(1 - level[m] / 2, df=2) * se[m]
+        assert [float(x) for x in row["seed_diffs"].split(";")] == pytest.approx(d.tolist(), rel=1e-5)
+        assert float(row["diff"]) == pytest.approx(d.mean(), rel=1e-5)
+        assert float(row["seed_se"]) == pytest.approx(se[m], rel=1e-5)
+        assert float(row["seed_p"]) == pytest.approx(p[m], rel=1e-5)
+        assert float(row["holm_p"]) == pytest.approx(adjusted[m], rel=1e-5)
+        assert float(row["holm_alpha"]) == pytest.approx(level[m], rel=1e-5) and row["family_size"] == "4"
+        assert float(row["seed_ci_low"]) == pytest.approx(d.mean() - half, rel=1e-5)
+        assert float(row["seed_ci_high"]) == pytest.approx(d.mean() + half, rel=1e-5)
+        assert (row["significant"] == "True") == rejected[m]
+        mdd = (stats.t.ppf(1 - 0.05 / 4 / 2, df=2) + stats.t.ppf(0.80, df=2)) * se[m]
+        assert float(row["seed_mdd"]) == pytest.approx(mdd, rel=1e-5)
+    assert rejected == {"strong": True, "mid": False, "wide": False, "null": False}
+    # mid: the uncorrected 95% t-interval excludes 0; at the level Holm tests it at, it does not
+    assert p["mid"] < 0.05 and float(paired["mid"]["seed_ci_high"]) > 0
+    # wide: every seed is better, so the hierarchical bootstrap's interval excludes 0; three seeds that spread
+    # from −0.5 to −0.1 do not make a seed-level finding
+    assert paired["wide"]["ci_excludes_0"] == "True" and float(paired["wide"]["ci_high"]) < 0
+    assert paired["wide"]["significant"] == "False" and float(paired["wide"]["seed_ci_high"]) > 0
+    # one seed: no seed-level CI, no ★, not in the family
+    single = paired["single"]
+    assert single["n_seeds"] == "1" and single["seed_ci_low"] == "" and single["seed_p"] == ""
+    assert single["significant"] == "False"
+    md = (tmp_path / "o" / "LEADERBOARD.md").read_text()
+    lines = [ln for ln in md.split("## Leaderboard")[0].splitlines() if ln.startswith("| ")]
+    col = [c.strip() for c in lines[0].split("|")].index("Method")
+    table = {ln.split("|")[col].strip(): ln for ln in lines[1:]}
+    assert "★ better" in table["strong"] and "★" not in table["wide"] and "★" not in table["mid"]
+    assert "| n/a |" in table["single"]
+    assert "Seed-level CI (Holm, k=4)" in md and "α = 0.05/4 = 0.0125" in md
+    median = float(np.median([(stats.t.ppf(1 - 0.05 / 8, 2) + stats.t.ppf(0.8, 2)) * x for x in se.values()]))
+    got = re.search(r"over the 4 comparisons of this metric\): ([0-9.]+) \(median over 4 comparisons", md).group(1)
+    assert float(got) == pytest.approx(median, abs=0.5 * 10 ** -len(got.split(".")[1]) + 1e-12)
+
+
+def test_t_distribution_matches_scipy():
+    from scipy import stats
+
+    from reports.stats import t_quantile, t_two_sided_p
+
+    for df in (1, 2, 3, 4, 5, 8, 19, 30, 99):
+        for t in (0.0, 0.3, 1.0, 2.5, 7.0, 40.0):
+            assert t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(t, df), rel=1e-9, abs=1e-13)
+        for q in (0.8, 0.975, 0.99, 0.99875, 0.9999):
+            assert t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- trivial baselines
+
+def _sample_lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_multiple_choice_baselines_from_the_documents(study, built, tmp_path):
+    """majority-label (the most frequent gold index among a seed's documents) and chance (1/choices) are computed
+    from the per-sample files, under every scored setting, and pair with the model rows by document."""
+    out, _ = built
+    recs = _records(study)
+    rows, paired = _csv(out / "leaderboard.csv"), _csv(out / "paired.csv")
+    scored = {(r["ranks"], r["partition"], r["eval_dtype"]) for r in rows if r["piqa"] and r["kind"] == "run"}
+    for name in ("majority-label", "chance"):
+        assert {(r["ranks"], r["partition"], r["eval_dtype"]) for r in rows if r["method"] == name} == scored
+    majority, model = [], []
+    for seed in (0, 1):
+        lines = _sample_lines(recs[f"fedit-r4-2-2-s{seed}"]["eval"]["tasks"]["piqa"]["samples"])
+        targets = [ln["target"] for ln in lines]
+        top = max(sorted(set(targets)), key=targets.count)
+        majority.append(np.mean([t == top for t in targets]))
+        model.append(np.mean([ln["metrics"]["none"]["acc"] for ln in lines]))
+    where = dict(ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
+    assert float(_row(rows, method="majority-label", **where)["piqa"]) == pytest.approx(np.mean(majority))
+    assert float(_row(rows, method="chance", **where)["piqa"]) == pytest.approx(0.5)
+    p = _row(paired, method="majority-label", metric="piqa", **where)
+    assert [float(x) for x in p["seed_diffs"].split(";")] == pytest.approx(np.subtract(majority, model).tolist())
+    assert p["kind"] == "baseline" and p["reference"] == "True"
+    # a trivial baseline can be the baseline of the paired table
+    s = build_report([str(study)], str(tmp_path / "o"), baseline="majority-label")
+    rev = _csv(tmp_path / "o" / "paired.csv")
+    assert s["baseline"] == "majority-label" and {q["baseline"] for q in rev} == {"majority-label"}
+    back = _row(rev, method="fedit", metric="piqa", **where)
+    assert float(back["diff"]) == pytest.approx(-float(p["diff"]), abs=1e-12)
+
+
+def _dolly_docs(shared_data: Path, n: int) -> list[dict]:
+    """Real Dolly records in the doc shape of the dolly_heldout task (instruction, context, response, prompt)."""
+    recs = json.loads((shared_data / "dolly_fedit_10clients" / "local_training_0.json").read_text())[:n]
+    return [{"instruction": r["instruction"], "context": r["context"], "response": r["response"],
+             "category": r["category"], "prompt": r["instruction"] + (f"\n\n{r['context']}" if r["context"] else "")}
+            for r in recs]
+
+
+def test_generation_baselines_score_the_documents(shared_data, tmp_path):
+    """dolly_heldout's trivial generations (copy the instruction, copy the prompt, answer nothing) are scored by the
+    task's ROUGE-L on the documents in the per-sample files; they pair with the model rows by document, and the
+    generation task leads the tables."""
+    from evaluators.runner import _write_samples
+
+    docs = _dolly_docs(shared_data, 12)
+    res, rng = tmp_path / "results", np.random.default_rng(7)
+    model = {}
+    for method in ("fedit", "flexlora"):
+        for seed in (0, 1, 2):
+            values = rng.uniform(0.0, 0.6, size=len(docs))
+            model[method, seed] = values
+            path = tmp_path / "runs" / f"{method}-s{seed}" / "eval" / "dolly_heldout.jsonl"
+            _write_samples(path, [{"_subtask": "fedlora_dolly_heldout", "doc_id": i, "doc": d, "target": d["response"],
+                                   "arguments": {"gen_args_0": {"arg_0": d["prompt"], "arg_1": {"until": []}}},
+                                   "resps": [["generated"]], "filtered_resps": ["generated"], "filter": "none",
+                                   "metrics": ["rougeL"], "rougeL": float(v)} for i, (d, v) in enumerate(zip(docs, values))],
+                           "dolly_heldout", {})
+            tasks = {"dolly_heldout": {"metric": "rougeL", "value": float(values.mean()), "n": len(docs),
+                                       "samples": str(path)}}
+            _write_synthetic(res, method, seed, _held_out(0.1 if method == "flexlora" else 0.0, seed), tasks)
+    s = build_report([str(res)], str(tmp_path / "o"))
+    assert s["metric"] == "dolly_heldout"
+    md = (tmp_path / "o" / "LEADERBOARD.md").read_text()
+    header = next(ln for ln in md.split("## Leaderboard")[1].splitlines() if ln.startswith("| Method |")).split(" | ")
+    assert header.index("dolly_heldout (rougeL)") < header.index("Test loss")
+    rows = _csv(tmp_path / "o" / "leaderboard.csv")
+    try:
+        from evaluators.tasks.loaders import TRIVIAL_GENERATIONS, rouge_l
+    except ImportError:   # the generation task's code is not in this checkout: no rows, and a note says why
+        assert not [r for r in rows if r["kind"] == "baseline"]
+        assert any("no trivial-baseline rows for 'dolly_heldout'" in n and "TRIVIAL_GENERATIONS" in n for n in s["notes"])
+        return
+    pytest.importorskip("rouge_score")
+    assert {r["method"] for r in rows if r["kind"] == "baseline"} == set(TRIVIAL_GENERATIONS)
+    paired = _csv(tmp_path / "o" / "paired.csv")
+    for name, generate in TRIVIAL_GENERATIONS.items():
+        scores = np.array([rouge_l(generate(d), d["response"]) for d in docs])
+        assert float(_row(rows, method=name)["dolly_heldout"]) == pytest.approx(scores.mean(), rel=1e-5)
+        p = _row(paired, method=name, metric="dolly_heldout")
+        direct = [scores.mean() - model["fedit", seed].mean() for seed in (0, 1, 2)]
+        assert [float(x) for x in p["seed_diffs"].split(";")] == pytest.approx(direct, rel=1e-5)
+    assert _row(rows, method="empty")["dolly_heldout"] in ("0", "0.0")
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -360,10 +603,12 @@ def test_per_sample_files_found_beside_committed_records(study, tmp_path):
     rec["eval"]["tasks"]["piqa"]["samples"] = str(tmp_path / "gone" / src.name)
     (res / "fedit-r4-2-2-s0.json").write_text(json.dumps(rec))
     s = build_report([str(res)], str(tmp_path / "o"))
-    assert _csv(tmp_path / "o" / "leaderboard.csv")[0]["piqa_ci_basis"] == "examples"
+    assert _row(_csv(tmp_path / "o" / "leaderboard.csv"), method="fedit")["piqa_ci_basis"] == "examples"
     (res / "samples" / rec["run_id"] / src.name).unlink()
     s = build_report([str(res)], str(tmp_path / "o"))
-    assert _csv(tmp_path / "o" / "leaderboard.csv")[0]["piqa_ci_basis"] == ""
+    rows = _csv(tmp_path / "o" / "leaderboard.csv")
+    assert [r["method"] for r in rows] == ["fedit"]   # no documents, no trivial baselines
+    assert rows[0]["piqa_ci_basis"] == ""
     assert any("no per-sample file for task 'piqa'" in n for n in s["notes"])
 
 
@@ -431,7 +676,10 @@ def test_empty_results_folder(tmp_path):
     (tmp_path / "results").mkdir()
     s = build_report([str(tmp_path / "results")], str(tmp_path / "out"), plots=True)
     assert s["rows"] == 0 and {p["plot"] for p in s["plots_skipped"]} == set(PLOTS) | {"privacy_utility"}
-    assert "No complete records" in (tmp_path / "out" / "LEADERBOARD.md").read_text()
+    md = (tmp_path / "out" / "LEADERBOARD.md").read_text()
+    assert "0 rows from 0 records" in md and "No records yet" in md and "## Which method" not in md
+    assert "No records yet" in (tmp_path / "out" / "leaderboard.html").read_text()
+    assert (tmp_path / "out" / "leaderboard.csv").read_text().startswith("kind,reference,method,n_seeds")
 
 
 # ------------------------------------------------------------------------------------------- HTML in Chromium
@@ -450,7 +698,8 @@ def test_html_renders_and_sorts_in_headless_chromium(built, tmp_path):
     dom = _chromium(["--dump-dom", page], tmp_path / "profile1")
     assert dom.returncode == 0, dom.stderr[-2000:]
     board = dom.stdout.split('<table id="leaderboard"')[1]
-    assert board.count('<tr class="reference">') == 3 and board.count('<tr class="run">') == s["rows"] - 3
+    refs = sum(1 for r in _csv(out / "leaderboard.csv") if r["reference"] == "True")
+    assert board.count('<tr class="reference">') == refs and board.count('<tr class="run">') == s["rows"] - refs
     shot = tmp_path / "shot.png"
     r = _chromium([f"--screenshot={shot}", "--window-size=1400,900", page], tmp_path / "profile2")
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
