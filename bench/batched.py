@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from methods import AggregationMethod
 
 from . import data as data_mod
-from .client import token_loss
+from .client import micro_batches, token_loss
 
 # padded widths are rounded up to a multiple of this: fewer distinct shapes (cuDNN attention plans one graph
 # per shape, ~2 ms of CPU each); exact, since the extra positions are masked like any padding
@@ -79,7 +79,8 @@ def _schedule(job: Job, cfg):
         while len(stream) < cfg.batch_size:
             stream.extend(rng.permutation(n).tolist())
         batch, stream = stream[: cfg.batch_size], stream[cfg.batch_size:]
-        out.append([batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)])
+        # the sequential path's grouping (length buckets or draw order), so dropout meets the same rows
+        out.append([[batch[i] for i in m] for m in micro_batches([job.examples[i] for i in batch], cfg)])
     return out
 
 

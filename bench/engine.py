@@ -465,6 +465,9 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
 
     if privacy.enabled(cfg):
         why = "DP-SGD clips and noises each client's per-example gradients one client at a time"
+    elif cfg.length_buckets and 1 < cfg.micro_batch_size < cfg.batch_size and cfg.lora_dropout > 0:
+        why = ("length-bucketed micro-batches draw dropout masks the batched forward does not reproduce (set "
+               "--length-buckets false or micro_batch_size = batch_size to batch them)")
     elif cfg.compute_dtype != "float32" and device.type == "cpu":
         why = f"compute_dtype {cfg.compute_dtype} (autocast over float32 masters) is applied by the sequential path only"
     else:
