@@ -53,6 +53,13 @@ def run_engine(cfg, args, evaluator, log=print) -> dict | None:
     if cfg.engine == "flower" and not (opts.superlink or opts.app_dir):
         raise BenchError("superlink: --engine flower needs --superlink HOST:PORT (or a connection name from "
                          "$FLWR_HOME/config.toml), or --flower-app-dir DIR to write the app for `flwr run`")
+    # the certificate is checked with the other flags, before the run's data or model is resolved
+    if opts.root_certificates and opts.superlink and not _is_address(opts.superlink):
+        raise BenchError("root_certificates: with a connection name, set root-certificates in that connection of "
+                         "$FLWR_HOME/config.toml; --root-certificates goes with --superlink HOST:PORT")
+    if opts.root_certificates and not Path(opts.root_certificates).is_file():
+        raise BenchError(f"root_certificates: {opts.root_certificates} is not a file; pass the CA certificate (PEM) "
+                         "that signed the SuperLink's certificate")
     if cfg.reference:
         raise BenchError(f"reference: reference rows ({cfg.reference}) train differently from a federated run; "
                          "run them with --engine inprocess")
@@ -174,6 +181,11 @@ def flwr_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("flwr") or "flwr")
 
 
+def _is_address(target: str) -> bool:
+    """HOST:PORT (an address), as opposed to a connection name of $FLWR_HOME/config.toml."""
+    return re.fullmatch(r"\[?[\w.:-]+\]?:\d+", target) is not None
+
+
 def connection(opts: FlowerOptions, home: Path) -> tuple[str, dict]:
     """(connection name, environment) for the flwr CLI. HOST:PORT gets a private FLWR_HOME (in `home`) with
     one connection; a name uses the user's own $FLWR_HOME/config.toml."""
@@ -181,7 +193,7 @@ def connection(opts: FlowerOptions, home: Path) -> tuple[str, dict]:
 
     env = dict(os.environ)
     target = opts.superlink
-    if target and re.fullmatch(r"\[?[\w.:-]+\]?:\d+", target):
+    if target and _is_address(target):
         conn = {"address": target}
         if opts.root_certificates:
             if not Path(opts.root_certificates).is_file():
