@@ -3,6 +3,7 @@ checked on the clipped gradients themselves, the noise's scale, the one-line ref
 whose records carry each client's spent ε per round (also the source of the privacy–utility plot test)."""
 import json
 import math
+import re
 from pathlib import Path
 
 import opacus  # noqa: F401  (setup.sh installs the dp extra: a missing Opacus is a broken setup, not a skip)
@@ -217,8 +218,12 @@ def test_every_registered_method_declares_dp_support():
     for name, cls in METHODS.items():
         assert isinstance(cls.supports_dp, bool)
         assert cls.supports_dp or cls.dp_refusal, f"{name}: a method without DP says why (dp_refusal)"
-        cfg = build_config(preset="tiny", overrides={"method": name, "dp_epsilon": 8, "dp_delta": 1e-5})
-        assert privacy.enabled(cfg)
+        overrides = {"method": name, "dp_epsilon": 8, "dp_delta": 1e-5}
+        if cls.supports_dp:
+            assert privacy.enabled(build_config(preset="tiny", overrides=overrides))
+        else:  # refused in one line, before any work, with the method's reason
+            with pytest.raises(BenchError, match=re.escape(cls.dp_refusal[:40])):
+                build_config(preset="tiny", overrides=overrides)
 
 
 def test_records_written_before_dp_keep_their_config_hash():
@@ -229,8 +234,8 @@ def test_records_written_before_dp_keep_their_config_hash():
 
     from bench.config import RunConfig
 
-    stored = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "results" / "*.json")))
-    assert stored, "the repository's results/ holds the study's records"
+    stored = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "results" / "v1-commonsense" / "*.json")))
+    assert stored, "results/v1-commonsense/ holds the v1 study's records"
     checked = 0
     for path in stored[::8]:
         rec = json.loads(Path(path).read_text())
