@@ -21,13 +21,13 @@ from __future__ import annotations
 import torch
 
 from . import register_method
-from .base import Aggregate, AggregationMethod, ClientTask, GlobalState, Option, client_weights, module_names, slice_adapter
-from .factors import factored_svd, padded_sum
-from .ffa_lora import grow_rows
+from .base import Option
+from .factors import factored_svd
+from .ffa_lora import FFALoRA
 
 
 @register_method("fedsvd")
-class FedSVD(AggregationMethod):
+class FedSVD(FFALoRA):  # its clients and its B-step are FFA-LoRA's
     description = ("A fixed, only B trained and averaged (exact); the server re-factorizes B̄A by SVD each round: "
                    "A = orthonormal right singular vectors, B = U S")
     citation = ("Lee et al., FedSVD: Adaptive Orthogonalization for Private Federated Learning with LoRA, NeurIPS 2025 "
@@ -41,28 +41,19 @@ class FedSVD(AggregationMethod):
         if self.opts["svd_every"] < 1:
             raise ValueError(f"method_options: fedsvd svd_every must be ≥ 1, got {self.opts['svd_every']}")
 
-    def configure(self, state, client):
-        rows = next(iter(state.adapter.values()))[0].shape[0] if state.adapter else 0
-        init = slice_adapter(state.adapter, client.rank, client.scaling) if state.adapter else None
-        return ClientTask(init=init, train="B", upload="B" if client.rank <= rows else "AB")
-
     def aggregate(self, updates, state):
-        weights = client_weights(updates)
+        """FFA-LoRA's exact step (B̄ over the shared A), then the re-factorization of B̄A."""
+        out = super().aggregate(updates, state)
         refactor = (state.round + 1) % self.opts["svd_every"] == 0
-        adapter, mismatch, ortho = {}, 0.0, 0.0
-        for name in module_names(updates):
-            a, bad = grow_rows(state.adapter.get(name, (None, None))[0], updates, name)
-            mismatch = max(mismatch, bad)
-            b = padded_sum([(p * u.scaling, u.factors[name][1].to(a.dtype)) for u, p in zip(updates, weights)],
-                           a.shape[0], 1)
-            if refactor:
+        ortho = 0.0
+        if refactor:
+            for name, (a, b) in out.state.adapter.items():
                 u_, s_, v_ = factored_svd(b.double(), a.double())
                 rows, q = a.shape[0], s_.shape[0]   # q < rows only when the rank exceeds min(d_out, d_in)
                 a, b = a.new_zeros(rows, a.shape[1], dtype=torch.float64), b.new_zeros(b.shape[0], rows, dtype=torch.float64)
                 a[:q], b[:, :q] = v_.mT, u_ * s_
                 eye = torch.eye(q, dtype=a.dtype, device=a.device)
                 ortho = max(ortho, float((a[:q] @ a[:q].mT - eye).abs().max()))
-            adapter[name] = (a, b)
-        return Aggregate(GlobalState(adapter, state.round + 1),
-                         metrics={"noise": 0.0, "a_mismatch": mismatch, "refactorized": int(refactor),
-                                  "orthogonality": ortho})
+                out.state.adapter[name] = (a, b)
+        out.metrics.update(refactorized=int(refactor), orthogonality=ortho)
+        return out

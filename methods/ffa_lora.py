@@ -49,7 +49,8 @@ class FFALoRA(AggregationMethod):
         adapter, mismatch = {}, 0.0
         for name in module_names(updates):
             a, bad = grow_rows(state.adapter.get(name, (None, None))[0], updates, name)
-            b_bar = padded_sum([(p * u.scaling, u.factors[name][1]) for u, p in zip(updates, weights)], a.shape[0], 1)
+            b_bar = padded_sum([(p * u.scaling, u.factors[name][1].to(a.dtype)) for u, p in zip(updates, weights)],
+                               a.shape[0], 1)
             adapter[name] = (a, b_bar)
             mismatch = max(mismatch, bad)
         return Aggregate(GlobalState(adapter, state.round + 1), metrics={"noise": 0.0, "a_mismatch": mismatch})
