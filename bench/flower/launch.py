@@ -47,19 +47,7 @@ def run_engine(cfg, args, evaluator, log=print) -> dict | None:
     from . import require_flwr
 
     opts = options_from_args(args)
-    if cfg.engine == "flower-sim" and (opts.superlink or opts.app_dir or opts.root_certificates):
-        raise BenchError("engine: --superlink, --root-certificates and --flower-app-dir are for --engine flower "
-                         "(a SuperLink); flower-sim runs Flower's simulation here")
-    if cfg.engine == "flower" and not (opts.superlink or opts.app_dir):
-        raise BenchError("superlink: --engine flower needs --superlink HOST:PORT (or a connection name from "
-                         "$FLWR_HOME/config.toml), or --flower-app-dir DIR to write the app for `flwr run`")
-    # the certificate is checked with the other flags, before the run's data or model is resolved
-    if opts.root_certificates and opts.superlink and not _is_address(opts.superlink):
-        raise BenchError("root_certificates: with a connection name, set root-certificates in that connection of "
-                         "$FLWR_HOME/config.toml; --root-certificates goes with --superlink HOST:PORT")
-    if opts.root_certificates and not Path(opts.root_certificates).is_file():
-        raise BenchError(f"root_certificates: {opts.root_certificates} is not a file; pass the CA certificate (PEM) "
-                         "that signed the SuperLink's certificate")
+    check_options(cfg, opts)
     if cfg.reference:
         raise BenchError(f"reference: reference rows ({cfg.reference}) train differently from a federated run; "
                          "run them with --engine inprocess")
@@ -181,6 +169,22 @@ def flwr_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("flwr") or "flwr")
 
 
+def check_options(cfg, opts: FlowerOptions) -> None:
+    """The Flower flags, against the engine and each other, before the run's data or model is resolved."""
+    if cfg.engine == "flower-sim" and (opts.superlink or opts.app_dir or opts.root_certificates):
+        raise BenchError("engine: --superlink, --root-certificates and --flower-app-dir are for --engine flower "
+                         "(a SuperLink); flower-sim runs Flower's simulation here")
+    if cfg.engine == "flower" and not (opts.superlink or opts.app_dir):
+        raise BenchError("superlink: --engine flower needs --superlink HOST:PORT (or a connection name from "
+                         "$FLWR_HOME/config.toml), or --flower-app-dir DIR to write the app for `flwr run`")
+    if opts.root_certificates and opts.superlink and not _is_address(opts.superlink):
+        raise BenchError("root_certificates: with a connection name, set root-certificates in that connection of "
+                         "$FLWR_HOME/config.toml; --root-certificates goes with --superlink HOST:PORT")
+    if opts.root_certificates and not Path(opts.root_certificates).is_file():
+        raise BenchError(f"root_certificates: {opts.root_certificates} is not a file; pass the CA certificate (PEM) "
+                         "that signed the SuperLink's certificate")
+
+
 def _is_address(target: str) -> bool:
     """HOST:PORT (an address), as opposed to a connection name of $FLWR_HOME/config.toml."""
     return re.fullmatch(r"\[?[\w.:-]+\]?:\d+", target) is not None
@@ -196,9 +200,6 @@ def connection(opts: FlowerOptions, home: Path) -> tuple[str, dict]:
     if target and _is_address(target):
         conn = {"address": target}
         if opts.root_certificates:
-            if not Path(opts.root_certificates).is_file():
-                raise BenchError(f"root_certificates: {opts.root_certificates} is not a file; pass the CA certificate (PEM) "
-                                 "that signed the SuperLink's certificate")
             conn["root-certificates"] = opts.root_certificates
         else:
             conn["insecure"] = True
@@ -206,9 +207,6 @@ def connection(opts: FlowerOptions, home: Path) -> tuple[str, dict]:
         (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "bench", "bench": conn}}))
         env["FLWR_HOME"] = str(home)
         return "bench", env
-    if opts.root_certificates:
-        raise BenchError("root_certificates: with a connection name, set root-certificates in that connection of "
-                         "$FLWR_HOME/config.toml; --root-certificates goes with --superlink HOST:PORT")
     return target, env
 
 
@@ -224,6 +222,7 @@ def run_status(conn: str, run_id: str, env: dict) -> str:
 
 def deploy(cfg, opts: FlowerOptions, *, resume=None, evaluator=None, log=print, clientapp: str | None = None,
            extra_config: dict | None = None, extra_files=()):
+    check_options(cfg, opts)
     cfg, _ = _checked(cfg, resume, evaluator)
     cfg = _absolute(cfg)
     resume = str(Path(resume).resolve()) if resume else None
