@@ -1,4 +1,4 @@
-"""`bench ablate`: a resumable grid of methods × rank setting × data heterogeneity × seeds.
+"""`bench ablate`: a resumable grid of methods × rank setting × data heterogeneity × learning rate × seeds.
 
 Each cell is an ordinary `bench run` with a deterministic run directory. A cell whose results record
 exists (same config hash and seed) is never run twice; a cell killed mid-run resumes from its last
@@ -28,6 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="';'-separated data settings: iid | dirichlet:<alpha> | shards:<k> | predefined (default: the preset's)")
     p.add_argument("--references", default="",
                    help="comma-separated reference rows run in every setting beside the methods: base, centralized, local-only")
+    p.add_argument("--lrs", default=None,
+                   help="comma-separated learning rates, an axis of the grid (a tuning grid: score it on a validation "
+                        "task, e.g. --preset instruct-tune); each cell's name gains lr<value>")
+    p.add_argument("--tuned-lr", metavar="DIR", default=None,
+                   help="each row's learning rate from the tuning records in DIR: the lr whose records score highest on "
+                        "their first eval task (mean over seeds; ties: lower held-out loss). The choice, every "
+                        "candidate's score and the records read are kept in each cell's config as lr_tuning")
+    p.add_argument("--tuned-lr-as", action="append", default=[], metavar="ROW=TUNED_ROW",
+                   help="a row without tuning records of its own takes another row's tuned lr, e.g. local-only=fedit "
+                        "(its clients train as FedIT's do); recorded in lr_tuning.borrowed_from")
     p.add_argument("--seeds", default="0")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key for every cell")
     p.add_argument("--results-dir", default="results")
@@ -61,6 +71,70 @@ def _partition_overrides(spec: str) -> tuple[str, dict]:
     raise BenchError(f"partitions: unknown entry {spec!r}; use iid, dirichlet:<alpha>, shards:<k> or predefined")
 
 
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def _task_score(rec: dict) -> tuple[str, str, float] | None:
+    """(task, metric, value) of the record's first scored eval task, or None."""
+    tasks = (rec.get("eval") or {}).get("tasks") or {}
+    for task in (rec.get("config") or {}).get("eval_tasks") or []:
+        entry = tasks.get(task)
+        if isinstance(entry, dict) and isinstance(entry.get("value"), (int, float)):
+            return task, str(entry.get("metric")), float(entry["value"])
+    return None
+
+
+def tuned_lrs(folder: str, rows: list[str], borrow: dict[str, str], test_tasks: list[str]) -> dict[str, dict]:
+    """row -> its lr_tuning: the candidate lrs' mean scores over the tuning records of that row in `folder` and the
+    chosen lr (highest score on the first eval task: ROUGE-L, accuracy and pass@k all grow with quality; ties: lower
+    held-out loss). Refused before any cell runs when a row has no tuning records or when they were scored on a task
+    this grid reports (tuning on the test split)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise BenchError(f"tuned-lr: folder {folder} does not exist; pass the results folder of the tuning grid")
+    seen: dict[str, dict[float, list]] = {}
+    for f in sorted(path.glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(rec, dict) or rec.get("status") != "complete" or not isinstance(rec.get("config"), dict):
+            continue
+        score = _task_score(rec)
+        if score is None:
+            continue
+        seen.setdefault(rec.get("method"), {}).setdefault(float(rec["config"]["lr"]), []).append(
+            (score, rec.get("test_loss"), f.name))
+    out = {}
+    for row in rows:
+        source = borrow.get(row, row)
+        cands = seen.get(source)
+        if not cands:
+            hint = f" (or name one with --tuned-lr-as {row}=<tuned row>)" if row not in borrow else ""
+            raise BenchError(f"tuned-lr: no scored tuning record of {source!r} in {folder}; run its tuning cells "
+                             f"first (bench ablate --lrs ...){hint}")
+        tasks = {s[0] for runs in cands.values() for s, _, _ in runs}
+        if len(tasks) != 1:
+            raise BenchError(f"tuned-lr: the tuning records of {source!r} in {folder} were scored on different tasks "
+                             f"({', '.join(sorted(tasks))}); keep one tuning grid per folder")
+        (task, metric), = {(s[0], s[1]) for runs in cands.values() for s, _, _ in runs}
+        if task in test_tasks:
+            raise BenchError(f"tuned-lr: the tuning records of {source!r} were scored on {task}, a task this grid "
+                             "reports; tune on a validation task (e.g. --preset instruct-tune) so the test split "
+                             "never picks a hyperparameter")
+        def mean(xs):
+            xs = [x for x in xs if isinstance(x, (int, float))]
+            return sum(xs) / len(xs) if xs else float("inf")
+        table = {lr: (mean([s[2] for s, _, _ in runs]), mean([loss for _, loss, _ in runs])) for lr, runs in cands.items()}
+        chosen = max(table, key=lambda lr: (table[lr][0], -table[lr][1]))
+        out[row] = {"lr": chosen, "source": folder, "task": task, "metric": metric,
+                    "scores": {f"{lr:g}": round(v[0], 6) for lr, v in sorted(table.items())},
+                    "records": sorted(name for runs in cands.values() for _, _, name in runs),
+                    **({"borrowed_from": source} if source != row else {})}
+    return out
+
+
 def plan_cells(args) -> list[tuple[str, object]]:
     extra = {}
     for item in args.set:
@@ -78,18 +152,44 @@ def plan_cells(args) -> list[tuple[str, object]]:
     references = [r.strip() for r in args.references.split(",") if r.strip()]
     rank_specs = [_rank_overrides(s) for s in args.ranks_grid.split(";") if s.strip()]
     part_specs = [_partition_overrides(s) for s in args.partitions.split(";") if s.strip()] if args.partitions else [("", {})]
+    lrs = None
+    if args.lrs:
+        try:
+            lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        except ValueError:
+            raise BenchError(f"lrs: {args.lrs!r} must be comma-separated numbers, e.g. --lrs 2e-4,5e-4,1e-3") from None
+        if not lrs or any(lr <= 0 for lr in lrs):
+            raise BenchError(f"lrs: {args.lrs!r} must list learning rates > 0, e.g. --lrs 2e-4,5e-4,1e-3")
+    if lrs and args.tuned_lr:
+        raise BenchError("lrs: --lrs (a tuning grid) and --tuned-lr (rows at their tuned lr) exclude each other; pick one")
+    borrow = {}
+    for item in args.tuned_lr_as:
+        row, sep, source = item.partition("=")
+        if not sep or not row.strip() or not source.strip():
+            raise BenchError(f"tuned-lr-as: {item!r} must be ROW=TUNED_ROW, e.g. --tuned-lr-as local-only=fedit")
+        borrow[row.strip()] = source.strip()
+    if borrow and not args.tuned_lr:
+        raise BenchError("tuned-lr-as: it names whose tuned lr a row takes; pass --tuned-lr DIR with it")
+    tuned = {}
+    if args.tuned_lr:
+        base = build_config(preset=preset, config_file=args.config, overrides=extra)
+        trained = [m for m in methods + references if m != "base"]   # base trains nothing: no lr to choose
+        tuned = tuned_lrs(args.tuned_lr, trained, borrow, base.eval_tasks)
+    lr_specs = [(_lr_tag(lr), {"lr": lr}) for lr in lrs] if lrs else [("", {})]
     cells = []
     # breadth first: every method and setting gets seed 0 before any gets seed 1, so a grid that is
     # stopped early still compares all methods
     for seed in seeds:
         for rank_tag, rank_over in rank_specs:
             for part_tag, part_over in part_specs:
-                for method in methods + references:
-                    which = {"reference": method} if method in references else {"method": method}
-                    cell = "-".join(x for x in (method, rank_tag, part_tag, f"s{seed}") if x)
-                    over = {**extra, **rank_over, **part_over, **which, "seed": seed,
-                            "output_dir": str(Path(args.runs_dir) / cell), "results_dir": args.results_dir}
-                    cells.append((cell, build_config(preset=preset, config_file=args.config, overrides=over)))
+                for lr_tag, lr_over in lr_specs:
+                    for method in methods + references:
+                        which = {"reference": method} if method in references else {"method": method}
+                        cell_lr = {"lr": tuned[method]["lr"], "lr_tuning": tuned[method]} if method in tuned else lr_over
+                        cell = "-".join(x for x in (method, rank_tag, part_tag, lr_tag, f"s{seed}") if x)
+                        over = {**extra, **rank_over, **part_over, **cell_lr, **which, "seed": seed,
+                                "output_dir": str(Path(args.runs_dir) / cell), "results_dir": args.results_dir}
+                        cells.append((cell, build_config(preset=preset, config_file=args.config, overrides=over)))
     return cells
 
 

@@ -58,6 +58,9 @@ class RunConfig:
     local_steps: int | None = None
     local_epochs: float | None = 1.0
     lr: float = 3e-4
+    # where lr came from when a tuning grid chose it (bench ablate --tuned-lr): the validation task and metric, each
+    # candidate lr's score and the records scored; None when lr was simply given
+    lr_tuning: dict[str, Any] | None = None
     batch_size: int = 4
     micro_batch_size: int = 4
     cutoff_len: int = 256
@@ -167,7 +170,8 @@ HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_frac
                          "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
                          "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp",
                          "compute_dtype": "float32", "length_buckets": True,
-                         "eval_allow_code_execution": False, "eval_humaneval_form": "auto"}
+                         "eval_allow_code_execution": False, "eval_humaneval_form": "auto",
+                         "lr_tuning": None}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 

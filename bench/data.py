@@ -58,6 +58,7 @@ class Dataset:
     files: dict[str, str]                # file path -> md5 (provenance)
     origin: str                          # "data-root", "hub:<id>" or "file"
     validation: list[dict] = field(default_factory=list)  # held out for tuning, disjoint from train and test
+    test_by_seed: bool = False           # the test split is drawn with the run's seed (no fixed split in the source)
 
 
 # The held-out draw of a source with `heldout` sizes: one fixed permutation of the pool, not the run's seed, so that
@@ -167,7 +168,7 @@ def load_dataset(cfg) -> Dataset:
         fields = {"instruction": "instruction", "input": "input", "output": "output", "label": cfg.label_field, **cfg.field_map}
         rows = map_fields(read_json_records(path), fields, str(path))
         train, test = _seeded_split(rows, cfg.test_fraction, cfg.seed)
-        return Dataset(train, test, None, {str(path): md5(path)}, "file")
+        return Dataset(train, test, None, {str(path): md5(path)}, "file", test_by_seed=True)
     if name.startswith("hf:"):
         return _from_hub(name[3:], None, {"instruction": "instruction", "input": "input", "output": "output",
                                           "label": cfg.label_field, **cfg.field_map}, cfg)
@@ -194,7 +195,7 @@ def load_dataset(cfg) -> Dataset:
         if "clients" in src:
             bounds = np.cumsum([0] + [len(p) for p in parts])
             predefined = [list(range(bounds[i], bounds[i + 1])) for i in range(len(parts))]
-        validation = []
+        validation, by_seed = [], False
         if "heldout" in src:
             train, predefined, test, validation = carve_heldout(train, predefined, src["heldout"])
         elif src["test"]:
@@ -203,8 +204,8 @@ def load_dataset(cfg) -> Dataset:
             files[str(p)] = md5(p)
         else:
             train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
-            predefined = None
-        return Dataset(train, test, predefined, files, "data-root", validation)
+            predefined, by_seed = None, True
+        return Dataset(train, test, predefined, files, "data-root", validation, by_seed)
     if src["hub"] is None:
         where = root / first if root else f"<data root>/{first}"
         raise BenchError(f"dataset: {name} needs the data root ({where} not found); pass --data-root or set BENCH_DATA_ROOT")
@@ -245,6 +246,7 @@ def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg, heldout: 
         test = map_fields(list(ds["test"]), fields, hub_id)
     else:
         train, test = _seeded_split(train, cfg.test_fraction, cfg.seed)
+        return Dataset(train, test, None, files, f"hub:{hub_id}", test_by_seed=True)
     return Dataset(train, test, None, files, f"hub:{hub_id}")
 
 

@@ -392,6 +392,8 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                 test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)}
                                       for k, ex in enumerate(own)]
         del global_model
+        # whether another seed would score other held-out examples (reports pair a seed-free base row across seeds)
+        test["split_by_seed"] = plan.dataset.test_by_seed and cfg.heldout_split == "test"
         timings["test_loss_s"] = time.time() - t
         log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
             + (f"; each client's own split, mean {_mean([c['loss'] for c in test['per_client']]):.4f}" if "per_client" in test else ""))

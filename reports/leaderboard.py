@@ -36,6 +36,9 @@ class Row:
     dtypes: dict
     records: list[Record]
     reference: bool
+    lr: float | None = None        # the learning rate its records trained at (None: base model, scored-only)
+    lr_tuning: dict | None = None  # how that lr was chosen (bench ablate --tuned-lr)
+    show_lr: bool = False          # its method has rows at several lrs here (a tuning grid): the label says which
     est: dict[str, Estimate] = field(default_factory=dict)    # metric name -> estimate (reports.paired fills it)
     basis: dict[str, str] = field(default_factory=dict)       # metric name -> what its CI resamples
     bytes_up: float | None = None
@@ -54,6 +57,11 @@ class Row:
     @property
     def key(self) -> tuple:
         return group_key(self.records[0])
+
+    @property
+    def seed_free(self) -> bool:
+        """Its score cannot depend on the training seed (records.Record.seed_free)."""
+        return all(r.seed_free for r in self.records)
 
     @property
     def id(self) -> str:
@@ -90,7 +98,8 @@ def build_rows(records: list[Record], notes: list[str]) -> list[Row]:
     for recs in groups.values():
         recs = sorted(recs, key=lambda r: (r.seed if isinstance(r.seed, int) else -1, r.run_id))
         first = recs[0]
-        row = Row(first.kind, first.method, dict(first.setting), first.dtypes, recs, first.is_reference)
+        row = Row(first.kind, first.method, dict(first.setting), first.dtypes, recs, first.is_reference,
+                  lr=first.lr, lr_tuning=first.lr_tuning)
         comms = [r.data.get("communication") for r in recs]
         if all(isinstance(c, dict) and c.get("bytes_up") is not None for c in comms):
             row.bytes_up = float(np.mean([c["bytes_up"] for c in comms]))
@@ -103,7 +112,23 @@ def build_rows(records: list[Record], notes: list[str]) -> list[Row]:
             notes.append(f"{row.method} {setting_text(row.fields)}: its {len(recs)} records have "
                          f"{len(hashes)} different config_hash values (same setting, different configs)")
         rows.append(row)
+    lrs: dict[tuple, set] = {}
+    for row in rows:
+        lrs.setdefault((row.kind, row.method), set()).add(row.lr)
+    for row in rows:
+        row.show_lr = len(lrs[(row.kind, row.method)]) > 1 and row.lr is not None
+    tuned = sorted({(r.method, r.lr, json.dumps(r.lr_tuning, sort_keys=True)) for r in rows if r.lr_tuning})
+    for method, lr, info in tuned:
+        notes.append(f"{method}: lr {lr:g}, {tuning_text(json.loads(info))}")
     return rows
+
+
+def tuning_text(t: dict) -> str:
+    """How a tuned lr was chosen, in one clause."""
+    scores = ", ".join(f"{lr}: {v:.4g}" for lr, v in t.get("scores", {}).items())
+    borrowed = f"{t['borrowed_from']}'s tuned lr, " if t.get("borrowed_from") else ""
+    return (f"{borrowed}chosen on {t.get('task')} ({t.get('metric')}, highest of {scores}; "
+            f"{len(t.get('records', []))} tuning records in {t.get('source')})")
 
 
 def task_metrics(records: list[Record], notes: list[str]) -> dict[str, Metric]:
@@ -247,7 +272,8 @@ def fmt_est(e: Estimate | None, digits: int = 3, n_row: int | None = None) -> st
 def method_label(row: Row) -> str:
     if row.kind == BASELINE_KIND:
         return f"{row.method} (baseline)"
-    return f"{row.method} (reference)" if row.reference else row.method
+    name = f"{row.method} @ lr {row.lr:g}" if row.show_lr else row.method
+    return f"{name} (reference)" if row.reference else name
 
 
 def _num(x) -> float | None:
@@ -297,14 +323,18 @@ def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric], main: Metric
     if main is not None and main in display_metrics:
         display_metrics = [main] + [m for m in display_metrics if m is not main]
     digits = {m.name: decimals([r.est.get(m.name) for r in rows]) for m in display_metrics}
+    show_lr = any(r.lr is not None for r in rows)   # the rows that train: their lr beside their scores
     num_rows, cells, sort_values = [], [], []
     for r in rows:
         num = {"kind": r.kind, "reference": r.reference, "method": r.method}
         num.update({k: fmt_value(r.fields.get(k)) if r.fields.get(k) is not None else None for k in cols})
+        num["lr"] = r.lr
+        num["lr_tuned"] = bool(r.lr_tuning)
         num["n_seeds"] = r.n
         num["seeds"] = ";".join(str(s) for s in r.seeds if s is not None)
-        line = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + [str(r.n)]
-        sv = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + [r.n]
+        lr_cell = [] if not show_lr else [""] if r.lr is None else [f"{r.lr:g}" + (" (tuned)" if r.lr_tuning else "")]
+        line = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + lr_cell + [str(r.n)]
+        sv = [method_label(r)] + [fmt_value(r.fields.get(k)) for k in shown] + ([r.lr] if show_lr else []) + [r.n]
         for m in display_metrics:
             e = r.est.get(m.name)
             num[m.name] = _num(e.mean) if e else None
@@ -325,10 +355,10 @@ def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric], main: Metric
         if m.chance is not None:
             for num in num_rows:
                 num[f"{m.name}_chance"] = m.chance
-    columns = (["Method"] + [SETTING_LABELS.get(k, k) for k in shown] + ["n"] + [m.label for m in display_metrics]
-               + ["Comm. (up+down)", "Wall time"])
-    numeric = [False] * (1 + len(shown)) + [True] * (1 + len(display_metrics) + 2)
-    num_cols = (["kind", "reference", "method", *cols, "n_seeds", "seeds"]
+    columns = (["Method"] + [SETTING_LABELS.get(k, k) for k in shown] + (["LR"] if show_lr else []) + ["n"]
+               + [m.label for m in display_metrics] + ["Comm. (up+down)", "Wall time"])
+    numeric = [False] * (1 + len(shown)) + [True] * (int(show_lr) + 1 + len(display_metrics) + 2)
+    num_cols = (["kind", "reference", "method", *cols, "lr", "lr_tuned", "n_seeds", "seeds"]
                 + [c for m in display_metrics for c in [m.name, f"{m.name}_ci_low", f"{m.name}_ci_high", f"{m.name}_n",
                                                         f"{m.name}_ci_basis"]
                    + ([f"{m.name}_chance"] if m in tasks and m.chance is not None else [])]

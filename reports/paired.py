@@ -104,12 +104,23 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
     return comparisons
 
 
+def _spread_seed_free(row: Row, own, other):
+    """A seed-free row (the base model: no training, greedy decoding, the same held-out and evaluation subsets at
+    every seed) scored once stands for every seed of the row it is compared with: its difference per seed is then
+    the other row's seed spread alone, which is what it is."""
+    if row.seed_free and len(own) == 1:
+        part = next(iter(own.values()))
+        return {s: part for s in other}
+    return own
+
+
 def _compare(res: Resampler, r: Row, b: Row, where: Row, metrics, tasks, notes) -> Comparison:
     c = Comparison(r, b, where)
     for m in metrics:
         sa, sb = r.series(m, tasks, notes), b.series(m, tasks, notes)
         if not sa or not sb:
             continue
+        sa, sb = _spread_seed_free(r, sa, sb), _spread_seed_free(b, sb, sa)
         a, bb = align(sa, sb)
         lost = sorted(set(sa) & set(sb) - set(a))
         label = f"{r.method} vs {b.method} ({setting_text(where.fields)}), {metrics[m].label}"

@@ -88,6 +88,27 @@ class Record:
         return out
 
     @property
+    def lr(self) -> float | None:
+        """The learning rate of a row that trains (None for the base model and for scored-only records)."""
+        cfg = self.data.get("config") or {}
+        if self.kind != "run" or self.method == "base" or not isinstance(cfg.get("lr"), (int, float)):
+            return None
+        return float(cfg["lr"])
+
+    @property
+    def seed_free(self) -> bool:
+        """The base model as a run row: it trains nothing, decodes greedily and scores the held-out and evaluation
+        subsets that every seed shares (test_limit and eval_limit draw them with fixed streams), so one record
+        serves every seed. Only where its record says the held-out split is not drawn with the seed."""
+        return self.kind == "run" and self.method == "base" and (self.data.get("test") or {}).get("split_by_seed") is False
+
+    @property
+    def lr_tuning(self) -> dict | None:
+        """How the lr was chosen (bench ablate --tuned-lr), or None when it was given."""
+        t = (self.data.get("config") or {}).get("lr_tuning")
+        return t if isinstance(t, dict) else None
+
+    @property
     def is_reference(self) -> bool:
         return (self.kind == "reference" or self.method in REFERENCE_RUNS
                 or bool((self.data.get("method_info") or {}).get("reference")))
@@ -310,8 +331,9 @@ def setting_key(setting: dict) -> tuple:
 
 
 def group_key(rec: Record) -> tuple:
-    """What makes records rows of their own: kind, method, setting and the dtypes they were scored in."""
-    return (rec.kind, rec.method, setting_key(rec.setting), tuple(sorted(rec.dtypes.items())))
+    """What makes records rows of their own: kind, method, setting, the learning rate (a tuning grid's cells of one
+    method are rows of their own; rows of one setting at different lrs still compare) and the scoring dtypes."""
+    return (rec.kind, rec.method, setting_key(rec.setting), rec.lr, tuple(sorted(rec.dtypes.items())))
 
 
 def _join_unscored(records: list[Record]) -> None:
@@ -355,7 +377,7 @@ def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record]
         keep, drop = (r, prev) if _preference(r) > _preference(prev) else (prev, r)
         by_id[key] = keep
         what = f"seed {r.seed}" if _is_int(r.seed) else f"run_id {r.run_id}"
-        skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, dtypes and "
+        skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, lr, dtypes and "
                                                f"{what}); kept run_id {keep.run_id}"))
     kept = sorted(by_id.values(), key=lambda r: (str(r.path)))
     skipped.sort(key=lambda s: (s.file, s.reason))

@@ -679,7 +679,7 @@ def test_empty_results_folder(tmp_path):
     md = (tmp_path / "out" / "LEADERBOARD.md").read_text()
     assert "0 rows from 0 records" in md and "No records yet" in md and "## Which method" not in md
     assert "No records yet" in (tmp_path / "out" / "leaderboard.html").read_text()
-    assert (tmp_path / "out" / "leaderboard.csv").read_text().startswith("kind,reference,method,n_seeds")
+    assert (tmp_path / "out" / "leaderboard.csv").read_text().startswith("kind,reference,method,lr,lr_tuned,n_seeds")
 
 
 # ------------------------------------------------------------------------------------------- HTML in Chromium
