@@ -181,7 +181,7 @@ def _did_you_mean(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce_field(name: str, value: Any) -> Any:
     """Type-check one field (YAML and CLI values alike); error names the field and the expected type."""
     f = FIELDS[name]
     typ = str(f.type)
@@ -299,7 +299,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
             if key not in FIELDS:
                 raise BenchError(f"{key}: unknown config key in {where}{_did_you_mean(key, FIELDS)}; "
                                  "remove it or fix the spelling")
-            values[key] = _coerce(key, value)
+            values[key] = coerce_field(key, value)
         # How ranks are chosen is one decision per layer: a later layer that names a distribution drops an
         # earlier rank list (--rank-distribution homo over a preset's 16,8,4,4), one that gives a list is explicit
         named = {k.replace("-", "_") for k in layer}

@@ -1,6 +1,6 @@
 """`bench eval`: score a run's global model (--run) or a base model (--model) and write the results record.
 
-bench/cli.py wires the subcommand: `add_arguments(subparser)` then `main(args)` (returns the exit code).
+bench/app/cli.py wires the subcommand: `add_arguments(subparser)` then `main(args)` (returns the exit code).
 Everything is checked (tasks, data root, backend, model, run folder, code-execution consent) before any model
 is loaded; a refusal is one line `error: ...` and exit code 2.
 """

@@ -19,7 +19,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 NUMPY_SEED = TORCH_SEED = FEWSHOT_SEED = 1234
 
 
-def _quiet_lm_eval() -> None:
+def quiet_lm_eval() -> None:
     """lm-eval warns once per custom_dataset task (57 lines for MMLU) that kwargs go through --metadata."""
     import logging
 
@@ -147,7 +147,7 @@ def seeded_subset(n: int, limit: int | None, seed: int, key: str) -> list[int] |
 def run_plan(plan: dict) -> dict:
     """Score every task of the plan for every target (the model, or the model with each adapter) with one LM where
     the backend can switch adapters. Returns {"targets": {name: {"tasks", "throughput", ...}}, "load_s", ...}."""
-    _quiet_lm_eval()
+    quiet_lm_eval()
     t0 = time.monotonic()
     targets = targets_of(plan)
     from .backends import get_backend
