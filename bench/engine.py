@@ -404,11 +404,9 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                                   load_start=load_start),
             dtypes={"training": str(dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
                     "master": "float32", "export": str(out_dtype)[6:], "eval": (eval_section or {}).get("dtype")},
-            clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
-        if personalized is not None:
-            record["personalized"] = personalized
-        if privacy.enabled(tcfg):
-            record["privacy"] = privacy.record_section(tcfg, rounds_log, tcfg.num_clients)
+            clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir),
+            personalized=personalized,
+            privacy=privacy.record_section(tcfg, rounds_log, tcfg.num_clients) if privacy.enabled(tcfg) else None)
         record_path = Path(cfg.results_dir) / f"{run_id}.json"
         hooks.point("record")
         atomic_write_json(record_path, record)
