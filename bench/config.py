@@ -24,6 +24,12 @@ PARTITIONS = ("iid", "dirichlet", "shards", "predefined")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "explicit")
 PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What "auto" means for each dtype a run or an evaluation picks, on a CUDA GPU and on a CPU (docs/precision.md):
+# training storage and scoring take bfloat16 on a GPU (its fast matmul type) and float32 on a CPU (the reference
+# precision); the exported global model is float32 everywhere, since it holds every round's update.
+AUTO_DTYPES = {"training": {"cuda": "bfloat16", "cpu": "float32"},
+               "export": {"cuda": "float32", "cpu": "float32"},
+               "eval": {"cuda": "bfloat16", "cpu": "float32"}}
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # bench/compute.py resolves them
 ALPHA_POLICIES = ("shared", "proportional")
 ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
@@ -179,6 +185,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_dtype(name: str | None, use: str, *, cuda: bool, field: str = "dtype") -> str:
+    """The dtype `name` (one of DTYPES; None is auto) stands for when used for `use` (a key of AUTO_DTYPES) on a
+    CUDA GPU or on a CPU: the one place that decides what auto means."""
+    name = name or "auto"
+    if name not in DTYPES:
+        raise BenchError(f"{field}: unknown {name!r}; choose one of {', '.join(DTYPES)}")
+    return AUTO_DTYPES[use]["cuda" if cuda else "cpu"] if name == "auto" else name
 
 
 def coerce_field(name: str, value: Any) -> Any:

@@ -30,7 +30,7 @@ from . import BenchError, data as data_mod, hooks, models, privacy
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
 from .compute import resolve_compute_dtype
-from .config import RunConfig, save_config
+from .config import RunConfig, resolve_dtype as config_dtype, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
 from .io import atomic_write_json
@@ -71,9 +71,8 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    """The training weights' torch dtype on this device (config.resolve_dtype says what auto means)."""
+    return getattr(torch, config_dtype(name, "training", cuda=device.type == "cuda"))
 
 
 # ---- preflight: everything that can be refused, refused before work starts ----------------------
