@@ -164,14 +164,14 @@ class RunConfig:
         for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "keep_global_model", "preset",
                   "engine", "client_batching"):
             d.pop(k, None)
-        for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
+        for k, default in HASH_NEUTRAL_DEFAULTS.items():  # at these values a field leaves the hash alone
             if d.get(k) == default:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-# a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
-# skip-what-is-done) still match the same experiment
+# A config holding one of these fields at its value hashes as a config without the field, so records written
+# without it (and `bench ablate`'s skip-what-is-done) match the same experiment.
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
                          "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
                          "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp",
