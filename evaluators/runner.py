@@ -391,9 +391,11 @@ def _hub_id(task) -> str:
 
 # ------------------------------------------------------------------------------------------------ output
 def _tokenizer(lm, plan: dict):
-    """A local HF tokenizer for counting tokens, or None (then throughput has no token rate). The openai backend
-    counts with the --tokenizer folder only: asking a remote server per string would cost a request each."""
-    tok = getattr(lm, "tokenizer", None) if plan["backend"] != "openai" else None
+    """A local HF tokenizer for counting tokens, or None (then throughput has no token rate). A backend without a
+    local tokenizer (openai) counts with the --tokenizer folder only."""
+    from .backends import get_backend
+
+    tok = getattr(lm, "tokenizer", None) if get_backend(plan["backend"]).local_tokenizer else None
     if tok is not None:
         return tok
     try:

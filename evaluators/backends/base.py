@@ -17,6 +17,7 @@ class Backend:
     applied = "unmerged LoRA (peft)"  # the record's eval.adapter.applied
     request_cache = True   # answers cached under the weights' hash (a model behind a URL cannot be hashed)
     needs_base_url = False
+    local_tokenizer = True   # the LM's own tokenizer counts tokens here (a remote server's would cost a request each)
 
     def available(self) -> None:
         """BenchError with the install hint when the backend cannot run here (checked before any work)."""
