@@ -24,6 +24,12 @@ PARTITIONS = ("iid", "dirichlet", "shards", "predefined")
 RANK_DISTRIBUTIONS = ("homo", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "explicit")
 PROMPT_TEMPLATES = ("alpaca", "chat")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What "auto" means for each dtype a run or an evaluation picks, on a CUDA GPU and on a CPU (docs/precision.md):
+# training storage and scoring take bfloat16 on a GPU (its fast matmul type) and float32 on a CPU (the reference
+# precision); the exported global model is float32 everywhere, since it holds every round's update.
+AUTO_DTYPES = {"training": {"cuda": "bfloat16", "cpu": "float32"},
+               "export": {"cuda": "float32", "cpu": "float32"},
+               "eval": {"cuda": "bfloat16", "cpu": "float32"}}
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # bench/compute.py resolves them
 ALPHA_POLICIES = ("shared", "proportional")
 ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
@@ -158,14 +164,14 @@ class RunConfig:
         for k in ("seed", "output_dir", "results_dir", "save_client_adapters", "keep_round_states", "keep_global_model", "preset",
                   "engine", "client_batching"):
             d.pop(k, None)
-        for k, default in HASH_NEUTRAL_DEFAULTS.items():  # fields added after records were written
+        for k, default in HASH_NEUTRAL_DEFAULTS.items():  # at these values a field leaves the hash alone
             if d.get(k) == default:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-# a field added later leaves the hash alone at its default, so earlier records (and `bench ablate`'s
-# skip-what-is-done) still match the same experiment
+# A config holding one of these fields at its value hashes as a config without the field, so records written
+# without it (and `bench ablate`'s skip-what-is-done) match the same experiment.
 HASH_NEUTRAL_DEFAULTS = {"eval_dtype": "auto", "eval_seed": 0, "client_test_fraction": 0.0, "reference": None, "alpha_policy": "shared", "alpha_ratio": 2.0, "method_options": {},
                          "export_dtype": "auto", "engine": "inprocess", "heldout_split": "test", "dp_epsilon": None,
                          "dp_delta": None, "dp_noise_multiplier": None, "dp_clip_norm": 1.0, "dp_accountant": "rdp",
@@ -181,7 +187,16 @@ def _did_you_mean(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _coerce(name: str, value: Any) -> Any:
+def resolve_dtype(name: str | None, use: str, *, cuda: bool, field: str = "dtype") -> str:
+    """The dtype `name` (one of DTYPES; None is auto) stands for when used for `use` (a key of AUTO_DTYPES) on a
+    CUDA GPU or on a CPU: the one place that decides what auto means."""
+    name = name or "auto"
+    if name not in DTYPES:
+        raise BenchError(f"{field}: unknown {name!r}; choose one of {', '.join(DTYPES)}")
+    return AUTO_DTYPES[use]["cuda" if cuda else "cpu"] if name == "auto" else name
+
+
+def coerce_field(name: str, value: Any) -> Any:
     """Type-check one field (YAML and CLI values alike); error names the field and the expected type."""
     f = FIELDS[name]
     typ = str(f.type)
@@ -299,7 +314,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
             if key not in FIELDS:
                 raise BenchError(f"{key}: unknown config key in {where}{_did_you_mean(key, FIELDS)}; "
                                  "remove it or fix the spelling")
-            values[key] = _coerce(key, value)
+            values[key] = coerce_field(key, value)
         # How ranks are chosen is one decision per layer: a later layer that names a distribution drops an
         # earlier rank list (--rank-distribution homo over a preset's 16,8,4,4), one that gives a list is explicit
         named = {k.replace("-", "_") for k in layer}

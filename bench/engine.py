@@ -12,7 +12,6 @@ run resumed from the checkpoint of round r reproduces rounds r+1… bit for bit 
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from . import BenchError, data as data_mod, hooks, models, privacy
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
 from .compute import resolve_compute_dtype
-from .config import RunConfig, save_config
+from .config import RunConfig, resolve_dtype as config_dtype, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
 from .io import atomic_write_json
@@ -39,6 +38,7 @@ from .messages import Reply
 from .observers import AuditTrail, MetricsLog, Progress, RoundStates, rss_mb
 from .record import build_record, load_avg, provenance, run_setting
 from .references import reference_run
+from .rundir import check_output_paths as _check_output_paths, default_run_id as _run_id
 from .server import Server, sample_clients
 from .transport import InProcessTransport
 
@@ -71,9 +71,8 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    """The training weights' torch dtype on this device (config.resolve_dtype says what auto means)."""
+    return getattr(torch, config_dtype(name, "training", cuda=device.type == "cuda"))
 
 
 # ---- preflight: everything that can be refused, refused before work starts ----------------------
@@ -175,22 +174,6 @@ class _Signals:
             raise Interrupted(f"{self.hit} received; {where}. Resume with: bench run --resume {self.run_dir}")
 
 
-def _check_output_paths(cfg: RunConfig, run_dir: Path, resume: str | None) -> None:
-    """Refuse output locations that would fail only at the end of the run."""
-    for what, path in (("output_dir", run_dir), ("results_dir", Path(cfg.results_dir))):
-        if path.exists() and not path.is_dir():
-            raise BenchError(f"{what}: {path} exists and is not a folder; pass a folder path")
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            raise BenchError(f"{what}: {probe} (a parent of {path}) is a file, not a folder; pass a folder path")
-        if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-            raise BenchError(f"{what}: {probe} is not writable; pass a folder you can write to")
-    if not resume and ((run_dir / "checkpoint").exists() or (run_dir / "checkpoint.old").exists()):
-        raise BenchError(f"output_dir: {run_dir} already holds a run; use --resume {run_dir} or another --output-dir")
-
-
 def _partition_hash(plan: Plan) -> str:
     """Fingerprint of what each client trains on (the records of its shard, not just their indices),
     the ranks and the held-out set: a resume must see the same partition as the killed run."""
@@ -199,11 +182,6 @@ def _partition_hash(plan: Plan) -> str:
         h.update(json.dumps([plan.dataset.train[i] for i in shard], sort_keys=True, default=str).encode())
     h.update(json.dumps(plan.dataset.test, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def _run_id(cfg: RunConfig) -> str:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return f"{cfg.reference or cfg.method}-{cfg.preset or 'custom'}-s{cfg.seed}-{stamp}"
 
 
 def load_tokenizer(model_path: str):
@@ -425,11 +403,9 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                                   load_start=load_start),
             dtypes={"training": str(dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
                     "master": "float32", "export": str(out_dtype)[6:], "eval": (eval_section or {}).get("dtype")},
-            clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir))
-        if personalized is not None:
-            record["personalized"] = personalized
-        if privacy.enabled(tcfg):
-            record["privacy"] = privacy.record_section(tcfg, rounds_log, tcfg.num_clients)
+            clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir),
+            personalized=personalized,
+            privacy=privacy.record_section(tcfg, rounds_log, tcfg.num_clients) if privacy.enabled(tcfg) else None)
         record_path = Path(cfg.results_dir) / f"{run_id}.json"
         hooks.point("record")
         atomic_write_json(record_path, record)

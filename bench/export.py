@@ -24,7 +24,10 @@ from .io import atomic_replace_dir
 
 
 def export_dtype(requested: str) -> torch.dtype:
-    return torch.float32 if requested == "auto" else getattr(torch, requested)
+    """The global model's torch dtype on disk (config.resolve_dtype says what auto means)."""
+    from .config import resolve_dtype
+
+    return getattr(torch, resolve_dtype(requested, "export", cuda=False, field="export_dtype"))
 
 
 def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: torch.dtype, out: Path):

@@ -81,14 +81,14 @@ def task_bytes(msg: TaskMessage) -> int:
 # ---- wire form ------------------------------------------------------------------------------------
 # arrays: "<kind>/<round or ->/<module>/<A|B>" -> float32 tensor; config: flat numbers and strings.
 
-def _put(arrays: dict, kind: str, tag: str, factors: Factors | None) -> None:
+def put_factors(arrays: dict, kind: str, tag: str, factors: Factors | None) -> None:
     for name, pair in (factors or {}).items():
         for which, t in zip(FACTOR_NAMES, pair):
             if t is not None:
                 arrays[f"{kind}/{tag}/{name}/{which}"] = t.detach().to("cpu", torch.float32).contiguous()
 
 
-def _take(arrays: dict, kind: str) -> dict[str, Factors]:
+def take_factors(arrays: dict, kind: str) -> dict[str, Factors]:
     out: dict[str, dict[str, list]] = {}
     for key, t in arrays.items():
         k, tag, rest = key.split("/", 2)
@@ -105,10 +105,10 @@ def _take(arrays: dict, kind: str) -> dict[str, Factors]:
 def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arrays: dict[str, torch.Tensor] = {}
     if msg.task.init is not None:
-        _put(arrays, "init", "-", msg.task.init)
+        put_factors(arrays, "init", "-", msg.task.init)
     for rnd, merge in msg.merges.items():
-        _put(arrays, "merge", str(rnd), merge)
-    _put(arrays, "core", "-", _core_pairs(msg.task.core))
+        put_factors(arrays, "merge", str(rnd), merge)
+    put_factors(arrays, "core", "-", _core_pairs(msg.task.core))
     t = msg.task
     config = {"round": msg.round, "client_id": msg.client_id, "rank": msg.rank, "scaling": float(msg.scaling),
               "init_seed": msg.init_seed, "train_seed": msg.train_seed, "method": msg.method,
@@ -119,9 +119,9 @@ def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> TaskMessage:
     spec = json.loads(config["task"])
-    init = None if spec["fresh"] else _take(arrays, "init").get("-", {})
-    merges = {int(r): f for r, f in _take(arrays, "merge").items()}
-    core = {n: a for n, (a, _) in _take(arrays, "core").get("-", {}).items()} if spec.get("core") else None
+    init = None if spec["fresh"] else take_factors(arrays, "init").get("-", {})
+    merges = {int(r): f for r, f in take_factors(arrays, "merge").items()}
+    core = {n: a for n, (a, _) in take_factors(arrays, "core").get("-", {}).items()} if spec.get("core") else None
     task = ClientTask(init=init, train=spec["train"], keep=spec["keep"], upload=spec["upload"], info=spec["info"],
                       options=spec["options"], core=core)
     return TaskMessage(int(config["round"]), int(config["client_id"]), int(config["rank"]), float(config["scaling"]),
@@ -131,8 +131,8 @@ def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Task
 
 def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arrays: dict[str, torch.Tensor] = {}
-    _put(arrays, "up", "-", reply.factors)
-    _put(arrays, "trained", "-", reply.trained)
+    put_factors(arrays, "up", "-", reply.factors)
+    put_factors(arrays, "trained", "-", reply.trained)
     config = {"round": reply.round, "client_id": reply.client_id, "rank": reply.rank,
               "num_examples": reply.num_examples, "base_round": reply.base_round,
               "metrics": json.dumps(reply.metrics), "error": reply.error or ""}
@@ -142,8 +142,8 @@ def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Reply:
     """A reply from an untrusted client: structural problems raise ValueError naming the field."""
     try:
-        factors = _take(arrays, "up").get("-", {})
-        trained = _take(arrays, "trained").get("-")
+        factors = take_factors(arrays, "up").get("-", {})
+        trained = take_factors(arrays, "trained").get("-")
         metrics = json.loads(config.get("metrics") or "{}")
         if not isinstance(metrics, dict):
             raise ValueError("metrics: not a JSON object")

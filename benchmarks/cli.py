@@ -132,8 +132,8 @@ def main(args) -> int:
                 from . import clients_perf
 
                 r = clients_perf.measure_clients(quick=args.quick, log=log)
-            elif section == "flower":  # a flower-sim round vs the in-process round (bench/flower/perf.py)
-                from bench.flower.perf import measure as measure_flower
+            elif section == "flower":  # a flower-sim round vs the in-process round (benchmarks/flower_perf.py)
+                from .flower_perf import measure as measure_flower
 
                 r = measure_flower(args.model, args.method, quick=args.quick, log=log)
             else:
@@ -240,7 +240,7 @@ def to_markdown(r: dict) -> str:
 
         rows += summary_rows(s["clients"]) if "rounds" in s["clients"] or s["clients"].get("status") != "ok" else []
     if "flower" in s:
-        from bench.flower.perf import markdown_rows
+        from .flower_perf import markdown_rows
 
         rows += markdown_rows(s["flower"])
     lines += rows + [""]

@@ -37,9 +37,9 @@ KV_BLOCKS = (128, 32, 1)
 def lm_eval_requests(tasks: str, data_root: str) -> tuple[dict[str, list], dict]:
     """{task: [(subtask, doc_id, request_type, args)]} built by lm-eval for the planned tasks; missing tasks."""
     from evaluators.core import expand_tasks, plan_tasks
-    from evaluators.runner import _quiet_lm_eval, load_tasks
+    from evaluators.runner import load_tasks, quiet_lm_eval
 
-    _quiet_lm_eval()
+    quiet_lm_eval()
     plan, missing = plan_tasks(expand_tasks(tasks), data_root=data_root, limit=None, num_fewshot=None, hub=False)
     out = {}
     for t in plan:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study of issue #17 (docs/study.md): three `bench ablate` grids on the `study` preset, split into one job per
+# Study v1 (docs/study.md): three `bench ablate` grids on the `study` preset, split into one job per
 # (grid, seed), run STUDY_JOBS at a time (default: one per core), each on ONE torch thread: on this 2-core CPU a
 # FedIT cell took 132 CPU s on one thread and 204 CPU s in the same wall time on two (docs/study.md), so two
 # one-thread jobs side by side finish about twice the cells an hour.

@@ -1,6 +1,6 @@
 """`bench eval`: score a run's global model (--run) or a base model (--model) and write the results record.
 
-bench/cli.py wires the subcommand: `add_arguments(subparser)` then `main(args)` (returns the exit code).
+bench/app/cli.py wires the subcommand: `add_arguments(subparser)` then `main(args)` (returns the exit code).
 Everything is checked (tasks, data root, backend, model, run folder, code-execution consent) before any model
 is loaded; a refusal is one line `error: ...` and exit code 2.
 """
@@ -226,6 +226,7 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     --adapter clients: every client adapter of the last round into its eval_clients section."""
     from bench.io import atomic_write_json, read_record
     from bench.provenance import CODE
+    from bench.record import updated
 
     from . import core
     from bench.export import run_base_model
@@ -248,8 +249,8 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
         t0 = time.monotonic()
         sections = core.evaluate_adapters(run_base_model(run_dir), tasks, loras,
                                           out_dir=str(run_dir / "eval" / f"clients_round_{rnd}"), **common)
-        record = read_record(record_path)  # re-read: keep anything written meanwhile
-        record["eval_clients"] = {"round": rnd, "eval_s": round(time.monotonic() - t0, 2), "clients": sections}
+        record = updated(read_record(record_path),  # re-read: keep anything written meanwhile
+                         eval_clients={"round": rnd, "eval_s": round(time.monotonic() - t0, 2), "clients": sections})
         atomic_write_json(record_path, record)
         print(f"wrote the eval_clients section (round {rnd}, {len(sections)} clients) into {record_path}")
         for name, section in sections.items():
@@ -265,8 +266,7 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     # the scoring code's commit, which may be later than the training's (the record's provenance)
     section["code"] = {k: CODE[k] for k in ("git_commit", "git_dirty")}
     record = read_record(record_path)  # re-read: keep anything written meanwhile
-    record["eval"] = section
-    record.setdefault("timings", {})["eval_s"] = eval_s
+    record = updated(record, eval=section, timings={**(record.get("timings") or {}), "eval_s": eval_s})
     atomic_write_json(record_path, record)
     print(f"wrote the eval section into {record_path}")
     print(summary_table(section))

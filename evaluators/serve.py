@@ -138,10 +138,11 @@ def serve_command(spec: dict, *, host: str, port: int, dtype: str, max_model_len
     """The vLLM server's command line and environment."""
     from . import core
     from .adapters import VLLM_LORA_MODULES, adapter_rank, lora_rank_slot
+    from .backends import get_backend
 
     py = sys.executable if core.vllm_mode() == "inprocess" else str(core.vllm_venv_python())
     cmd = [py, "-m", "vllm.entrypoints.cli.main", "serve", spec["model"], "--host", host, "--port", str(port),
-           "--dtype", core.resolve_dtype(dtype, "vllm"), "--enforce-eager", "--served-model-name", spec["name"],
+           "--dtype", get_backend("vllm").resolve_dtype(dtype), "--enforce-eager", "--served-model-name", spec["name"],
            "--seed", "0", "--enable-prefix-caching",
            # the remote tokenizer lets a client score without a local copy of the model (lm-eval's "remote" backend)
            "--enable-tokenizer-info-endpoint"]

@@ -27,18 +27,6 @@ def stack(updates: list[ClientUpdate], weights: list[float], name: str, spare: i
     return a_s, bt.mT
 
 
-def pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Zero-pad A (r×d_in) and B (d_out×r) to `rank` (HetLoRA-style)."""
-    r = a.shape[0]
-    if r == rank:
-        return a, b
-    a_p = torch.zeros(rank, a.shape[1], dtype=a.dtype, device=a.device)
-    b_p = torch.zeros(b.shape[0], rank, dtype=b.dtype, device=b.device)
-    a_p[:r] = a
-    b_p[:, :r] = b
-    return a_p, b_p
-
-
 def product_fro_norm(b: Tensor, a: Tensor) -> float:
     """‖B @ A‖_F without forming the d_out × d_in matrix.
 

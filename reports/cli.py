@@ -1,7 +1,7 @@
 """`bench report`: regenerate the leaderboard, the paired comparison against a baseline (and with --plots the
 ablation plots) from results records.
 
-Wiring (bench/cli.py): `from reports import cli as report_cli`; `report_cli.add_arguments(subparser)`;
+Wiring (bench/app/cli.py): `from reports import cli as report_cli`; `report_cli.add_arguments(subparser)`;
 dispatch `report_cli.main(args)`.
 """
 from __future__ import annotations

@@ -83,9 +83,6 @@ class Row:
             self._series[metric] = out
         return self._series[metric]
 
-    def record_of(self, seed) -> Record:
-        return next(r for i, r in enumerate(self.records) if (r.seed if isinstance(r.seed, int) else -1 - i) == seed)
-
 
 # ---------------------------------------------------------------------------------------------- building
 

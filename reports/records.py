@@ -1,4 +1,4 @@
-"""Load results records for reporting: only complete, valid schema-2 records count (ARCHITECTURE.md).
+"""Load results records for reporting: only complete, valid records of the current schema count (bench/record.py).
 
 Every file that cannot be used is returned as a `Skipped(file, reason)` — never an exception — so one bad
 record never takes the report down. A setting is structured data (ranks a list, the partition a dict):
@@ -7,12 +7,12 @@ nothing here or downstream parses a setting out of a string.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import BenchError
-from bench.io import RECORD_SCHEMA_VERSION, read_record
+from bench.io import read_record
+from bench.record import REFERENCE_RUNS, is_int, problem
 
 # Setting keys in the order the leaderboard shows them; any other key follows, sorted by name.
 SETTING_ORDER = ("model", "dataset", "partition", "ranks", "rank_distribution", "num_clients", "rounds",
@@ -20,11 +20,6 @@ SETTING_ORDER = ("model", "dataset", "partition", "ranks", "rank_distribution", 
 # The dtypes a score depends on: rows never pool records scored in different precisions (docs/evaluation.md:
 # bf16 changes 21 of 100 MMLU answers). export: the global model's weights, which the held-out losses score.
 DTYPE_FIELDS = ("export", "eval")
-# Runs that are references rather than aggregation methods (kind "run", the federated setting's fields): the
-# engine's names for them (issue #17). A record may also say so itself with method_info.reference.
-REFERENCE_RUNS = ("base", "centralized", "local-only")
-# The labels a partial run may carry besides "complete".
-_PARTIAL_STATUSES = {"partial", "running", "failed", "interrupted", "incomplete"}
 
 
 @dataclass(frozen=True)
@@ -125,159 +120,6 @@ class Record:
         return getattr(cls, name, None) if cls is not None else None
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _losses_problem(obj, where: str) -> str | None:
-    """Per-example held-out losses: {"loss", "loss_sums": [...], "tokens": [...]} (loss_sums/tokens optional)."""
-    if not isinstance(obj, dict):
-        return f"field '{where}' must be an object"
-    if obj.get("loss") is not None and not _is_num(obj["loss"]):
-        return f"field '{where}.loss' must be a number or null"
-    sums, tokens = obj.get("loss_sums"), obj.get("tokens")
-    if sums is None and tokens is None:
-        return None
-    if not isinstance(sums, list) or not isinstance(tokens, list) or len(sums) != len(tokens):
-        return f"fields '{where}.loss_sums' and '{where}.tokens' must be lists of the same length"
-    if not all(_is_num(s) for s in sums) or not all(_is_int(t) and t >= 0 for t in tokens):
-        return f"field '{where}.loss_sums' must hold finite numbers and '{where}.tokens' counts ≥ 0"
-    return None
-
-
-def _per_client_problem(obj, where: str) -> str | None:
-    if obj is None:
-        return None
-    if not isinstance(obj, list):
-        return f"field '{where}' must be a list"
-    seen = set()
-    for i, c in enumerate(obj):
-        if not isinstance(c, dict) or not _is_int(c.get("client")):
-            return f"field '{where}[{i}].client' missing or not an integer"
-        if c["client"] in seen:
-            return f"field '{where}' lists client {c['client']} twice"
-        seen.add(c["client"])
-        why = _losses_problem(c, f"{where}[{i}]")
-        if why:
-            return why
-    return None
-
-
-def validate(rec: dict) -> str | None:
-    """Return why `rec` cannot be reported, or None when it is a complete, valid record."""
-    if not isinstance(rec, dict):
-        return "not a JSON object"
-    version = rec.get("schema_version")
-    if version != RECORD_SCHEMA_VERSION:
-        return (f"schema_version {version} (settings as strings, no per-example losses) is no longer read; "
-                f"re-run it with the current code (bench run / bench ablate / bench eval --model) to write "
-                f"schema_version {RECORD_SCHEMA_VERSION}")
-    kind = rec.get("kind")
-    if kind not in ("run", "reference"):
-        return f"field 'kind' is {kind!r}; expected 'run' or 'reference'"
-    if not isinstance(rec.get("method"), str) or not rec["method"]:
-        return "missing required field 'method'"
-    setting = rec.get("setting")
-    if not isinstance(setting, dict) or not setting:
-        return "missing required field 'setting' (a non-empty object)"
-    if not isinstance(setting.get("model"), str):
-        return "missing required field 'setting.model'"
-    for k, v in setting.items():
-        if k == "ranks" and v is not None:
-            if not isinstance(v, list) or not v or not all(_is_int(r) and r > 0 for r in v):
-                return "field 'setting.ranks' must be a list of positive integers"
-        elif k == "partition" and v is not None:
-            if not isinstance(v, dict) or not isinstance(v.get("kind"), str):
-                return "field 'setting.partition' must be an object with a string 'kind'"
-        elif k == "dp" and v is not None:  # a DP run (bench/privacy.py): its spent ε is in the privacy section
-            if not isinstance(v, dict) or v.get("kind") != "dp-sgd" or not _is_num(v.get("delta")):
-                return "field 'setting.dp' must be an object with kind 'dp-sgd' and a number 'delta'"
-            if not _is_num((rec.get("privacy") or {}).get("epsilon_max")):
-                return "missing required field 'privacy.epsilon_max' (a DP run records its spent ε)"
-        elif isinstance(v, (dict, list)):
-            return f"field 'setting.{k}' must be a scalar, not {type(v).__name__}"
-    if kind == "run" and (setting.get("ranks") is None or setting.get("partition") is None):
-        return "missing required field 'setting.ranks' / 'setting.partition' (a run record has both)"
-    status = rec.get("status")
-    if isinstance(status, str) and status.lower() in _PARTIAL_STATUSES:
-        return f"partial record (status {status!r})"
-    if rec.get("complete") is False:
-        return "partial record (complete: false)"
-    for name in ("dtypes", "method_info"):
-        if rec.get(name) is not None and not isinstance(rec[name], dict):
-            return f"field '{name}' must be an object"
-
-    ev = rec.get("eval")
-    if ev is not None and not isinstance(ev, dict):
-        return "field 'eval' must be an object"
-    tasks = (ev or {}).get("tasks") or {}
-    if not isinstance(tasks, dict):
-        return "field 'eval.tasks' must be an object"
-    for name, t in tasks.items():
-        if not isinstance(t, dict) or not _is_num(t.get("value")):
-            return f"missing required field 'eval.tasks.{name}.value' (a finite number)"
-        if t.get("stderr") is not None and not _is_num(t.get("stderr")):
-            return f"field 'eval.tasks.{name}.stderr' must be a number or null"
-    if rec.get("test_loss") is not None and not _is_num(rec.get("test_loss")):
-        return "field 'test_loss' must be a number or null"
-    test = rec.get("test")
-    if test is not None:
-        why = _losses_problem(test, "test") or _per_client_problem(test.get("per_client"), "test.per_client")
-        if why:
-            return why
-    pers = rec.get("personalized")
-    if pers is not None:
-        if not isinstance(pers, dict):
-            return "field 'personalized' must be an object"
-        why = _per_client_problem(pers.get("per_client"), "personalized.per_client")
-        if why:
-            return why
-        if pers.get("loss") is not None and not _is_num(pers["loss"]):
-            return "field 'personalized.loss' must be a number or null"
-    has_loss = (test or {}).get("loss") is not None or (pers or {}).get("per_client")
-
-    if kind == "reference":
-        if not tasks and not has_loss:
-            return "partial record: a reference record with no eval.tasks and no held-out loss"
-        return None
-
-    # kind == "run"
-    if not _is_int(rec.get("seed")):
-        return "missing required field 'seed' (an integer)"
-    if not isinstance(rec.get("run_id"), str) or not rec["run_id"]:
-        return "missing required field 'run_id'"
-    comm = rec.get("communication")
-    if not isinstance(comm, dict) or not _is_num(comm.get("bytes_up")) or not _is_num(comm.get("bytes_down")):
-        return "missing required field 'communication.bytes_up'/'communication.bytes_down'"
-    timings = rec.get("timings")
-    if not isinstance(timings, dict) or not _is_num(timings.get("total_s")):
-        return "missing required field 'timings.total_s'"
-    rounds = rec.get("rounds")
-    if not isinstance(rounds, list):
-        return "missing required field 'rounds' (a list)"
-    for i, r in enumerate(rounds):
-        if not isinstance(r, dict) or not _is_int(r.get("round")):
-            return f"field 'rounds[{i}].round' missing or not an integer"
-        if r.get("noise") is not None and not _is_num(r.get("noise")):
-            return f"field 'rounds[{i}].noise' must be a number or null"
-        if not isinstance(r.get("clients", []), list) or any(not isinstance(c, dict) for c in r.get("clients", [])):
-            return f"field 'rounds[{i}].clients' must be a list of objects"
-    expected = setting.get("rounds")
-    # a reference row trains differently from the setting it serves (base: 0 rounds, centralized: 1)
-    reference = bool((rec.get("method_info") or {}).get("reference")) or rec.get("method") in REFERENCE_RUNS
-    if _is_int(expected) and len(rounds) < expected and not reference:
-        return f"partial record: {len(rounds)} of {expected} rounds"
-    clients = rec.get("clients")
-    if clients is not None:
-        if not isinstance(clients, list) or any(not isinstance(c, dict) for c in clients):
-            return "field 'clients' must be a list of objects"
-    return None
-
-
 def load_records(results_dirs: list[str]) -> tuple[list[Record], list[Skipped]]:
     """Read every `*.json` directly inside each results folder (sorted; dotfiles ignored).
 
@@ -306,7 +148,7 @@ def load_records(results_dirs: list[str]) -> tuple[list[Record], list[Skipped]]:
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 skipped.append(Skipped(str(path), f"unreadable: {exc}"))
                 continue
-            why = validate(data)
+            why = problem(data)
             if why:
                 skipped.append(Skipped(str(path), why))
                 continue
@@ -369,14 +211,14 @@ def _preference(r: Record) -> tuple:
 def _dedupe(records: list[Record], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
     by_id: dict[tuple, Record] = {}
     for r in records:
-        key = (*group_key(r), r.seed if _is_int(r.seed) else r.run_id)
+        key = (*group_key(r), r.seed if is_int(r.seed) else r.run_id)
         prev = by_id.get(key)
         if prev is None:
             by_id[key] = r
             continue
         keep, drop = (r, prev) if _preference(r) > _preference(prev) else (prev, r)
         by_id[key] = keep
-        what = f"seed {r.seed}" if _is_int(r.seed) else f"run_id {r.run_id}"
+        what = f"seed {r.seed}" if is_int(r.seed) else f"run_id {r.run_id}"
         skipped.append(Skipped(str(drop.path), f"duplicate of {keep.path.name} (same method, setting, lr, dtypes and "
                                                f"{what}); kept run_id {keep.run_id}"))
     kept = sorted(by_id.values(), key=lambda r: (str(r.path)))

@@ -45,7 +45,7 @@ def test_a_cell_another_process_runs_is_left_to_it(tmp_path, shared_data, capsys
     one_cell = _grid(tmp_path, shared_data)
     one_cell[one_cell.index("flora,fedavg-lora")] = "flora"
     one_cell[one_cell.index("homo;4,2,2")] = "homo"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, fcntl, pathlib; from bench.ablate import claim; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, fcntl, pathlib; from bench.app.ablate import claim; "
                                "lock = claim(pathlib.Path(sys.argv[1])); print('held' if lock else 'busy', flush=True); "
                                "sys.stdin.read()", str(runs / "flora-homo-s0")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -79,7 +79,7 @@ def test_lr_axis_tunes_and_the_main_grid_takes_each_rows_best_lr(tmp_path, share
     record scored highest on the tuning task, records how it was chosen, and the report shows it."""
     import argparse
 
-    from bench.ablate import add_arguments, plan_cells
+    from bench.app.ablate import add_arguments, plan_cells
     from bench.cli import main as cli_main
 
     assert cli_main(_tuning_grid(tmp_path, shared_data)) == 0

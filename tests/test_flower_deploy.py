@@ -81,7 +81,7 @@ HOSTILE = {(1, 1): ("shape", "shape (4, 65), expected (4, 64)"), (1, 2): ("modul
 
 def test_hostile_replies_are_refused(nodes, tmp_path, capsys):
     from bench.config import build_config
-    from bench.flower.launch import deploy
+    from bench.app.flower_launch import deploy
     from bench.flower.options import FlowerOptions
 
     overrides = {"method": "flora", "ranks": "2,4,8", "local_steps": 1, "batch_size": 1, "micro_batch_size": 1,

@@ -262,7 +262,7 @@ def test_app_folder_is_a_valid_flower_app(offline_data_env, tmp_path, capsys):
     assert ok, errors
     job = json.loads(doc["tool"]["flwr"]["app"]["config"]["bench-job"])
     assert job["engine"] == "flower" and json.loads(job["config"])["output_dir"] == str((tmp_path / "run").resolve())
-    assert validate("bench.flower.server_app:app")[0] and validate("bench.flower.client_app:app")[0]
+    assert validate("bench.app.flower_server_app:app")[0] and validate("bench.flower.client_app:app")[0]
     assert not (tmp_path / "run").exists()  # nothing ran
     assert math.isfinite(job["options"]["round_timeout"])
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from methods import METHODS, AggregationMethod, ClientSpec, ClientUpdate, GlobalState, client_weights, get_method
-from methods.factors import factored_svd, orthonormal_basis, pad_rank, product_fro_norm, stack, svd_factors
+from methods.factors import factored_svd, orthonormal_basis, product_fro_norm, stack, svd_factors
 from methods.fedavg_lora import FedAvgLoRA
 from methods.fedit import FedIT
 from methods.flexlora import FlexLoRA
@@ -91,7 +91,7 @@ def dense_delta(updates, name: str) -> torch.Tensor:
 
 
 def dense_avg_factors(updates, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ p_k pad(A_k), Σ p_k s_k pad(B_k), padding by hand (not through factors.pad_rank)."""
+    """Σ p_k pad(A_k), Σ p_k s_k pad(B_k), padding by hand."""
     rmax = max(u.rank for u in updates)
     d_in = updates[0].factors[name][0].shape[1]
     d_out = updates[0].factors[name][1].shape[0]
@@ -291,16 +291,6 @@ def test_avg_heterogeneous_padding_rows_by_hand():
     assert torch.allclose(a[:2], 0.75 * a0[:2] + 0.25 * a1, rtol=0, atol=1e-15)
     assert torch.allclose(b[:, 2:], 0.75 * s0 * b0[:, 2:], rtol=0, atol=1e-14)
     assert torch.allclose(b[:, :2], 0.75 * s0 * b0[:, :2] + 0.25 * s1 * b1, rtol=0, atol=1e-14)
-
-
-def test_pad_rank_zero_pads():
-    g = gen(1)
-    a, b = torch.randn(3, 5, generator=g, dtype=DT), torch.randn(4, 3, generator=g, dtype=DT)
-    ap, bp = pad_rank(a, b, 7)
-    assert ap.shape == (7, 5) and bp.shape == (4, 7) and ap.dtype == DT and bp.dtype == DT
-    assert torch.equal(ap[:3], a) and torch.equal(bp[:, :3], b)
-    assert torch.count_nonzero(ap[3:]) == 0 and torch.count_nonzero(bp[:, 3:]) == 0
-    assert torch.equal(bp @ ap, b @ a)
 
 
 # ----------------------------------------------------------------------------------------------------

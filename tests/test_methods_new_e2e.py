@@ -1,7 +1,8 @@
-"""The seven methods of issue #16 end to end through the real engine (bench.engine.run_federated) on the tiny
-preset: a 2-layer random Llama on real Dolly shards, ranks 4,2,2. What each method promises that only a real
-run can show: who sends what (bytes, never a personal B), a frozen factor that stays frozen across the
-wire, exact merges, self-pruning reaching the server, FedSA-LoRA's personal state surviving a crash."""
+"""HetLoRA, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRIST, LoRA-FAIR and RoLoRA end to end through the real engine
+(bench.engine.run_federated) on the tiny preset: a 2-layer random Llama on real Dolly shards, ranks 4,2,2. What each
+method promises that only a real run can show: who sends what (bytes, never a personal B), a frozen factor that
+stays frozen across the wire, exact merges, self-pruning reaching the server, FedSA-LoRA's personal state surviving
+a crash."""
 from __future__ import annotations
 
 import json

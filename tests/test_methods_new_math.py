@@ -1,7 +1,7 @@
-"""First-principles tests of the methods added for issue #16 and of the top-R SVD (float64, random shapes with
-d_in ≠ d_out, mixed ranks), in the style of test_methods_math.py: every reference is formed densely and
-independently of methods/factors.py (the d_out × d_in products, padding by hand, p_k from n_k, torch's dense
-SVD), so a bug in the shared algebra cannot cancel out."""
+"""First-principles tests of HetLoRA, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRIST, LoRA-FAIR, RoLoRA and the top-R SVD
+(float64, random shapes with d_in ≠ d_out, mixed ranks), in the style of test_methods_math.py: every reference is
+formed densely and independently of methods/factors.py (the d_out × d_in products, padding by hand, p_k from n_k,
+torch's dense SVD), so a bug in the shared algebra cannot cancel out."""
 from __future__ import annotations
 
 import math

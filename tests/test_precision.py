@@ -1,4 +1,4 @@
-"""Precision and the audit trail (issue #14).
+"""Precision and the audit trail.
 
 In bfloat16 a round's update on a small model is below the weights' rounding step: merged into bf16
 weights it mostly vanishes. The engine keeps float32 masters for the weights that receive merges and

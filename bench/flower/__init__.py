@@ -10,11 +10,11 @@ server (bench/server.py behind bench/guard.py) still configures and aggregates, 
                    merges and personal factors live in context.state between messages
     transport.py   GridTransport: the engine's transport over a Flower Grid (node discovery, one TRAIN
                    message per client, replies checked before they reach the engine, timeouts)
-    strategy.py    BenchStrategy: the same server as a flwr Strategy (configure_train/aggregate_train)
-    server_app.py  the ServerApp: run_federated(cfg, transport=GridTransport(grid, ...))
-    launch.py      `bench run --engine flower-sim | flower`: Flower's simulation engine, or a run
-                   submitted to a SuperLink (an app folder `flwr run` accepts)
-    options.py     the Flower flags of `bench run` (no flwr import: the CLI works without flwr)
+    options.py     the Flower flags of `bench run` and the job a ServerApp runs (no flwr import: the CLI
+                   works without flwr)
+
+The ServerApp (run_federated with a GridTransport) and the launcher (Flower's simulation engine, or a run
+submitted to a SuperLink) are entry points: bench/app/flower_server_app.py and bench/app/flower_launch.py.
 
 flwr is an optional dependency (`pip install 'fedlora-bench[flower]'`); see docs/flower.md.
 """

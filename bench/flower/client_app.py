@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from ..messages import Reply, _put, _take
+from ..messages import Reply, put_factors, take_factors
 from . import wire
 
 STATE_NODE, STATE_MERGES, STATE_PERSONAL = "bench.node", "bench.merges", "bench.personal"
@@ -167,12 +167,12 @@ class NodeState:
         kept = {r: f for r, f in self.merges().items() if r > rt.base_round}
         arrays: dict = {}
         for r, f in kept.items():
-            _put(arrays, "merge", str(r), f)
+            put_factors(arrays, "merge", str(r), f)
         self.state[STATE_MERGES] = wire.encode_arrays(arrays)
         return True
 
     def merges(self) -> dict[int, dict]:
-        return {int(r): f for r, f in _take(wire.decode_arrays(self.state[STATE_MERGES]), "merge").items()}
+        return {int(r): f for r, f in take_factors(wire.decode_arrays(self.state[STATE_MERGES]), "merge").items()}
 
     def add_merges(self, merges: dict[int, dict], base_round: int) -> None:
         held = {k.split("/", 2)[1] for k in self.state[STATE_MERGES].keys()}
@@ -180,7 +180,7 @@ class NodeState:
         arrays: dict = {}
         for rnd, factors in merges.items():
             if str(rnd) not in held and rnd > in_weights:
-                _put(arrays, "merge", str(rnd), factors)
+                put_factors(arrays, "merge", str(rnd), factors)
         if arrays:
             rec = self.state[STATE_MERGES]
             for name, arr in wire.encode_arrays(arrays).items():
@@ -195,7 +195,7 @@ class NodeState:
             return None
         r = max(rounds)
         rank = self.meta["personal_ranks"][self.meta["personal_rounds"].index(r)]
-        factors = _take(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal").get(str(r), {})
+        factors = take_factors(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal").get(str(r), {})
         return {"rank": rank, "factors": factors}
 
     def set_personal(self, rnd: int, kept: dict) -> None:
@@ -203,13 +203,13 @@ class NodeState:
         from flwr.app import ArrayRecord
 
         keep = sorted({r for r in self.meta["personal_rounds"] if r < rnd})[-1:] + [rnd]
-        old = _take(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal")
+        old = take_factors(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal")
         ranks = dict(zip(self.meta["personal_rounds"], self.meta["personal_ranks"]))
         ranks[rnd] = kept["rank"]
         arrays: dict = {}
         for r in keep:
             factors = kept["factors"] if r == rnd else old.get(str(r), {})
-            _put(arrays, "personal", str(r), factors)
+            put_factors(arrays, "personal", str(r), factors)
         self.state[STATE_PERSONAL] = wire.encode_arrays(arrays) if arrays else ArrayRecord()
         self.meta["personal_rounds"], self.meta["personal_ranks"] = keep, [ranks[r] for r in keep]
 

@@ -30,13 +30,13 @@ class FlowerOptions:
 JOB_KEY = "bench-job"  # the Flower run config key that carries the job to a deployed ServerApp
 
 
-def make_job(cfg, engine: str, opts: FlowerOptions, resume: str | None = None, mode: str = "engine") -> dict:
-    """What a ServerApp runs (bench/flower/server_app.py): the config, the engine's name, the run to resume, the
-    options; mode "strategy" runs Flower's own loop around BenchStrategy instead of the engine's."""
+def make_job(cfg, engine: str, opts: FlowerOptions, resume: str | None = None) -> dict:
+    """What a ServerApp runs (bench/app/flower_server_app.py): the config, the engine's name, the run to resume,
+    the options."""
     import json
 
     return {"config": json.dumps(cfg.to_dict(), sort_keys=True), "engine": engine, "resume": resume,
-            "options": opts.to_dict(), "mode": mode}
+            "options": opts.to_dict()}
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:

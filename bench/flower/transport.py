@@ -136,7 +136,7 @@ class GridTransport:
             return refuse(f"nodes {self.nodes[k]} and {node} both hold partition {k}; give each SuperNode its own partition-id")
         self.nodes[k], self.info[k] = node, info
 
-    # ---- messages (shared with BenchStrategy) ------------------------------------------------------
+    # ---- messages ---------------------------------------------------------------------------------
     def messages(self, tasks: list[TaskMessage]) -> tuple[dict, list[tuple]]:
         """({client id: Refused} for clients without a node, [(task, node id, Message, wire bytes down)])."""
         from flwr.app import Message, MessageType

@@ -169,7 +169,7 @@ def config_to_json(cfg) -> str:
 def config_from_json(text: str):
     """The RunConfig a message carries, type-checked and validated like a config file (BenchError or
     ValueError naming the field)."""
-    from ..config import FIELDS, RunConfig, _coerce, validate
+    from ..config import FIELDS, RunConfig, coerce_field, validate
 
     try:
         data = json.loads(text)
@@ -180,7 +180,7 @@ def config_from_json(text: str):
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValueError(f"run config: unknown key {unknown[0]!r} (a newer fedlora-bench on the server?)")
-    cfg = RunConfig(**{k: _coerce(k, v) for k, v in data.items()})
+    cfg = RunConfig(**{k: coerce_field(k, v) for k, v in data.items()})
     validate(cfg)
     return cfg
 

@@ -13,6 +13,7 @@ class OpenAIBackend(Backend):
     adapters = "none"
     request_cache = False
     needs_base_url = True
+    local_tokenizer = False
 
     def resolve_dtype(self, dtype: str | None) -> str:
         return "server"

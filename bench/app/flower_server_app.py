@@ -5,7 +5,7 @@ record as an in-process one; the record's `engine` says which engine ran ("flowe
 The job (what to run) is JSON: {"config": RunConfig JSON, "engine": "flower-sim" | "flower",
 "resume": run dir or null, "options": FlowerOptions}. In the simulation the launcher hands it over
 directly; in deployment it is the run config key `bench-job` of the Flower app folder that
-`bench run --engine flower` writes (bench/flower/launch.py) and `flwr run` submits.
+`bench run --engine flower` writes (bench/app/flower_launch.py) and `flwr run` submits.
 
 Paths in the job are absolute: a deployed ServerApp runs in a `flwr-serverapp` process started by the
 SuperLink, in the SuperLink's working directory and on its machine.
@@ -15,47 +15,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import JOB_KEY, FlowerOptions
+from bench.flower.options import JOB_KEY, FlowerOptions
 
 
 def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
-    """Run a job on this grid: the results record (mode "engine"), or the BenchStrategy after Flower's own
-    loop (mode "strategy", no files written)."""
-    from ..engine import preflight, run_federated
-    from . import wire
-    from .transport import GridTransport
+    """Run a job on this grid; returns the results record."""
+    from bench.engine import preflight, run_federated
+    from bench.flower import wire
+    from bench.flower.transport import GridTransport
 
     cfg = wire.config_from_json(job["config"])
     opts = FlowerOptions.from_dict(job.get("options"))
     if evaluator is None and cfg.eval_tasks:
-        from ..evaluator import evaluator_for
+        from .evaluator import evaluator_for
 
         evaluator = evaluator_for(cfg)
     plan = plan or preflight(cfg, evaluator)
     session = Path(job.get("resume") or cfg.output_dir or "run").name
     transport = GridTransport(grid, cfg, plan, session=session, name=job.get("engine", "flower"), opts=opts, log=log)
-    if job.get("mode") == "strategy":
-        return run_strategy(grid, cfg, plan, transport, log)
     return run_federated(cfg, resume=job.get("resume"), plan=plan, log=log, evaluator=evaluator, transport=transport)
-
-
-def run_strategy(grid, cfg, plan, transport, log=print):
-    """Flower's own round loop (Strategy.start) around the bench server; returns the strategy (its
-    .server holds the final state)."""
-    from flwr.app import ArrayRecord
-
-    from methods import get_method
-
-    from ..guard import ReplyFilter
-    from ..server import Server
-    from .strategy import BenchStrategy
-
-    server = ReplyFilter(Server(get_method(cfg.method, cfg.method_options), seed=cfg.seed, num_clients=cfg.num_clients,
-                                client_fraction=cfg.client_fraction, ranks=plan.ranks, scaling=cfg.scaling),
-                         plan.module_shapes, cfg.max_update_norm)
-    strategy = BenchStrategy(server, transport, log=log)
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=transport.opts.round_timeout)
-    return strategy
 
 
 def _make_app():
@@ -65,7 +43,7 @@ def _make_app():
 
     @app.main()
     def main(grid, context) -> None:
-        from .. import BenchError
+        from bench import BenchError
 
         raw = context.run_config.get(JOB_KEY)
         if not isinstance(raw, str):
