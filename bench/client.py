@@ -25,7 +25,7 @@ from methods import ClientTask, Factors
 from . import data as data_mod
 from .compute import MixedPrecision, resolve_compute_dtype
 from .config import RunConfig
-from .messages import Reply, TaskMessage
+from .messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 from .references import resolve_method
 
 # Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no logit scale.
@@ -74,10 +74,6 @@ def held_out_losses(model, examples: list[dict], pad: int, device, batch_size: i
     return sums, counts
 
 
-def mean_loss(sums: list[float], counts: list[int]) -> float:
-    return sum(sums) / max(sum(counts), 1)
-
-
 @dataclass
 class ModelSpec:
     """What a runtime loads: the resolved model folder, the device and the training dtype."""
@@ -90,12 +86,15 @@ class ModelSpec:
 class ClientRuntime:
     """The model side of every client this process serves."""
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, ranks: list[int], examples: dict[int, list[dict]]):
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, ranks: list[int], examples: dict[int, list[dict]],
+                 heldout: data_mod.HeldOut | None = None):
+        """heldout: the sets its clients score their own models on (EVALUATE); None: this runtime only trains."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.device, self.dtype = cfg, spec.device, spec.dtype
         self.examples = examples  # client id -> tokenized training examples
+        self.heldout = heldout
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -306,12 +305,23 @@ class ClientRuntime:
                 a.requires_grad_(True)
                 b.requires_grad_(True)
 
-    def own_losses(self, msg: TaskMessage, example_sets: list[list[dict]]) -> list[tuple[list[float], list[int]]]:
-        """The client's own model on each example set: what it would start its next round from (the task's
-        factors, its kept ones in place, on its base), as the personalized methods define a client's model."""
-        self.apply_merges(msg.merges)
+    def evaluate(self, ask: EvaluateMessage) -> EvalReply:
+        """The client's own model on the held-out sets asked for: what it would start its next round from (the
+        task's factors, its kept ones in place, on its base), as the personalized methods define a client's model."""
+        msg, k = ask.task, ask.task.client_id
+        if self.heldout is None:
+            return EvalReply(msg.round, k, error="this runtime holds no held-out sets")
+        try:
+            self.apply_merges(msg.merges)
+        except BaseOutOfSync as exc:
+            return EvalReply(msg.round, k, error=f"base out of sync: {exc}")
         self._load(self._slot(msg.rank), msg.rank, self._start(msg), msg.init_seed)
-        return [held_out_losses(self.model, ex, self.tokenizer.pad_token_id, self.device) for ex in example_sets]
+        sets = {"pooled": self.heldout.pooled, "own": lambda: self.heldout.own(k)}
+        losses = {}
+        for name in ask.sets:
+            examples = sets[name]()
+            losses[name] = held_out_losses(self.model, examples, self.tokenizer.pad_token_id, self.device) if examples else ([], [])
+        return EvalReply(msg.round, k, losses)
 
     # ---- the clients' own state (checkpointed with the run by the in-process transport) ------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:

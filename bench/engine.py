@@ -29,13 +29,14 @@ from methods import get_method
 
 from . import BenchError, data as data_mod, hooks, models, privacy
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
+from .client import ModelSpec, held_out_losses
 from .compute import resolve_compute_dtype
 from .config import RunConfig, save_config
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
 from .io import atomic_write_json
-from .messages import Reply
+from .data import HeldOut, client_examples, load_tokenizer  # noqa: F401 (client_examples: the engine's API)
+from .messages import Reply, mean_loss
 from .observers import AuditTrail, MetricsLog, Progress, RoundStates, rss_mb
 from .record import build_record, load_avg, provenance, run_setting
 from .references import reference_run
@@ -206,29 +207,6 @@ def _run_id(cfg: RunConfig) -> str:
     return f"{cfg.reference or cfg.method}-{cfg.preset or 'custom'}-s{cfg.seed}-{stamp}"
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def client_examples(cfg: RunConfig, plan: Plan, tok, clients) -> dict[int, list[dict]]:
-    """The tokenized training examples of the given clients (once per run, reused every round)."""
-    return {k: [data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, cfg.train_on_inputs)
-                for i in plan.shards[k]] for k in clients}
-
-
-def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
-    test = plan.dataset.validation if cfg.heldout_split == "validation" else plan.dataset.test
-    if cfg.test_limit and len(test) > cfg.test_limit:
-        pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
-        test = [test[i] for i in sorted(pick)]
-    return [data_mod.tokenize(r, tokenizer, cfg.prompt_template, cfg.cutoff_len, False) for r in test]
-
-
 def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | None = None, log=print,
                   evaluator=None, transport=None) -> dict:
     """Run (or resume) a federated experiment end to end; returns the results record.
@@ -281,14 +259,12 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     timings = {"load_s": 0.0, "tokenize_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "checkpoint_s": 0.0}
     t = time.time()
     tok = load_tokenizer(plan.model_path)
-    runtime = None
+    heldout = HeldOut(cfg, plan.dataset, plan.client_tests, tok)
     if transport is None:
-        examples = client_examples(tcfg, tplan, tok, range(tcfg.num_clients))
-        timings["tokenize_s"] = time.time() - t
-        t = time.time()
-        runtime = ClientRuntime(tcfg, ModelSpec(plan.model_path, device, dtype), tplan.ranks, examples)
-        timings["load_s"] = time.time() - t
-        transport = InProcessTransport(runtime, batched=_client_batching(tcfg, device, log))
+        transport = InProcessTransport.start(tcfg, tplan, ModelSpec(plan.model_path, device, dtype), tok, heldout,
+                                             batched=_client_batching(tcfg, device, log))
+        timings.update(transport.setup_s)
+        timings["tokenize_s"] += time.time() - t - sum(transport.setup_s.values())  # the tokenizer's load
     elif tcfg.client_batching == "on":
         log(f"[bench] client_batching: on applies to the in-process engine; {tcfg.engine} trains its clients one by one")
     transport = hooks.wrap_transport(transport)
@@ -321,16 +297,14 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
             for o in observers:
                 o.client_done(msg, reply)
 
-        if runtime is not None:
-            runtime.on_step = on_step
         for rnd in range(server.round + 1, tcfg.rounds + 1):
             t_round = time.time()
             tasks = server.configure(rnd, server.sample(rnd))
-            replies = transport.run(tasks, on_reply=on_reply)
+            replies = transport.run(tasks, on_reply=on_reply, on_step=on_step)
             stale = [k for k, r in replies.items() if isinstance(r, Reply) and (r.error or "").startswith("base out of sync")]
             if stale:  # a client that lost its base (a restarted node): once more with every merge
                 again = server.configure(rnd, stale, resend=True)
-                replies.update(transport.run(again, on_reply=on_reply))
+                replies.update(transport.run(again, on_reply=on_reply, on_step=on_step))
                 tasks = [m for m in tasks if m.client_id not in stale] + again
             timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values() if isinstance(r, Reply))
             signals.check()
@@ -364,16 +338,16 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
         # model from the server's deltas. A kill from here on is resumed from the last round's checkpoint:
         # training is skipped, these steps redone.
         t = time.time()
-        pooled = held_out_examples(cfg, plan, tok)
-        own = [[data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, False) for i in split]
-               for split in plan.client_tests]
+        pooled = heldout.pooled()
+        own = [heldout.own(k) for k in range(len(plan.client_tests))]
         personalized = None
         # local-only and FedSA-LoRA (has_global_model False) have no global model: the exported one is the base
         no_global = cfg.reference == "local-only" or not method.has_global_model
-        if method.personalized and runtime is not None:
-            personalized = _own_models(runtime, server, tcfg.rounds + 1, pooled, own)
+        if method.personalized:  # each client scores its own model, wherever it runs (EVALUATE)
+            asks = server.configure_evaluate(tcfg.rounds + 1)
+            personalized = server.aggregate_evaluate(asks, transport.evaluate(asks), len(pooled), [len(x) for x in own])
         engine_name = transport.name
-        del runtime, transport
+        del transport
         out = run_dir / "global_model"
         global_model = export_global_model(plan.model_path, server.global_delta(), out_dtype, out).to(device)
         if not server.s.merges and export_global_adapter(server.s.state.adapter, cfg.target_modules, plan.model_path,
@@ -479,27 +453,3 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
         return False
     log(f"[bench] client_batching: on ({cfg.client_batching}): a round's clients share one forward/backward per micro-step")
     return True
-
-
-def _own_models(runtime: ClientRuntime, server, next_round: int, pooled: list[dict], own: list[list[dict]]) -> dict:
-    """Each client's own model — what it would start round `next_round` from (the method's task for it, its
-    kept factors in place) — on the pooled test set and on its own split; the pooled figure per example is the
-    mean over clients, so it pairs with a global model's."""
-    per_pooled, per_own = [], []
-    for msg in server.configure(next_round, list(range(server.num_clients))):
-        k = msg.client_id
-        sets = runtime.own_losses(msg, [pooled, own[k]] if own and own[k] else [pooled])
-        per_pooled.append({"client": k, "loss": mean_loss(*sets[0]), "loss_sums": sets[0][0], "tokens": sets[0][1]})
-        if len(sets) > 1:
-            per_own.append({"client": k, "loss": mean_loss(*sets[1]), "examples": len(sets[1][0]),
-                            "loss_sums": sets[1][0], "tokens": sets[1][1]})
-    n = len(per_pooled)
-    sums = [sum(c["loss_sums"][i] for c in per_pooled) / n for i in range(len(pooled))]
-    tokens = per_pooled[0]["tokens"] if per_pooled else []
-    out = {"clients": n, "pooled": {"loss": mean_loss(sums, tokens), "examples": len(pooled), "loss_sums": sums,
-                                    "tokens": tokens},
-           "per_client_pooled": [{"client": c["client"], "loss": c["loss"]} for c in per_pooled]}
-    if per_own:  # each client's own model on its own split, and their mean
-        out["per_client"] = per_own
-        out["loss"] = _mean([c["loss"] for c in per_own])
-    return out

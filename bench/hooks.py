@@ -52,7 +52,7 @@ class PoisonTransport:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def run(self, tasks, on_reply=None):
+    def run(self, tasks, on_reply=None, on_step=None):
         def poison(msg, reply):
             if msg.round == self.round and (self.client == "*" or int(self.client) == msg.client_id) and not reply.error:
                 for name, (a, b) in reply.factors.items():
@@ -64,7 +64,7 @@ class PoisonTransport:
             if on_reply is not None:
                 on_reply(msg, reply)
 
-        return self.inner.run(tasks, on_reply=poison)
+        return self.inner.run(tasks, on_reply=poison, on_step=on_step)
 
 
 def wrap_transport(transport):

@@ -1,4 +1,9 @@
-"""The two messages between the server and a client, and their wire form.
+"""The messages between the server and a client, and their wire form.
+
+TRAIN: TaskMessage (server → client) and Reply (client → server), once per sampled client per round.
+EVALUATE: EvaluateMessage and EvalReply, once per client after the last round, when the clients' own
+models are the ones to score (personalized methods): the client scores its model on held-out sets it
+holds itself and answers per-example losses (Flower's configure_evaluate / aggregate_evaluate).
 
 Every transport carries exactly these: the in-process one passes the objects, Flower carries their
 wire form (named float32 arrays + a flat config of numbers and strings). Nothing else crosses, so a
@@ -59,6 +64,35 @@ class Reply:
     # the client's adapter as it ends the round (after client_finish: at the rank it sent), both factors, for the
     # audit trail only: filled when the run saves client adapters, never aggregated, not counted in bytes_up
     trained: Factors | None = None
+
+
+# the held-out sets a client scores its own model on: the run's pooled held-out set, and its own split
+EVAL_SETS = ("pooled", "own")
+
+
+@dataclass
+class EvaluateMessage:
+    """Server → client: score the client's own model — what it would start round `task.round` from (the
+    method's task for it, its kept factors in place, on its base with the task's merges) — on `sets`."""
+
+    task: TaskMessage
+    sets: tuple[str, ...] = EVAL_SETS
+
+
+@dataclass
+class EvalReply:
+    """Client → server: per held-out set, each example's summed token loss and its labelled-token count
+    (an empty set: empty lists). `error` set: the client could not score (losses empty)."""
+
+    round: int
+    client_id: int
+    losses: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def mean_loss(sums: list[float], counts: list[int]) -> float:
+    """A held-out set's loss: the mean per labelled token, from each example's summed loss and token count."""
+    return sum(sums) / max(sum(counts), 1)
 
 
 def factor_bytes(factors: Factors | None) -> int:
@@ -154,3 +188,44 @@ def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Rep
         raise ValueError(f"reply: missing field {exc.args[0]!r}") from None
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"reply: malformed ({exc})") from None
+
+
+def pack_evaluate(msg: EvaluateMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    arrays, config = pack_task(msg.task)
+    return arrays, {**config, "sets": json.dumps(list(msg.sets))}
+
+
+def unpack_evaluate(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> EvaluateMessage:
+    sets = json.loads(config["sets"])
+    unknown = [x for x in sets if x not in EVAL_SETS]
+    if unknown:
+        raise ValueError(f"sets: unknown held-out set {unknown[0]!r}; known: {', '.join(EVAL_SETS)}")
+    return EvaluateMessage(unpack_task(arrays, config), tuple(sets))
+
+
+def pack_eval_reply(reply: EvalReply) -> dict[str, Any]:
+    """Its wire form is config only: the losses as JSON (a float's repr reads back bit for bit)."""
+    return {"round": reply.round, "client_id": reply.client_id, "error": reply.error or "",
+            "losses": json.dumps({k: [list(s), list(n)] for k, (s, n) in reply.losses.items()})}
+
+
+def unpack_eval_reply(config: dict[str, Any]) -> EvalReply:
+    """An evaluation reply from an untrusted client: structural problems raise ValueError naming the field."""
+    try:
+        raw = json.loads(config.get("losses") or "{}")
+        if not isinstance(raw, dict):
+            raise ValueError("losses: not a JSON object")
+        losses = {}
+        for name, pair in raw.items():
+            if name not in EVAL_SETS or not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"losses: {name!r} is not a held-out set with [sums, counts]")
+            sums, counts = pair
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sums) or \
+                    not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or len(sums) != len(counts):
+                raise ValueError(f"losses: {name!r} needs equally long lists of numbers (sums) and integers (counts)")
+            losses[name] = ([float(x) for x in sums], list(counts))
+        return EvalReply(int(config["round"]), int(config["client_id"]), losses, str(config.get("error") or "") or None)
+    except KeyError as exc:
+        raise ValueError(f"evaluation reply: missing field {exc.args[0]!r}") from None
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"evaluation reply: malformed ({exc})") from None

@@ -4,6 +4,8 @@
   per-client losses and tensor bytes as in-process; the record says engine "flower-sim"
 - one simulation running FlexLoRA and FedAvg-LoRA through the engine's loop, then FlexLoRA through
   BenchStrategy in Flower's own loop (Strategy.start): all equal to in-process
+- the personalized methods (HetLoRA, FedSA-LoRA: no global model) in one simulation: each node scores its own
+  client's model (EVALUATE), and the record's personalized section and score equal in-process's
 
 Same arithmetic, same machine: every client runs bench/client.py's ClientRuntime with the same seeds, the
 same model file, the same merges in the same order and, by default, the same number of torch threads
@@ -83,3 +85,42 @@ def test_methods_and_strategy_in_one_simulation(env, refs, tmp_path):
     for result, row in zip(strategy.results, metrics(ref), strict=True):
         assert [c["loss"] for c in result.clients] == [c["loss"] for c in row["clients"]]
         assert [c["bytes_down"] for c in result.clients] == [c["bytes_down"] for c in row["clients"]]
+
+
+def test_personalized_methods_score_their_clients_own_models_as_in_process(env, refs, tmp_path):
+    """Each client's own model lives on its node (FedSA-LoRA's B never leaves it): the EVALUATE round has the nodes
+    score them on the pooled set and on their own splits, bit for bit the in-process figures."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from bench.config import build_config
+    from bench.engine import preflight
+    from bench.flower.client_app import app as client_app
+    from bench.flower.launch import simulation_backend
+    from bench.flower.options import FlowerOptions, make_job
+    from bench.flower.server_app import run_job
+
+    base = {"ranks": "2,4,8", "local_steps": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 32, "test_limit": 2,
+            "client_test_fraction": 0.2}
+    jobs = {}
+    for method in ("hetlora", "fedsa-lora"):
+        cfg = build_config(preset="tiny", overrides={**base, "method": method, "output_dir": str(tmp_path / method),
+                                                     "results_dir": str(tmp_path / "results")})
+        jobs[method] = (make_job(cfg, "flower-sim", FlowerOptions()), preflight(cfg))
+    out = {}
+    app = ServerApp()
+
+    @app.main()
+    def main_fn(grid, context):
+        for name, (job, plan) in jobs.items():
+            out[name] = run_job(grid, job, plan=plan)
+
+    run_simulation(app, client_app, num_supernodes=3, backend_config=simulation_backend(FlowerOptions(), "cpu"))
+    for method in ("hetlora", "fedsa-lora"):
+        ref = reference_run(refs, method, "--client-test-fraction", "0.2")
+        assert_same_run(tmp_path / method, ref)
+        got, want = out[method], record(ref)
+        assert got["engine"] == "flower-sim" and want["engine"] == "inprocess"
+        assert got["personalized"]["clients"] == 3 and len(got["personalized"]["per_client"]) == 3
+        assert got["personalized"] == want["personalized"], method
+        assert got["test"] == want["test"], method

@@ -72,16 +72,20 @@ class _Node:
     def runtime(self):
         if self._runtime is None:
             from ..client import ClientRuntime, ModelSpec
-            from ..engine import load_tokenizer, resolve_device, resolve_dtype
+            from ..data import load_tokenizer
+            from ..engine import resolve_device, resolve_dtype
+
+            from ..data import HeldOut
 
             device = resolve_device(self.cfg)
             self.tok = load_tokenizer(self.plan.model_path)
             self._runtime = ClientRuntime(self.cfg, ModelSpec(self.plan.model_path, device,
-                                                              resolve_dtype(self.cfg.dtype, device)), self.plan.ranks, {})
+                                                              resolve_dtype(self.cfg.dtype, device)), self.plan.ranks, {},
+                                          HeldOut(self.cfg, self.plan.dataset, self.plan.client_tests, self.tok))
         return self._runtime
 
     def add_client(self, k: int) -> None:
-        from ..engine import client_examples
+        from ..data import client_examples
 
         if k not in self.runtime.examples:
             self.runtime.examples.update(client_examples(self.cfg, self.plan, self.tok, [k]))
@@ -234,24 +238,46 @@ def set_base(rt, weights: dict, rnd: int) -> None:
     rt.base_round = rnd
 
 
+def _client_runtime(task, run_json: str, session: str, context):
+    """(node, load seconds, node state) for a task message to this node: the runtime's base and the client's kept
+    factors brought to what this node holds (context.state); ValueError for a task meant for another partition."""
+    cfg, k = _node_config(context, wire.config_from_json(run_json))
+    if task.client_id != k:
+        raise ValueError(f"this node holds partition {k}, the task is for client {task.client_id}")
+    node, load_s = _node(cfg, run_json, session)
+    rt = node.runtime
+    state = NodeState(context.state, session)
+    state.restore_base(rt)  # the node's own base first: what it received in earlier messages
+    kept = state.personal_before(task.round)
+    if kept is None:
+        rt.personal.pop(k, None)
+    else:
+        rt.personal[k] = kept
+    return node, load_s, state
+
+
+def eval_reply(content, context):
+    """Handle one EVALUATE message: the client's own model on the held-out sets asked for (an error reply for
+    anything that goes wrong)."""
+    from ..messages import EvalReply
+
+    ask, run_json, session = wire.evaluate_of(content)
+    try:
+        node, _, _ = _client_runtime(ask.task, run_json, session, context)
+        return node.runtime.evaluate(ask)
+    except Exception as exc:  # noqa: BLE001 - a node answers, it does not crash
+        return EvalReply(ask.task.round, ask.task.client_id, error=f"{type(exc).__name__}: {exc}")
+
+
 def train_reply(content, context) -> Reply:
     """Handle one TRAIN message: a Reply (an error reply for anything that goes wrong)."""
     t0 = time.time()
     task, run_json, session = wire.task_of(content)
     try:
-        cfg, k = _node_config(context, wire.config_from_json(run_json))
-        if task.client_id != k:
-            raise ValueError(f"this node holds partition {k}, the task is for client {task.client_id}")
-        node, load_s = _node(cfg, run_json, session)
+        node, load_s, state = _client_runtime(task, run_json, session, context)
+        k = task.client_id
         node.add_client(k)
         rt = node.runtime
-        state = NodeState(context.state, session)
-        state.restore_base(rt)  # the node's own base first: what it received in earlier messages
-        kept = state.personal_before(task.round)
-        if kept is None:
-            rt.personal.pop(k, None)
-        else:
-            rt.personal[k] = kept
         reply = rt.train(task)
         if not reply.error:
             state.add_merges(task.merges, rt.base_round)
@@ -314,6 +340,17 @@ def _make_app():
             reply = Reply(_int(cfg.get("round")), _int(cfg.get("client_id")), _int(cfg.get("rank")), 0, {},
                           error=f"malformed task: {exc}")
         return Message(wire.reply_content(reply), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        from ..messages import EvalReply
+
+        try:
+            reply = eval_reply(msg.content, context)
+        except ValueError as exc:  # the request itself did not parse
+            cfg = dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
+            reply = EvalReply(_int(cfg.get("round")), _int(cfg.get("client_id")), error=f"malformed request: {exc}")
+        return Message(wire.eval_reply_content(reply), reply_to=msg)
 
     return app
 
