@@ -40,6 +40,21 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
+def resolve_device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device: {cfg.device} requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training (storage) dtype: "auto" is bfloat16 on a GPU, float32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def resolve_compute_dtype(name: str, storage: torch.dtype, device: torch.device,
                           cpuinfo: str = "/proc/cpuinfo") -> tuple[torch.dtype, str]:
     """(compute dtype, why) for a requested compute dtype over the storage dtype on a device."""

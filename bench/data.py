@@ -303,6 +303,14 @@ def client_test_splits(cfg, shards: list[list[int]]) -> tuple[list[list[int]], l
     return train, test
 
 
+def federated_split(cfg) -> tuple[Dataset, list[list[int]], list[list[int]]]:
+    """(dataset, each client's training shard, each client's own held-out split): what the server and every client
+    process derive alike from the config, so that they hold the same partition."""
+    dataset = load_dataset(cfg)
+    shards, client_tests = client_test_splits(cfg, partition(cfg, dataset))
+    return dataset, shards, client_tests
+
+
 def _dirichlet(by_class: dict[str, list[int]], k: int, alpha: float, min_size: int, rng) -> list[list[int]]:
     """Per class, split its examples among clients with proportions ~ Dir(α); redraw until every client
     holds at least min_size examples (the usual recipe of Hsu et al. 2019)."""

@@ -112,28 +112,44 @@ def task_bytes(msg: TaskMessage) -> int:
             + sum(factor_bytes(m) for m in msg.merges.values()))
 
 
+# ---- factors as named tensors ------------------------------------------------------------------------
+# Every file and wire message holds factors as named tensors "<prefix>/<module>/<A|B>": the wire form below,
+# checkpoints (bench/checkpoint.py), the clients' own state (bench/client.py), the audit trail.
+
+def factors_to_tensors(factors: Factors | None, prefix: str) -> dict[str, torch.Tensor]:
+    """"<prefix>/<module>/<A|B>" -> the factor itself (no copy, no cast); a None factor is left out."""
+    return {f"{prefix}/{name}/{which}": t for name, pair in (factors or {}).items()
+            for which, t in zip(FACTOR_NAMES, pair) if t is not None}
+
+
+def tensors_to_factors(tensors: dict[str, torch.Tensor], prefix: str) -> Factors:
+    """The factors under `prefix` (other keys ignored); a factor without a tensor is None. ValueError for a key
+    under it that does not end in /A or /B."""
+    return factor_groups(tensors, prefix, grouped=False).get("", {})
+
+
+def factor_groups(tensors: dict[str, torch.Tensor], prefix: str, grouped: bool = True) -> dict[str, Factors]:
+    """Keys "<prefix>/<group>/<module>/<A|B>" as {group: factors} (a round, a client; grouped=False: no group
+    level, everything under ""), in the order the keys come."""
+    out: dict[str, dict[str, list]] = {}
+    head = prefix + "/"
+    for key, t in tensors.items():
+        if not key.startswith(head):
+            continue
+        group, rest = key[len(head):].split("/", 1) if grouped else ("", key[len(head):])
+        name, _, which = rest.rpartition("/")
+        if which not in FACTOR_NAMES or not name:
+            raise ValueError(f"array {key!r}: factor must be A or B")
+        out.setdefault(group, {}).setdefault(name, [None, None])[FACTOR_NAMES.index(which)] = t
+    return {g: {n: (p[0], p[1]) for n, p in mods.items()} for g, mods in out.items()}
+
+
 # ---- wire form ------------------------------------------------------------------------------------
 # arrays: "<kind>/<round or ->/<module>/<A|B>" -> float32 tensor; config: flat numbers and strings.
 
 def _put(arrays: dict, kind: str, tag: str, factors: Factors | None) -> None:
-    for name, pair in (factors or {}).items():
-        for which, t in zip(FACTOR_NAMES, pair):
-            if t is not None:
-                arrays[f"{kind}/{tag}/{name}/{which}"] = t.detach().to("cpu", torch.float32).contiguous()
-
-
-def _take(arrays: dict, kind: str) -> dict[str, Factors]:
-    out: dict[str, dict[str, list]] = {}
-    for key, t in arrays.items():
-        k, tag, rest = key.split("/", 2)
-        if k != kind:
-            continue
-        name, which = rest.rsplit("/", 1)
-        if which not in FACTOR_NAMES:
-            raise ValueError(f"array {key!r}: factor must be A or B")
-        pair = out.setdefault(tag, {}).setdefault(name, [None, None])
-        pair[FACTOR_NAMES.index(which)] = t
-    return {tag: {n: (p[0], p[1]) for n, p in mods.items()} for tag, mods in out.items()}
+    for key, t in factors_to_tensors(factors, f"{kind}/{tag}").items():
+        arrays[key] = t.detach().to("cpu", torch.float32).contiguous()
 
 
 def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -153,9 +169,9 @@ def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> TaskMessage:
     spec = json.loads(config["task"])
-    init = None if spec["fresh"] else _take(arrays, "init").get("-", {})
-    merges = {int(r): f for r, f in _take(arrays, "merge").items()}
-    core = {n: a for n, (a, _) in _take(arrays, "core").get("-", {}).items()} if spec.get("core") else None
+    init = None if spec["fresh"] else factor_groups(arrays, "init").get("-", {})
+    merges = {int(r): f for r, f in factor_groups(arrays, "merge").items()}
+    core = {n: a for n, (a, _) in factor_groups(arrays, "core").get("-", {}).items()} if spec.get("core") else None
     task = ClientTask(init=init, train=spec["train"], keep=spec["keep"], upload=spec["upload"], info=spec["info"],
                       options=spec["options"], core=core)
     return TaskMessage(int(config["round"]), int(config["client_id"]), int(config["rank"]), float(config["scaling"]),
@@ -176,8 +192,8 @@ def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Reply:
     """A reply from an untrusted client: structural problems raise ValueError naming the field."""
     try:
-        factors = _take(arrays, "up").get("-", {})
-        trained = _take(arrays, "trained").get("-")
+        factors = factor_groups(arrays, "up").get("-", {})
+        trained = factor_groups(arrays, "trained").get("-")
         metrics = json.loads(config.get("metrics") or "{}")
         if not isinstance(metrics, dict):
             raise ValueError("metrics: not a JSON object")

@@ -1,26 +1,51 @@
-"""Transports carry task messages to clients and replies back. The in-process one (the default) runs
+"""Transports carry task messages to clients and replies back (bench/messages.py), and hold nothing the
+server computes. `Transport` is the contract the engine relies on. The in-process one (the default) runs
 every client on this process's ClientRuntime, one after another; bench/flower/ carries the same
-messages over Flower's simulation and deployment engines."""
+messages over Flower's simulation and deployment engines (GridTransport)."""
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 
 from .client import ClientRuntime, ModelSpec
 from .messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 
 
-class InProcessTransport:
-    """The transport contract (a Flower transport implements the same members):
-    name; run(tasks, on_reply, on_step) -> {client id: Reply or server.Refused}; evaluate(asks) -> {client id:
-    EvalReply or server.Refused}; state() -> the clients' state to checkpoint with the run, or None when the
-    clients keep their own; restore(tensors, meta, merges); setup_s: seconds spent tokenizing and loading."""
+class Transport(ABC):
+    """What the engine needs of a transport. A client that cannot answer yields an error reply or a
+    server.Refused(reason) in its place, never an exception: the server records it and goes on."""
+
+    name: str = ""                    # the record's `engine`
+    setup_s: dict[str, float] = {}    # seconds this process spent starting the clients (the record's timings)
+
+    @abstractmethod
+    def run(self, tasks: list[TaskMessage], on_reply=None, on_step=None) -> dict:
+        """TRAIN: each task's Reply (or Refused), by client id; on_reply(msg, reply) as each arrives (replies that
+        fit their task); on_step(msg, step) after each optimizer step, where the transport can see them (it may
+        raise: the round is cut short and redone on resume)."""
+
+    @abstractmethod
+    def evaluate(self, asks: list[EvaluateMessage]) -> dict:
+        """EVALUATE: each client's EvalReply (or Refused), by client id: its own model on the held-out sets asked."""
+
+    @abstractmethod
+    def state(self) -> tuple[dict, dict] | None:
+        """The clients' own state (tensors, meta) to checkpoint with the run; None: the clients keep their own."""
+
+    @abstractmethod
+    def restore(self, tensors: dict, meta: dict, merges: dict) -> None:
+        """Resume from a checkpoint: the clients' state that state() gave, and every merge of the server so far."""
+
+
+class InProcessTransport(Transport):
+    """Every client on this process's one ClientRuntime."""
 
     name = "inprocess"
 
     def __init__(self, runtime: ClientRuntime, batched: bool = False):
         self.runtime = runtime
         self.batched = batched  # a round's clients in one forward/backward per micro-step (bench/batched.py)
-        self.setup_s: dict[str, float] = {}
+        self.setup_s = {}
 
     @classmethod
     def start(cls, cfg, plan, spec: ModelSpec, tokenizer, heldout, batched: bool = False) -> InProcessTransport:
@@ -52,11 +77,9 @@ class InProcessTransport:
         return replies
 
     def evaluate(self, asks: list[EvaluateMessage]) -> dict[int, EvalReply]:
-        """Each client's own model scored on the held-out sets asked for, by client id."""
         return {ask.task.client_id: self.runtime.evaluate(ask) for ask in asks}
 
-    # the clients' own state (personal factors, the base round) travels with the run's checkpoint
-    def state(self):
+    def state(self):  # the clients' own state (personal factors, the base round) travels with the run's checkpoint
         return self.runtime.state_tensors()
 
     def restore(self, tensors, meta, merges) -> None:

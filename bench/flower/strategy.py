@@ -17,6 +17,7 @@ node that lost its base (such a node is recorded as excluded here).
 """
 from __future__ import annotations
 
+from ..messages import factors_to_tensors
 from ..server import Refused
 from . import wire
 from .transport import GridTransport
@@ -71,9 +72,4 @@ class BenchStrategy(_strategy_base()):
 
 def global_tensors(server) -> dict:
     """The global adapter (effective: global model = base + merges + B @ A), float32, by name."""
-    out = {}
-    for name, (a, b) in server.s.state.adapter.items():
-        for which, t in (("A", a), ("B", b)):
-            if t is not None:
-                out[f"adapter/{name}/{which}"] = t.detach().float().cpu().contiguous()
-    return out
+    return {k: t.detach().float().cpu().contiguous() for k, t in factors_to_tensors(server.s.state.adapter, "adapter").items()}

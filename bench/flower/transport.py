@@ -1,4 +1,4 @@
-"""GridTransport: the engine's transport (bench/transport.py's contract) over a Flower Grid.
+"""GridTransport: the engine's transport (bench/transport.py's Transport) over a Flower Grid.
 
     discover   QUERY every connected node once: it answers its partition id and its shard's
                fingerprint (in the simulation it also loads the model and tokenizes its shard, so rounds
@@ -28,6 +28,7 @@ from .. import BenchError
 from ..guard import ReplyFilter
 from ..messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 from ..server import Refused
+from ..transport import Transport
 from . import wire
 from .options import FlowerOptions
 
@@ -42,7 +43,7 @@ ERROR_CODES = {1: "could not load the ClientApp", 2: "ClientApp raised", 3: "mes
                8: "ClientApp crashed"}
 
 
-class GridTransport:
+class GridTransport(Transport):
     def __init__(self, grid, cfg, plan, *, session: str, name: str = "flower", opts: FlowerOptions | None = None,
                  log=print, discover: bool = True):
         self.grid, self.cfg, self.plan, self.session, self.name = grid, cfg, plan, session, name
