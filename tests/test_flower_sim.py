@@ -4,8 +4,9 @@
   per-client losses and tensor bytes as in-process; the record says engine "flower-sim"
 - one simulation running FlexLoRA and FedAvg-LoRA through the engine's loop, then FlexLoRA through
   BenchStrategy in Flower's own loop (Strategy.start): all equal to in-process
-- the personalized methods (HetLoRA, FedSA-LoRA: no global model) in one simulation: each node scores its own
-  client's model (EVALUATE), and the record's personalized section and score equal in-process's
+- the personalized rows (HetLoRA, FedSA-LoRA: no global model, the local-only reference) in one simulation:
+  each node scores its own client's model (EVALUATE), and the record's personalized section and score equal
+  in-process's
 
 Same arithmetic, same machine: every client runs bench/client.py's ClientRuntime with the same seeds, the
 same model file, the same merges in the same order and, by default, the same number of torch threads
@@ -88,7 +89,8 @@ def test_methods_and_strategy_in_one_simulation(env, refs, tmp_path):
 
 
 def test_personalized_methods_score_their_clients_own_models_as_in_process(env, refs, tmp_path):
-    """Each client's own model lives on its node (FedSA-LoRA's B never leaves it): the EVALUATE round has the nodes
+    """Each client's own model lives on its node (FedSA-LoRA's B, local-only's whole adapter never leave it): the
+    EVALUATE round has the nodes
     score them on the pooled set and on their own splits, bit for bit the in-process figures."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -102,11 +104,13 @@ def test_personalized_methods_score_their_clients_own_models_as_in_process(env, 
 
     base = {"ranks": "2,4,8", "local_steps": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 32, "test_limit": 2,
             "client_test_fraction": 0.2}
+    rows = {"hetlora": {"method": "hetlora"}, "fedsa-lora": {"method": "fedsa-lora"},
+            "local-only": {"method": "fedavg-lora", "reference": "local-only"}}
     jobs = {}
-    for method in ("hetlora", "fedsa-lora"):
-        cfg = build_config(preset="tiny", overrides={**base, "method": method, "output_dir": str(tmp_path / method),
+    for name, row in rows.items():
+        cfg = build_config(preset="tiny", overrides={**base, **row, "output_dir": str(tmp_path / name),
                                                      "results_dir": str(tmp_path / "results")})
-        jobs[method] = (make_job(cfg, "flower-sim", FlowerOptions()), preflight(cfg))
+        jobs[name] = (make_job(cfg, "flower-sim", FlowerOptions()), preflight(cfg))
     out = {}
     app = ServerApp()
 
@@ -116,11 +120,12 @@ def test_personalized_methods_score_their_clients_own_models_as_in_process(env, 
             out[name] = run_job(grid, job, plan=plan)
 
     run_simulation(app, client_app, num_supernodes=3, backend_config=simulation_backend(FlowerOptions(), "cpu"))
-    for method in ("hetlora", "fedsa-lora"):
-        ref = reference_run(refs, method, "--client-test-fraction", "0.2")
-        assert_same_run(tmp_path / method, ref)
-        got, want = out[method], record(ref)
+    for name, row in rows.items():
+        ref = reference_run(refs, row["method"], "--client-test-fraction", "0.2",
+                            *(["--reference", row["reference"]] if "reference" in row else []))
+        assert_same_run(tmp_path / name, ref)
+        got, want = out[name], record(ref)
         assert got["engine"] == "flower-sim" and want["engine"] == "inprocess"
         assert got["personalized"]["clients"] == 3 and len(got["personalized"]["per_client"]) == 3
-        assert got["personalized"] == want["personalized"], method
-        assert got["test"] == want["test"], method
+        assert got["personalized"] == want["personalized"], name
+        assert got["test"] == want["test"], name
