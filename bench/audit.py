@@ -42,10 +42,10 @@ def _read_sent(folder: Path) -> dict:
     """What the server received from this client (sent.safetensors); a run without it: the PEFT folder."""
     from safetensors.torch import load_file
 
-    from .messages import take_factors
+    from .messages import factor_groups
 
     path = folder / "sent.safetensors"
-    return take_factors(load_file(str(path)), "up").get("-", {}) if path.is_file() else _read_upload(folder)
+    return factor_groups(load_file(str(path)), "up").get("-", {}) if path.is_file() else _read_upload(folder)
 
 
 def peft_scaling(folder: Path) -> tuple[int, float]:
@@ -82,11 +82,11 @@ def _peft_error(folder: Path, task: dict, sent: dict, init: dict | None, core: d
 def _read_received(folder: Path) -> tuple[dict | None, dict[int, dict]]:
     from safetensors.torch import load_file
 
-    from .messages import take_factors
+    from .messages import factor_groups
 
     arrays = load_file(str(folder / "received.safetensors"))
-    init = take_factors(arrays, "init").get("-")
-    merges = {int(r): f for r, f in take_factors(arrays, "merge").items()}
+    init = factor_groups(arrays, "init").get("-")
+    merges = {int(r): f for r, f in factor_groups(arrays, "merge").items()}
     return init, merges
 
 
@@ -94,9 +94,9 @@ def _read_core(folder: Path) -> dict:
     """A core task's starting core (module -> R) from received.safetensors; {} for other tasks."""
     from safetensors.torch import load_file
 
-    from .messages import take_factors
+    from .messages import factor_groups
 
-    return {n: a for n, (a, _) in take_factors(load_file(str(folder / "received.safetensors")), "core").get("-", {}).items()}
+    return {n: a for n, (a, _) in factor_groups(load_file(str(folder / "received.safetensors")), "core").get("-", {}).items()}
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -12,8 +12,9 @@ import torch
 
 from methods import GlobalState
 
-from . import BenchError, hooks
+from . import BenchError
 from .io import atomic_replace_dir, atomic_write_json
+from .messages import factor_groups, factors_to_tensors, tensors_to_factors
 from .models import file_sha256
 from .server import ServerState
 
@@ -21,42 +22,28 @@ CHECKPOINT_VERSION = 2
 
 
 def server_tensors(s: ServerState) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, pair in s.state.adapter.items():
-        for which, t in zip("AB", pair):
-            if t is not None:
-                tensors[f"adapter/{name}/{which}"] = t.contiguous()
+    tensors = {k: t.contiguous() for k, t in factors_to_tensors(s.state.adapter, "adapter").items()}
     for key, t in s.state.extra.items():
         tensors[f"extra/{key}"] = t.contiguous()
     for rnd, merge in s.merges.items():
-        for name, (a, b) in merge.items():
-            tensors[f"merge/{rnd}/{name}/A"], tensors[f"merge/{rnd}/{name}/B"] = a.contiguous(), b.contiguous()
+        tensors.update({k: t.contiguous() for k, t in factors_to_tensors(merge, f"merge/{rnd}").items()})
     return tensors
 
 
 def server_state_of(tensors: dict[str, torch.Tensor], meta: dict) -> ServerState:
-    adapter: dict[str, list] = {}
-    extra, merges = {}, {}
-    for key, t in tensors.items():
-        kind, rest = key.split("/", 1)
-        if kind == "adapter":
-            name, which = rest.rsplit("/", 1)
-            adapter.setdefault(name, [None, None])["AB".index(which)] = t
-        elif kind == "extra":
-            extra[rest] = t
-        elif kind == "merge":
-            rnd, rest = rest.split("/", 1)
-            name, which = rest.rsplit("/", 1)
-            merges.setdefault(int(rnd), {}).setdefault(name, [None, None])["AB".index(which)] = t
-        else:
-            raise ValueError(key)
-    state = GlobalState({n: tuple(p) for n, p in adapter.items()}, meta["round"], extra)
-    return ServerState(state, {r: {n: tuple(p) for n, p in m.items()} for r, m in sorted(merges.items())},
+    unknown = [k for k in tensors if k.split("/", 1)[0] not in ("adapter", "extra", "merge")]
+    if unknown:
+        raise ValueError(unknown[0])
+    extra = {k[len("extra/"):]: t for k, t in tensors.items() if k.startswith("extra/")}
+    state = GlobalState(tensors_to_factors(tensors, "adapter"), meta["round"], extra)
+    merges = {int(r): f for r, f in factor_groups(tensors, "merge").items()}
+    return ServerState(state, dict(sorted(merges.items())),
                        {int(k): v for k, v in meta["ranks"].items()}, {int(k): v for k, v in meta["synced"].items()})
 
 
-def write_state(folder: Path, s: ServerState, meta: dict, clients=None, rnd: int | None = None) -> None:
-    """Write the server state (and the clients' state: (tensors, meta)) into `folder` (which must be new)."""
+def write_state(folder: Path, s: ServerState, meta: dict, clients=None, events=None) -> None:
+    """Write the server state (and the clients' state: (tensors, meta)) into `folder` (which must be new).
+    events: told point "round<r>:checkpoint-write" once the tensors are written, before meta.json."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -67,8 +54,8 @@ def write_state(folder: Path, s: ServerState, meta: dict, clients=None, rnd: int
         save_file(tensors, str(folder / fname))
         with open(folder / fname, "rb") as f:
             os.fsync(f.fileno())
-    if rnd is not None:
-        hooks.point(f"round{rnd}:checkpoint-write")
+    if events is not None:
+        events.point(f"round{s.state.round}:checkpoint-write")
     atomic_write_json(folder / "meta.json", {
         **meta, "round": s.state.round, "checkpoint_version": CHECKPOINT_VERSION,
         "ranks": {str(k): v for k, v in s.ranks.items()}, "synced": {str(k): v for k, v in s.synced.items()},
@@ -76,12 +63,13 @@ def write_state(folder: Path, s: ServerState, meta: dict, clients=None, rnd: int
         "sha256": {f: file_sha256(folder / f) for f in files}})
 
 
-def save_checkpoint(run_dir: Path, s: ServerState, meta: dict, clients=None) -> None:
-    rnd = s.state.round
+def save_checkpoint(run_dir: Path, s: ServerState, meta: dict, clients=None, events=None) -> None:
+    """events (bench/observers.py): told the points "round<r>:checkpoint-write" and "round<r>:checkpoint-swap"."""
     tmp = run_dir / f".checkpoint.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_state(tmp, s, meta, clients, rnd)
-    atomic_replace_dir(tmp, run_dir / "checkpoint", between=lambda: hooks.point(f"round{rnd}:checkpoint-swap"))
+    write_state(tmp, s, meta, clients, events)
+    swap = None if events is None else (lambda: events.point(f"round{s.state.round}:checkpoint-swap"))
+    atomic_replace_dir(tmp, run_dir / "checkpoint", between=swap)
 
 
 def checkpoint_dir(run_dir: Path) -> Path | None:

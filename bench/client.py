@@ -25,7 +25,7 @@ from methods import ClientTask, Factors
 from . import data as data_mod
 from .compute import MixedPrecision, resolve_compute_dtype
 from .config import RunConfig
-from .messages import Reply, TaskMessage
+from .messages import EvalReply, EvaluateMessage, Reply, TaskMessage, factor_groups, factors_to_tensors
 from .references import resolve_method
 
 # Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no logit scale.
@@ -74,10 +74,6 @@ def held_out_losses(model, examples: list[dict], pad: int, device, batch_size: i
     return sums, counts
 
 
-def mean_loss(sums: list[float], counts: list[int]) -> float:
-    return sum(sums) / max(sum(counts), 1)
-
-
 @dataclass
 class ModelSpec:
     """What a runtime loads: the resolved model folder, the device and the training dtype."""
@@ -90,12 +86,15 @@ class ModelSpec:
 class ClientRuntime:
     """The model side of every client this process serves."""
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, ranks: list[int], examples: dict[int, list[dict]]):
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, ranks: list[int], examples: dict[int, list[dict]],
+                 heldout: data_mod.HeldOut | None = None):
+        """heldout: the sets its clients score their own models on (EVALUATE); None: this runtime only trains."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.device, self.dtype = cfg, spec.device, spec.dtype
         self.examples = examples  # client id -> tokenized training examples
+        self.heldout = heldout
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -129,6 +128,15 @@ class ClientRuntime:
         self.base_round = 0          # merges of rounds ≤ this are in the base
         self.personal: dict[int, dict] = {}  # client id -> {"factors": Factors, "rank": int} (ClientTask.keep)
         self.on_step = None          # callable(task message, step) after each optimizer step (signals, test hooks)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, model_path: str, ranks: list[int], examples: dict[int, list[dict]],
+                heldout: data_mod.HeldOut | None = None) -> ClientRuntime:
+        """A runtime on the run's device in its training dtype (cfg.device, cfg.dtype)."""
+        from .compute import resolve_device, resolve_dtype
+
+        device = resolve_device(cfg)
+        return cls(cfg, ModelSpec(model_path, device, resolve_dtype(cfg.dtype, device)), ranks, examples, heldout)
 
     # ---- slots and scaling -----------------------------------------------------------------------
     def _lora_config(self, r: int):
@@ -173,6 +181,30 @@ class ClientRuntime:
         """The full-precision base of the merge-receiving modules (masters), on the CPU."""
         return {n: (m if m is not None else self.layers[n].base_layer.weight).detach().float().cpu().clone()
                 for n, m in self.master.items()}
+
+    def set_base_weights(self, weights: dict[str, torch.Tensor], rnd: int) -> None:
+        """Take merged float32 weights (base_weights() of a runtime at merge round rnd) as the base: the masters take
+        them exactly and the training view is refreshed from them, as apply_merges does after adding a merge."""
+        with torch.no_grad():
+            for name, w in weights.items():
+                view, master = self.layers[name].base_layer.weight, self.master[name]
+                if master is None:
+                    view.copy_(w.to(view.device))
+                else:
+                    master.copy_(w.to(master.device))
+                    view.copy_(master.to(view.dtype))
+        self.base_round = rnd
+
+    def base_bytes(self) -> int:
+        """Bytes of the merge-receiving weights in float32 (what base_weights() holds)."""
+        return sum(4 * layer.base_layer.weight.numel() for layer in self.layers.values())
+
+    def set_personal(self, k: int, kept: dict | None) -> None:
+        """Client k's kept factors ({"rank", "factors"}, as it kept them after a round), or None: it keeps none."""
+        if kept is None:
+            self.personal.pop(k, None)
+        else:
+            self.personal[k] = kept
 
     # ---- one client's round -----------------------------------------------------------------------
     def train(self, msg: TaskMessage) -> Reply:
@@ -306,32 +338,36 @@ class ClientRuntime:
                 a.requires_grad_(True)
                 b.requires_grad_(True)
 
-    def own_losses(self, msg: TaskMessage, example_sets: list[list[dict]]) -> list[tuple[list[float], list[int]]]:
-        """The client's own model on each example set: what it would start its next round from (the task's
-        factors, its kept ones in place, on its base), as the personalized methods define a client's model."""
-        self.apply_merges(msg.merges)
+    def evaluate(self, ask: EvaluateMessage) -> EvalReply:
+        """The client's own model on the held-out sets asked for: what it would start its next round from (the
+        task's factors, its kept ones in place, on its base), as the personalized methods define a client's model."""
+        msg, k = ask.task, ask.task.client_id
+        if self.heldout is None:
+            return EvalReply(msg.round, k, error="this runtime holds no held-out sets")
+        try:
+            self.apply_merges(msg.merges)
+        except BaseOutOfSync as exc:
+            return EvalReply(msg.round, k, error=f"base out of sync: {exc}")
         self._load(self._slot(msg.rank), msg.rank, self._start(msg), msg.init_seed)
-        return [held_out_losses(self.model, ex, self.tokenizer.pad_token_id, self.device) for ex in example_sets]
+        sets = {"pooled": self.heldout.pooled, "own": lambda: self.heldout.own(k)}
+        losses = {}
+        for name in ask.sets:
+            examples = sets[name]()
+            losses[name] = held_out_losses(self.model, examples, self.tokenizer.pad_token_id, self.device) if examples else ([], [])
+        return EvalReply(msg.round, k, losses)
 
     # ---- the clients' own state (checkpointed with the run by the in-process transport) ------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = {}, {"base_round": self.base_round, "personal": {}}
         for k, st in self.personal.items():
             meta["personal"][str(k)] = st["rank"]
-            for name, pair in st["factors"].items():
-                for which, t in zip("AB", pair):
-                    if t is not None:
-                        tensors[f"personal/{k}/{name}/{which}"] = t.contiguous()
+            tensors.update({key: t.contiguous() for key, t in factors_to_tensors(st["factors"], f"personal/{k}").items()})
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.personal = {int(k): {"rank": r, "factors": {}} for k, r in meta.get("personal", {}).items()}
-        for key, t in tensors.items():
-            _, k, rest = key.split("/", 2)
-            name, which = rest.rsplit("/", 1)
-            pair = list(self.personal[int(k)]["factors"].get(name, (None, None)))
-            pair["AB".index(which)] = t
-            self.personal[int(k)]["factors"][name] = tuple(pair)
+        for k, factors in factor_groups(tensors, "personal").items():
+            self.personal[int(k)]["factors"] = factors
 
 
 def local_train(model, examples: list[dict], cfg: RunConfig, seed: int, device, pad_id: int, params: list,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import BenchError
-from .config import COMPUTE_DTYPES
+from .config import COMPUTE_DTYPES, resolve_dtype as config_dtype
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementation registered below
 
@@ -38,6 +38,19 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
     return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device: {cfg.device} requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training weights' torch dtype on this device (config.resolve_dtype says what auto means)."""
+    return getattr(torch, config_dtype(name, "training", cuda=device.type == "cuda"))
 
 
 def resolve_compute_dtype(name: str, storage: torch.dtype, device: torch.device,

@@ -406,9 +406,6 @@ def validate(cfg: RunConfig) -> None:
     from .privacy import validate as validate_privacy
 
     validate_privacy(cfg, m)
-    need(m.has_global_model or cfg.engine == "inprocess",
-         f"engine: {cfg.method} has no global model; its score is each client's own model, which only the in-process "
-         "engine evaluates: use --engine inprocess")
     need(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device: unknown {cfg.device!r}; use auto, cpu or cuda[:N]")
     need(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
     need(cfg.eval_seed >= 0, f"eval_seed: must be ≥ 0, got {cfg.eval_seed}")

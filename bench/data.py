@@ -303,6 +303,14 @@ def client_test_splits(cfg, shards: list[list[int]]) -> tuple[list[list[int]], l
     return train, test
 
 
+def federated_split(cfg) -> tuple[Dataset, list[list[int]], list[list[int]]]:
+    """(dataset, each client's training shard, each client's own held-out split): what the server and every client
+    process derive alike from the config, so that they hold the same partition."""
+    dataset = load_dataset(cfg)
+    shards, client_tests = client_test_splits(cfg, partition(cfg, dataset))
+    return dataset, shards, client_tests
+
+
 def _dirichlet(by_class: dict[str, list[int]], k: int, alpha: float, min_size: int, rng) -> list[list[int]]:
     """Per class, split its examples among clients with proportions ~ Dir(α); redraw until every client
     holds at least min_size examples (the usual recipe of Hsu et al. 2019)."""
@@ -387,6 +395,54 @@ def _prompt_with_shorter_input(rec: dict, template: str, tokenizer, budget: int)
 
 
 MICRO_BATCH_OVERHEAD = 16   # a micro-batch's fixed cost (dispatch of every layer's ops, fwd + bwd), in tokens
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def client_examples(cfg, plan, tokenizer, clients) -> dict[int, list[dict]]:
+    """The tokenized training examples of the given clients (plan: its dataset and shards; once per run, reused
+    every round)."""
+    return {k: [tokenize(plan.dataset.train[i], tokenizer, cfg.prompt_template, cfg.cutoff_len, cfg.train_on_inputs)
+                for i in plan.shards[k]] for k in clients}
+
+
+class HeldOut:
+    """The held-out examples of a run, tokenized on first use: the pooled set every model is scored on
+    (heldout_split, at most test_limit examples, the same ones for every seed) and each client's own split
+    (records of the training data, client_test_splits). The server scores the global model on them and a
+    client process its own models (bench/client.py), so both sides build them here."""
+
+    def __init__(self, cfg, dataset: Dataset, client_tests: list[list[int]], tokenizer):
+        self.cfg, self.dataset, self.client_tests, self.tokenizer = cfg, dataset, client_tests, tokenizer
+        self._pooled: list[dict] | None = None
+        self._own: dict[int, list[dict]] = {}
+
+    def _tokenize(self, rec: dict) -> dict:
+        return tokenize(rec, self.tokenizer, self.cfg.prompt_template, self.cfg.cutoff_len, False)
+
+    def pooled(self) -> list[dict]:
+        if self._pooled is None:
+            cfg = self.cfg
+            test = self.dataset.validation if cfg.heldout_split == "validation" else self.dataset.test
+            if cfg.test_limit and len(test) > cfg.test_limit:
+                pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
+                test = [test[i] for i in sorted(pick)]
+            self._pooled = [self._tokenize(r) for r in test]
+        return self._pooled
+
+    def own(self, k: int) -> list[dict]:
+        """Client k's own split (empty when the run holds none out)."""
+        if k not in self._own:
+            split = self.client_tests[k] if self.client_tests else []
+            self._own[k] = [self._tokenize(self.dataset.train[i]) for i in split]
+        return self._own[k]
 
 
 def length_buckets(lengths: list[int], max_size: int, overhead: int = MICRO_BATCH_OVERHEAD) -> list[list[int]]:

@@ -1,11 +1,16 @@
 """The engine drives the rounds and owns the run's files; it knows no method by name.
 
     preflight (everything that can be refused, refused before any file is written)
-    for each round:  server.sample → server.configure (one TaskMessage per client)
-                     → transport.run (clients train; bench/client.py) → server.aggregate (bench/server.py)
-                     → observers (metrics.jsonl, progress, audit) → checkpoint (atomic)
-    export the global model from the server's full-precision deltas → held-out loss → injected
-    evaluation → the results record (bench/record.py)
+    _prepare  the run folder, the clients (in-process, or behind the given transport), the server, the
+              checkpoint resumed from, the observers
+    _rounds   for each round: server.sample → server.configure (one TaskMessage per client)
+              → transport.run (clients train; bench/client.py) → server.aggregate (bench/server.py)
+              → observers (metrics.jsonl, progress, audit) → checkpoint (atomic)
+    _finish   personalized methods: EVALUATE (each client scores its own model, over the transport);
+              export the global model from the server's full-precision deltas → held-out loss → injected
+              evaluation → the results record (bench/record.py)
+The loop, the checkpoint and the export announce named points as observer events (bench/observers.py);
+test hooks subscribe to them (bench/hooks.py).
 
 Determinism: every random draw derives from (seed, round, client), never from a running RNG, so a
 run resumed from the checkpoint of round r reproduces rounds r+1… bit for bit on the same machine.
@@ -21,26 +26,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from methods import get_method
 
-from . import BenchError, data as data_mod, hooks, models, privacy
+from . import BenchError, data as data_mod, hooks, models, privacy  # noqa: F401 (hooks: subscribes the test hooks)
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from .client import ClientRuntime, ModelSpec, held_out_losses, mean_loss
-from .compute import resolve_compute_dtype
-from .config import RunConfig, resolve_dtype as config_dtype, save_config
+from .client import ModelSpec, held_out_losses
+from .compute import resolve_compute_dtype, resolve_device, resolve_dtype
+from .config import RunConfig, save_config
+from .data import HeldOut, client_examples, load_tokenizer  # noqa: F401 (client_examples: the engine's API)
 from .export import export_dtype, export_global_adapter, export_global_model
 from .guard import ReplyFilter
 from .io import atomic_write_json
-from .messages import Reply
-from .observers import AuditTrail, MetricsLog, Progress, RoundStates, rss_mb
+from .messages import Reply, mean_loss
+from .observers import AuditTrail, MetricsLog, Observers, Progress, RoundStates, rss_mb, run_observers
 from .record import build_record, load_avg, provenance, run_setting
 from .references import reference_run
 from .rundir import check_output_paths as _check_output_paths, default_run_id as _run_id
 from .server import Server, sample_clients
-from .transport import InProcessTransport
+from .transport import InProcessTransport, Transport
 
 
 class Interrupted(Exception):
@@ -60,19 +65,6 @@ class Plan:
     module_shapes: dict[str, tuple[int, int]]   # target module name -> (d_out, d_in)
     eval_tasks: list[str] = field(default_factory=list)
     client_tests: list[list[int]] = field(default_factory=list)  # each client's own held-out split (indices into train)
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"device: {cfg.device} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(cfg.device)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The training weights' torch dtype on this device (config.resolve_dtype says what auto means)."""
-    return getattr(torch, config_dtype(name, "training", cuda=device.type == "cuda"))
 
 
 # ---- preflight: everything that can be refused, refused before work starts ----------------------
@@ -118,11 +110,10 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
         method.check_ranks(ranks)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
-    dataset = data_mod.load_dataset(cfg)
+    dataset, shards, client_tests = data_mod.federated_split(cfg)
     if cfg.heldout_split == "validation" and not dataset.validation:
         raise BenchError(f"heldout_split: dataset {cfg.dataset} holds out no validation split; use heldout_split test, "
                          "or a source with one (dolly-heldout)")
-    shards, client_tests = data_mod.client_test_splits(cfg, data_mod.partition(cfg, dataset))
     eval_tasks: list[str] = []
     if cfg.eval_tasks:
         if evaluator is None:
@@ -143,11 +134,12 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
 
 
 class _Signals:
-    """SIGINT/SIGTERM set a flag; the engine stops at the next safe point (never mid-checkpoint)."""
+    """SIGINT/SIGTERM set a flag; the engine stops at the next safe point (never mid-checkpoint). Observers hear
+    of the signal as it arrives (events.signal)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, events):
         self.hit: str | None = None
-        self.run_dir = run_dir
+        self.run_dir, self.events = run_dir, events
         self._old = {}
 
     def __enter__(self):
@@ -160,7 +152,7 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.hit = signal.Signals(signum).name
-        hooks.SIGNALLED.append(self.hit)
+        self.events.signal(self.hit)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -184,59 +176,70 @@ def _partition_hash(plan: Plan) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def client_examples(cfg: RunConfig, plan: Plan, tok, clients) -> dict[int, list[dict]]:
-    """The tokenized training examples of the given clients (once per run, reused every round)."""
-    return {k: [data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, cfg.train_on_inputs)
-                for i in plan.shards[k]] for k in clients}
-
-
-def held_out_examples(cfg: RunConfig, plan: Plan, tokenizer) -> list[dict]:
-    test = plan.dataset.validation if cfg.heldout_split == "validation" else plan.dataset.test
-    if cfg.test_limit and len(test) > cfg.test_limit:
-        pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
-        test = [test[i] for i in sorted(pick)]
-    return [data_mod.tokenize(r, tokenizer, cfg.prompt_template, cfg.cutoff_len, False) for r in test]
-
-
 def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | None = None, log=print,
                   evaluator=None, transport=None) -> dict:
     """Run (or resume) a federated experiment end to end; returns the results record.
 
-    transport: how task messages reach the clients (run/state/restore/name, see bench/transport.py);
-    None: this process trains every client itself (InProcessTransport over one ClientRuntime).
-    Nothing is written until every input has been checked (preflight, output paths, the checkpoint
-    to resume from)."""
-    t_start, load_start, cpu_start = time.time(), load_avg(), _cpu_seconds()
-    plan = plan or preflight(cfg, evaluator)
-    name = cfg.reference or cfg.method
-    # tcfg/tplan/method: what trains (a reference row trains differently); cfg/plan: what the record describes
+    transport: how task messages reach the clients (bench/transport.py's contract); None: this process trains
+    every client itself (InProcessTransport over one ClientRuntime). Nothing is written until every input has
+    been checked (preflight, output paths, the checkpoint to resume from)."""
+    if transport is not None and not isinstance(transport, Transport):
+        raise BenchError(f"transport: {type(transport).__name__} is not a bench.transport.Transport; subclass it")
+    started = (time.time(), load_avg(), _cpu_seconds())
+    run = _prepare(cfg, plan or preflight(cfg, evaluator), resume, log, transport)
+    with _Signals(run.run_dir, run.events) as signals:
+        _rounds(run, signals)
+        record = _finish(run, signals, evaluator, started)
+    log(f"[bench] wrote {run.record_path}" + (f" and {run.run_dir / 'global_model'}" if cfg.keep_global_model else "")
+        + f" in {run.timings['total_s']:.0f} s")
+    return record
+
+
+@dataclass
+class _Run:
+    """A run under way: what _prepare resolved and opened, read by the rounds and the final steps.
+    cfg/plan: what the record describes; tcfg/tplan/method: what trains (a reference row trains differently)."""
+
+    cfg: RunConfig
+    plan: Plan
+    tcfg: RunConfig
+    tplan: Plan
+    method: object
+    device: torch.device
+    dtype: torch.dtype
+    compute: tuple       # (local training's matmul dtype, why)
+    run_dir: Path
+    config_hash: str
+    log: object
+    timings: dict
+    server: ReplyFilter = None
+    transport: Transport = None
+    heldout: HeldOut = None
+    events: Observers = None
+    rounds_log: list = field(default_factory=list)
+    clients_info: list = field(default_factory=list)
+    ck_meta: dict = field(default_factory=dict)
+    record_path: Path = None
+
+
+def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> _Run:
+    """Resolve what trains, check the output paths and the checkpoint to resume from, then open the run folder,
+    start the clients (in-process unless a transport is given) and the server, restored from the checkpoint."""
     tcfg, tplan, method = cfg, plan, get_method(cfg.method, cfg.method_options)
     if cfg.reference:
         tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
     device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compute, compute_reason = resolve_compute_dtype(cfg.compute_dtype, dtype, device)
-    out_dtype = export_dtype(cfg.export_dtype)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
-    run_id = run_dir.name
     _check_output_paths(cfg, run_dir, resume)
-    config_hash = cfg.config_hash()
-    part_hash = _partition_hash(plan)
-    ck = None
-    if resume and checkpoint_dir(run_dir):
-        ck = load_checkpoint(run_dir, config_hash, cfg.method)
-        if ck[1].get("partition_sha256") != part_hash:
-            raise BenchError(f"resume: the client partition or ranks differ from those of the checkpoint in {run_dir} "
-                             "(the data files changed?); restore the data or start a new run")
+    dtype = resolve_dtype(cfg.dtype, device)
+    run = _Run(cfg, plan, tcfg, tplan, method, device, dtype, resolve_compute_dtype(cfg.compute_dtype, dtype, device),
+               run_dir, cfg.config_hash(), log, {"load_s": 0.0, "tokenize_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "checkpoint_s": 0.0})
+    run.ck_meta = {"config_hash": run.config_hash, "method": cfg.method, "run_id": run_dir.name,
+                   "partition_sha256": _partition_hash(plan)}
+    ck = load_checkpoint(run_dir, run.config_hash, cfg.method) if resume and checkpoint_dir(run_dir) else None
+    if ck and ck[1].get("partition_sha256") != run.ck_meta["partition_sha256"]:
+        raise BenchError(f"resume: the client partition or ranks differ from those of the checkpoint in {run_dir} "
+                         "(the data files changed?); restore the data or start a new run")
     # ---- from here on, files are written
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -244,176 +247,190 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
     else:  # leftovers of a killed process: temporary folders never renamed into place
         for stale in list(run_dir.glob(".checkpoint.tmp*")) + list(run_dir.glob(".global_model.tmp*")):
             shutil.rmtree(stale, ignore_errors=True)
-
-    log(f"[bench] run {run_id}: {'reference' if cfg.reference else 'method'}={name} model={plan.model_id} "
-        f"dataset={cfg.dataset} ({plan.dataset.origin}) partition={cfg.partition} clients={tcfg.num_clients} "
-        f"rounds={tcfg.rounds} device={device} dtype={str(dtype)[6:]}")
-    log(f"[bench] compute dtype {str(compute)[6:]}: {compute_reason}")
-    clients_info = []
-    for k, shard in enumerate(plan.shards):
-        hist = data_mod.label_histogram(plan.dataset, shard)
-        clients_info.append({"id": k, "rank": plan.ranks[k], "num_examples": len(shard), "label_histogram": hist,
-                             "test_examples": len(plan.client_tests[k]) if plan.client_tests else 0})
-        log(f"[bench]   client {k}: rank {plan.ranks[k]:>3}  examples {len(shard):>5}  labels {hist}")
-
-    timings = {"load_s": 0.0, "tokenize_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "checkpoint_s": 0.0}
+    _describe(run)
     t = time.time()
     tok = load_tokenizer(plan.model_path)
-    runtime = None
+    run.heldout = HeldOut(cfg, plan.dataset, plan.client_tests, tok)
     if transport is None:
-        examples = client_examples(tcfg, tplan, tok, range(tcfg.num_clients))
-        timings["tokenize_s"] = time.time() - t
-        t = time.time()
-        runtime = ClientRuntime(tcfg, ModelSpec(plan.model_path, device, dtype), tplan.ranks, examples)
-        timings["load_s"] = time.time() - t
-        transport = InProcessTransport(runtime, batched=_client_batching(tcfg, device, log))
+        transport = InProcessTransport.start(tcfg, tplan, ModelSpec(plan.model_path, device, run.dtype), tok, run.heldout,
+                                             batched=_client_batching(tcfg, device, log))
+        run.timings.update(transport.setup_s)
+        run.timings["tokenize_s"] += time.time() - t - sum(transport.setup_s.values())  # the tokenizer's load
     elif tcfg.client_batching == "on":
         log(f"[bench] client_batching: on applies to the in-process engine; {tcfg.engine} trains its clients one by one")
-    transport = hooks.wrap_transport(transport)
-    server = ReplyFilter(Server(method, seed=tcfg.seed, num_clients=tcfg.num_clients, client_fraction=tcfg.client_fraction,
-                                ranks=tplan.ranks, scaling=tcfg.scaling), plan.module_shapes, tcfg.max_update_norm)
-    rounds_log: list[dict] = []
+    run.transport = transport
+    run.server = ReplyFilter(Server(method, seed=tcfg.seed, num_clients=tcfg.num_clients, client_fraction=tcfg.client_fraction,
+                                    ranks=tplan.ranks, scaling=tcfg.scaling), plan.module_shapes, tcfg.max_update_norm)
     if ck:
         state, meta, clients_state = ck
-        server.restore(state)
-        transport.restore(*(clients_state or ({}, {})), server.s.merges)
-        rounds_log = meta["rounds"]
-        log(f"[bench] resumed {run_dir} after round {server.round}"
-            + (" (all rounds done: redoing the final steps)" if server.round >= tcfg.rounds else ""))
+        run.server.restore(state)
+        transport.restore(*(clients_state or ({}, {})), run.server.s.merges)
+        run.rounds_log = meta["rounds"]
+        log(f"[bench] resumed {run_dir} after round {run.server.round}"
+            + (" (all rounds done: redoing the final steps)" if run.server.round >= tcfg.rounds else ""))
     elif resume:
         log(f"[bench] {run_dir} has no checkpoint yet: starting from round 1")
-    observers = [MetricsLog(run_dir, rounds_log), Progress(log, tcfg.rounds)]
-    if cfg.save_client_adapters:
-        observers.append(AuditTrail(run_dir, tcfg, plan.model_path))
-    if cfg.keep_round_states:
-        observers.append(RoundStates(run_dir, server))
-    ck_meta = {"config_hash": config_hash, "method": cfg.method, "run_id": run_id, "partition_sha256": part_hash}
+    run.events = Observers([*run_observers(), MetricsLog(run_dir, run.rounds_log), Progress(log, tcfg.rounds)]
+                           + ([AuditTrail(run_dir, tcfg, plan.model_path)] if cfg.save_client_adapters else [])
+                           + ([RoundStates(run_dir, run.server)] if cfg.keep_round_states else []))
+    return run
 
-    with _Signals(run_dir) as signals:
-        def on_step(msg, step):
-            if step == 1:
-                hooks.point(f"round{msg.round}:client{msg.client_id}")
-            signals.check()  # a round cut short is redone on resume
 
-        def on_reply(msg, reply):
-            for o in observers:
-                o.client_done(msg, reply)
+def _describe(run: _Run) -> None:
+    """Log what runs, and each client's share of the data (the record's clients section)."""
+    cfg, plan, log = run.cfg, run.plan, run.log
+    compute, reason = run.compute
+    log(f"[bench] run {run.run_dir.name}: {'reference' if cfg.reference else 'method'}={cfg.reference or cfg.method} "
+        f"model={plan.model_id} dataset={cfg.dataset} ({plan.dataset.origin}) partition={cfg.partition} "
+        f"clients={run.tcfg.num_clients} rounds={run.tcfg.rounds} device={run.device} dtype={str(run.dtype)[6:]}")
+    log(f"[bench] compute dtype {str(compute)[6:]}: {reason}")
+    for k, shard in enumerate(plan.shards):
+        hist = data_mod.label_histogram(plan.dataset, shard)
+        run.clients_info.append({"id": k, "rank": plan.ranks[k], "num_examples": len(shard), "label_histogram": hist,
+                                 "test_examples": len(plan.client_tests[k]) if plan.client_tests else 0})
+        log(f"[bench]   client {k}: rank {plan.ranks[k]:>3}  examples {len(shard):>5}  labels {hist}")
 
-        if runtime is not None:
-            runtime.on_step = on_step
-        for rnd in range(server.round + 1, tcfg.rounds + 1):
-            t_round = time.time()
-            tasks = server.configure(rnd, server.sample(rnd))
-            replies = transport.run(tasks, on_reply=on_reply)
-            stale = [k for k, r in replies.items() if isinstance(r, Reply) and (r.error or "").startswith("base out of sync")]
-            if stale:  # a client that lost its base (a restarted node): once more with every merge
-                again = server.configure(rnd, stale, resend=True)
-                replies.update(transport.run(again, on_reply=on_reply))
-                tasks = [m for m in tasks if m.client_id not in stale] + again
-            timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values() if isinstance(r, Reply))
-            signals.check()
-            t = time.time()
-            result = server.aggregate(rnd, tasks, replies)
-            agg_s = time.time() - t
-            timings["aggregate_s"] += agg_s
-            for o in observers:
-                o.aggregated(result)
-            if not result.updates:
-                last = checkpoint_dir(run_dir)
-                keep = (f"the last good checkpoint (round {rnd - 1}) is intact in {last}" if last
-                        else "no round had completed, so there is no checkpoint")
-                first = result.excluded[0]
-                raise BenchError(f"clients: every client of round {rnd} was excluded (client {first['id']}: {first['reason']}); "
-                                 f"{keep}; lower lr or raise max_update_norm")
-            hooks.point(f"round{rnd}:aggregate")
-            row = {"round": rnd, "sampled": result.sampled, "clients": result.clients,
-                   "excluded": [e["id"] for e in result.excluded], **result.metrics,
-                   "aggregate_seconds": round(agg_s, 4), "seconds": round(time.time() - t_round, 3), "rss_mb": rss_mb()}
-            privacy.account_round(tcfg, rounds_log, row)  # each client's spent ε through this round
-            for o in observers:
-                o.round_done(result, row)
-            hooks.point(f"round{rnd}:metrics")
-            t = time.time()
-            save_checkpoint(run_dir, server.s, {**ck_meta, "rounds": rounds_log}, transport.state())
-            timings["checkpoint_s"] += time.time() - t
-            signals.check()
 
-        # After the last round: the clients' own models (personalized methods, local-only), then the global
-        # model from the server's deltas. A kill from here on is resumed from the last round's checkpoint:
-        # training is skipped, these steps redone.
-        t = time.time()
-        pooled = held_out_examples(cfg, plan, tok)
-        own = [[data_mod.tokenize(plan.dataset.train[i], tok, cfg.prompt_template, cfg.cutoff_len, False) for i in split]
-               for split in plan.client_tests]
-        personalized = None
-        # local-only and FedSA-LoRA (has_global_model False) have no global model: the exported one is the base
-        no_global = cfg.reference == "local-only" or not method.has_global_model
-        if method.personalized and runtime is not None:
-            personalized = _own_models(runtime, server, tcfg.rounds + 1, pooled, own)
-        engine_name = transport.name
-        del runtime, transport
-        out = run_dir / "global_model"
-        global_model = export_global_model(plan.model_path, server.global_delta(), out_dtype, out).to(device)
-        if not server.s.merges and export_global_adapter(server.s.state.adapter, cfg.target_modules, plan.model_path,
-                                                         run_dir / "global_adapter"):
-            log(f"[bench] global adapter (PEFT) in {run_dir / 'global_adapter'}")
-        timings["save_s"] = time.time() - t
+def _rounds(run: _Run, signals) -> None:
+    """The rounds not yet checkpointed: configure, carry, aggregate, observe, checkpoint. A signal stops the run at
+    the next safe point; a round cut short is redone on resume."""
+    server, transport, events, timings = run.server, run.transport, run.events, run.timings
+
+    def on_step(msg, step):
+        if step == 1:
+            events.point(f"round{msg.round}:client{msg.client_id}")
+        signals.check()
+
+    for rnd in range(server.round + 1, run.tcfg.rounds + 1):
+        t_round = time.time()
+        tasks = server.configure(rnd, server.sample(rnd))
+        replies = transport.run(tasks, on_reply=events.client_done, on_step=on_step)
+        stale = [k for k, r in replies.items() if isinstance(r, Reply) and (r.error or "").startswith("base out of sync")]
+        if stale:  # a client that lost its base (a restarted node): once more with every merge
+            again = server.configure(rnd, stale, resend=True)
+            replies.update(transport.run(again, on_reply=events.client_done, on_step=on_step))
+            tasks = [m for m in tasks if m.client_id not in stale] + again
+        timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values() if isinstance(r, Reply))
         signals.check()
         t = time.time()
-        hooks.point("test-loss")
-        if no_global:  # the row's model is each client's own: the score is the mean over them (the base unscored)
-            test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
-                    **({"per_client": personalized["per_client"]} if any(own) else {})}
-        else:
-            test = _losses(global_model, pooled, tok.pad_token_id, device)
-            if any(own):
-                test["per_client"] = [{"client": k, **_losses(global_model, ex, tok.pad_token_id, device)}
-                                      for k, ex in enumerate(own)]
-        del global_model
-        # whether another seed would score other held-out examples (reports pair a seed-free base row across seeds)
-        test["split_by_seed"] = plan.dataset.test_by_seed and cfg.heldout_split == "test"
-        timings["test_loss_s"] = time.time() - t
-        log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
+        result = server.aggregate(rnd, tasks, replies)
+        agg_s = time.time() - t
+        timings["aggregate_s"] += agg_s
+        events.aggregated(result)
+        if not result.updates:
+            last = checkpoint_dir(run.run_dir)
+            keep = (f"the last good checkpoint (round {rnd - 1}) is intact in {last}" if last
+                    else "no round had completed, so there is no checkpoint")
+            first = result.excluded[0]
+            raise BenchError(f"clients: every client of round {rnd} was excluded (client {first['id']}: {first['reason']}); "
+                             f"{keep}; lower lr or raise max_update_norm")
+        events.point(f"round{rnd}:aggregate")
+        row = {"round": rnd, "sampled": result.sampled, "clients": result.clients,
+               "excluded": [e["id"] for e in result.excluded], **result.metrics,
+               "aggregate_seconds": round(agg_s, 4), "seconds": round(time.time() - t_round, 3), "rss_mb": rss_mb()}
+        privacy.account_round(run.tcfg, run.rounds_log, row)  # each client's spent ε through this round
+        events.round_done(result, row)
+        events.point(f"round{rnd}:metrics")
+        t = time.time()
+        save_checkpoint(run.run_dir, server.s, {**run.ck_meta, "rounds": run.rounds_log}, transport.state(), events)
+        timings["checkpoint_s"] += time.time() - t
+        signals.check()
+
+
+def _finish(run: _Run, signals, evaluator, started: tuple) -> dict:
+    """After the last round: the clients' own models (personalized methods, local-only: EVALUATE), then the global
+    model from the server's deltas, its held-out losses and evaluation, the record. A kill from here on is resumed
+    from the last round's checkpoint: training is skipped, these steps redone."""
+    cfg, plan, method, events, timings = run.cfg, run.plan, run.method, run.events, run.timings
+    t = time.time()
+    pooled, own = run.heldout.pooled(), [run.heldout.own(k) for k in range(len(plan.client_tests))]
+    personalized = None
+    if method.personalized:  # each client scores its own model, wherever it runs
+        asks = run.server.configure_evaluate(run.tcfg.rounds + 1)
+        personalized = run.server.aggregate_evaluate(asks, run.transport.evaluate(asks), len(pooled), [len(x) for x in own])
+    engine_name = run.transport.name
+    run.transport = None  # the clients' models are no longer needed: free them before the global model loads
+    out = run.run_dir / "global_model"
+    global_model = export_global_model(plan.model_path, run.server.global_delta(), export_dtype(cfg.export_dtype), out,
+                                       events).to(run.device)
+    if not run.server.s.merges and export_global_adapter(run.server.s.state.adapter, cfg.target_modules, plan.model_path,
+                                                         run.run_dir / "global_adapter"):
+        run.log(f"[bench] global adapter (PEFT) in {run.run_dir / 'global_adapter'}")
+    timings["save_s"] = time.time() - t
+    signals.check()
+    t = time.time()
+    events.point("test-loss")
+    test = _test_section(run, global_model, pooled, own, personalized)
+    del global_model
+    timings["test_loss_s"] = time.time() - t
+    run.log(f"[bench] held-out loss on {test['examples']} pooled {cfg.dataset} test examples: {test['loss']:.4f}"
             + (f"; each client's own split, mean {_mean([c['loss'] for c in test['per_client']]):.4f}" if "per_client" in test else ""))
+    signals.check()
+    eval_section = None
+    if plan.eval_tasks and _has_global_model(run):
+        events.point("eval")
+        t = time.time()
+        eval_section = evaluator.evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
+                                          num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
+                                          out_dir=str(run.run_dir / "eval"), seed=cfg.eval_seed, dtype=cfg.eval_dtype,
+                                          allow_code_execution=cfg.eval_allow_code_execution,
+                                          humaneval_form=cfg.eval_humaneval_form)
+        timings["eval_s"] = time.time() - t
         signals.check()
+    timings["total_s"] = time.time() - started[0]
+    timings["cpu_s"] = _cpu_seconds() - started[2]  # what the run cost, whatever else ran on the machine
+    record = _record(run, engine_name, test, eval_section, personalized, started[1])
+    run.record_path = Path(cfg.results_dir) / f"{run.run_dir.name}.json"
+    events.point("record")
+    atomic_write_json(run.record_path, record)
+    atomic_write_json(run.run_dir / "run.json", {"record": str(run.record_path.resolve())})
+    if not cfg.keep_global_model:  # scored: export.global_model_dir writes it again from the checkpoint on demand
+        shutil.rmtree(out)
+    return record
 
-        eval_section = None
-        if plan.eval_tasks and not no_global:
-            hooks.point("eval")
-            t = time.time()
-            eval_section = evaluator.evaluate(str(out), plan.eval_tasks, backend=cfg.eval_backend, limit=cfg.eval_limit,
-                                              num_fewshot=cfg.eval_num_fewshot, data_root=cfg.data_root,
-                                              out_dir=str(run_dir / "eval"), seed=cfg.eval_seed, dtype=cfg.eval_dtype,
-                                              allow_code_execution=cfg.eval_allow_code_execution,
-                                              humaneval_form=cfg.eval_humaneval_form)
-            timings["eval_s"] = time.time() - t
-            signals.check()
-        timings["total_s"] = time.time() - t_start
-        timings["cpu_s"] = _cpu_seconds() - cpu_start  # what the run cost, whatever else ran on the machine
-        record = build_record(
-            kind="run", run_id=run_id, method=name, engine=engine_name,
-            method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
-                         "merges_into_base": method.merges_into_base, "personalized": method.personalized,
-                         "round_convention": method.round_convention, "reference": cfg.reference},
-            setting=run_setting(cfg, plan.ranks, plan.model_id), seed=cfg.seed, config=cfg.to_dict(),
-            config_hash=config_hash,
-            provenance=provenance(model_id=plan.model_id, model_path=plan.model_path, data=plan.dataset.files,
-                                  data_origin=plan.dataset.origin,
-                                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                  load_start=load_start),
-            dtypes={"training": str(dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
-                    "master": "float32", "export": str(out_dtype)[6:], "eval": (eval_section or {}).get("dtype")},
-            clients=clients_info, rounds=rounds_log, test=test, eval=eval_section, timings=timings, run_dir=str(run_dir),
-            personalized=personalized,
-            privacy=privacy.record_section(tcfg, rounds_log, tcfg.num_clients) if privacy.enabled(tcfg) else None)
-        record_path = Path(cfg.results_dir) / f"{run_id}.json"
-        hooks.point("record")
-        atomic_write_json(record_path, record)
-        atomic_write_json(run_dir / "run.json", {"record": str(record_path.resolve())})
-        if not cfg.keep_global_model:  # scored: export.global_model_dir writes it again from the checkpoint on demand
-            shutil.rmtree(out)
-    log(f"[bench] wrote {record_path}" + (f" and {out}" if cfg.keep_global_model else "")
-        + f" in {timings['total_s']:.0f} s")
+
+def _has_global_model(run: _Run) -> bool:
+    """local-only and FedSA-LoRA (has_global_model False) have none: the exported model is the base."""
+    return run.cfg.reference != "local-only" and run.method.has_global_model
+
+
+def _test_section(run: _Run, global_model, pooled: list[dict], own: list[list[dict]], personalized: dict | None) -> dict:
+    """The record's test section: the global model's held-out losses, or without one the mean over clients of
+    each client's own model (the base unscored)."""
+    if not _has_global_model(run):
+        test = {"model": "mean over clients of each client's own model", **personalized["pooled"],
+                **({"per_client": personalized["per_client"]} if any(own) else {})}
+    else:
+        pad = run.heldout.tokenizer.pad_token_id
+        test = _losses(global_model, pooled, pad, run.device)
+        if any(own):
+            test["per_client"] = [{"client": k, **_losses(global_model, ex, pad, run.device)} for k, ex in enumerate(own)]
+    # whether another seed would score other held-out examples (reports pair a seed-free base row across seeds)
+    test["split_by_seed"] = run.plan.dataset.test_by_seed and run.cfg.heldout_split == "test"
+    return test
+
+
+def _record(run: _Run, engine_name: str, test: dict, eval_section: dict | None, personalized: dict | None,
+            load_start) -> dict:
+    cfg, plan, method, device = run.cfg, run.plan, run.method, run.device
+    compute, compute_reason = run.compute
+    record = build_record(
+        kind="run", run_id=run.run_dir.name, method=cfg.reference or cfg.method, engine=engine_name,
+        method_info={"options": dict(method.opts), "averages_factors": method.averages_factors,
+                     "merges_into_base": method.merges_into_base, "personalized": method.personalized,
+                     "round_convention": method.round_convention, "reference": cfg.reference},
+        setting=run_setting(cfg, plan.ranks, plan.model_id), seed=cfg.seed, config=cfg.to_dict(),
+        config_hash=run.config_hash,
+        provenance=provenance(model_id=plan.model_id, model_path=plan.model_path, data=plan.dataset.files,
+                              data_origin=plan.dataset.origin,
+                              device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              load_start=load_start),
+        dtypes={"training": str(run.dtype)[6:], "compute": str(compute)[6:], "compute_reason": compute_reason,
+                "master": "float32", "export": str(export_dtype(cfg.export_dtype))[6:],
+                "eval": (eval_section or {}).get("dtype")},
+        clients=run.clients_info, rounds=run.rounds_log, test=test, eval=eval_section, timings=run.timings,
+        run_dir=str(run.run_dir), personalized=personalized,
+        privacy=privacy.record_section(run.tcfg, run.rounds_log, run.tcfg.num_clients) if privacy.enabled(run.tcfg) else None)
     return record
 
 
@@ -455,27 +472,3 @@ def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
         return False
     log(f"[bench] client_batching: on ({cfg.client_batching}): a round's clients share one forward/backward per micro-step")
     return True
-
-
-def _own_models(runtime: ClientRuntime, server, next_round: int, pooled: list[dict], own: list[list[dict]]) -> dict:
-    """Each client's own model — what it would start round `next_round` from (the method's task for it, its
-    kept factors in place) — on the pooled test set and on its own split; the pooled figure per example is the
-    mean over clients, so it pairs with a global model's."""
-    per_pooled, per_own = [], []
-    for msg in server.configure(next_round, list(range(server.num_clients))):
-        k = msg.client_id
-        sets = runtime.own_losses(msg, [pooled, own[k]] if own and own[k] else [pooled])
-        per_pooled.append({"client": k, "loss": mean_loss(*sets[0]), "loss_sums": sets[0][0], "tokens": sets[0][1]})
-        if len(sets) > 1:
-            per_own.append({"client": k, "loss": mean_loss(*sets[1]), "examples": len(sets[1][0]),
-                            "loss_sums": sets[1][0], "tokens": sets[1][1]})
-    n = len(per_pooled)
-    sums = [sum(c["loss_sums"][i] for c in per_pooled) / n for i in range(len(pooled))]
-    tokens = per_pooled[0]["tokens"] if per_pooled else []
-    out = {"clients": n, "pooled": {"loss": mean_loss(sums, tokens), "examples": len(pooled), "loss_sums": sums,
-                                    "tokens": tokens},
-           "per_client_pooled": [{"client": c["client"], "loss": c["loss"]} for c in per_pooled]}
-    if per_own:  # each client's own model on its own split, and their mean
-        out["per_client"] = per_own
-        out["loss"] = _mean([c["loss"] for c in per_own])
-    return out

@@ -19,7 +19,6 @@ import torch
 
 from methods import Factors
 
-from . import hooks
 from .io import atomic_replace_dir
 
 
@@ -30,8 +29,9 @@ def export_dtype(requested: str) -> torch.dtype:
     return getattr(torch, resolve_dtype(requested, "export", cuda=False, field="export_dtype"))
 
 
-def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: torch.dtype, out: Path):
-    """Write base + delta (module name -> float64 d_out × d_in) to `out` atomically; return the model."""
+def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: torch.dtype, out: Path, events=None):
+    """Write base + delta (module name -> float64 d_out × d_in) to `out` atomically; return the model.
+    events (bench/observers.py): told point "final-save" once the model is in its temporary folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -45,7 +45,8 @@ def export_global_model(model_path: str, delta: dict[str, torch.Tensor], dtype: 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
-    hooks.point("final-save")
+    if events is not None:
+        events.point("final-save")
     atomic_replace_dir(tmp, out)
     return model
 

@@ -43,6 +43,8 @@ class ReplyFilter:
             return f"rank {reply.rank} outside 1..{msg.rank} (the rank it was given)"
         if reply.num_examples < 1:
             return f"num_examples {reply.num_examples} < 1"
+        if not msg.task.upload and not any(t is not None for pair in reply.factors.values() for t in pair):
+            return None  # a task that uploads nothing (local-only): its wire form carries no module at all
         names = set(reply.factors)
         unknown = sorted(names - set(self.module_shapes))
         if unknown:

@@ -1,7 +1,8 @@
-"""Test hooks, outside the production path: installed only when their environment variable is set.
+"""Test hooks, outside the production path: an observer of the run's events (bench/observers.py) that each run
+subscribes only when one of their environment variables is set.
 
 BENCH_TEST_KILL_AT=<point>: the process SIGKILLs itself at that exact point, so tests can crash a real
-  run deterministically. Points (bench/engine.py and bench/checkpoint.py announce them):
+  run deterministically. Points (bench/engine.py, bench/checkpoint.py and bench/export.py announce them):
   round<r>:client<k> (after the first optimizer step of client k in round r), round<r>:aggregate
   (after aggregation, nothing saved), round<r>:metrics (metrics.jsonl written, checkpoint not),
   round<r>:checkpoint-write (new state file half-way: written to the temporary folder, not renamed),
@@ -21,7 +22,10 @@ import signal
 import sys
 import time
 
-SIGNALLED: list[str] = []  # signal names received by the engine's handler (the pause hook waits for one)
+from .observers import Observer, subscribe
+
+SIGNALLED: list[str] = []  # signal names the run received (the pause hook waits for one)
+VARIABLES = ("BENCH_TEST_KILL_AT", "BENCH_TEST_PAUSE_AT", "BENCH_TEST_POISON")
 
 
 def point(name: str) -> None:
@@ -38,35 +42,40 @@ def point(name: str) -> None:
 
 
 def active() -> bool:
-    return any(os.environ.get(v) for v in ("BENCH_TEST_KILL_AT", "BENCH_TEST_PAUSE_AT", "BENCH_TEST_POISON"))
+    return any(os.environ.get(v) for v in VARIABLES)
 
 
-class PoisonTransport:
-    """Wraps a transport; corrupts the named client's reply after it trained (BENCH_TEST_POISON)."""
+class TestHooks(Observer):
+    """Kills or pauses the process at the named point; corrupts the named client's reply after it trained
+    (BENCH_TEST_POISON), before any other observer or the server sees it."""
 
-    def __init__(self, inner, spec: str):
-        self.inner = inner
-        r, c, *kind = spec.split(":")
-        self.round, self.client, self.kind = int(r), c, (kind[0] if kind else "nan")
+    def __init__(self, poison: str | None):
+        self.poison = None
+        if poison:
+            r, c, *kind = poison.split(":")
+            self.poison = (int(r), c, kind[0] if kind else "nan")
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def point(self, name):
+        point(name)
 
-    def run(self, tasks, on_reply=None):
-        def poison(msg, reply):
-            if msg.round == self.round and (self.client == "*" or int(self.client) == msg.client_id) and not reply.error:
-                for name, (a, b) in reply.factors.items():
-                    if self.kind == "big":
-                        b.mul_(1e6)
-                    else:
-                        a.fill_(float("nan") if self.kind == "nan" else float("inf"))
-                        break
-            if on_reply is not None:
-                on_reply(msg, reply)
+    def signal(self, name):
+        SIGNALLED.append(name)
 
-        return self.inner.run(tasks, on_reply=poison)
+    def client_done(self, msg, reply):
+        if self.poison is None or reply.error:
+            return
+        rnd, client, kind = self.poison
+        if msg.round == rnd and (client == "*" or int(client) == msg.client_id):
+            for name, (a, b) in reply.factors.items():
+                if kind == "big":
+                    b.mul_(1e6)
+                else:
+                    a.fill_(float("nan") if kind == "nan" else float("inf"))
+                    break
 
 
-def wrap_transport(transport):
-    spec = os.environ.get("BENCH_TEST_POISON")
-    return PoisonTransport(transport, spec) if spec else transport
+def _from_env() -> TestHooks | None:
+    return TestHooks(os.environ.get("BENCH_TEST_POISON")) if active() else None
+
+
+subscribe(_from_env)

@@ -1,4 +1,9 @@
-"""The two messages between the server and a client, and their wire form.
+"""The messages between the server and a client, and their wire form.
+
+TRAIN: TaskMessage (server → client) and Reply (client → server), once per sampled client per round.
+EVALUATE: EvaluateMessage and EvalReply, once per client after the last round, when the clients' own
+models are the ones to score (personalized methods): the client scores its model on held-out sets it
+holds itself and answers per-example losses (Flower's configure_evaluate / aggregate_evaluate).
 
 Every transport carries exactly these: the in-process one passes the objects, Flower carries their
 wire form (named float32 arrays + a flat config of numbers and strings). Nothing else crosses, so a
@@ -61,6 +66,35 @@ class Reply:
     trained: Factors | None = None
 
 
+# the held-out sets a client scores its own model on: the run's pooled held-out set, and its own split
+EVAL_SETS = ("pooled", "own")
+
+
+@dataclass
+class EvaluateMessage:
+    """Server → client: score the client's own model — what it would start round `task.round` from (the
+    method's task for it, its kept factors in place, on its base with the task's merges) — on `sets`."""
+
+    task: TaskMessage
+    sets: tuple[str, ...] = EVAL_SETS
+
+
+@dataclass
+class EvalReply:
+    """Client → server: per held-out set, each example's summed token loss and its labelled-token count
+    (an empty set: empty lists). `error` set: the client could not score (losses empty)."""
+
+    round: int
+    client_id: int
+    losses: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def mean_loss(sums: list[float], counts: list[int]) -> float:
+    """A held-out set's loss: the mean per labelled token, from each example's summed loss and token count."""
+    return sum(sums) / max(sum(counts), 1)
+
+
 def factor_bytes(factors: Factors | None) -> int:
     if not factors:
         return 0
@@ -78,37 +112,53 @@ def task_bytes(msg: TaskMessage) -> int:
             + sum(factor_bytes(m) for m in msg.merges.values()))
 
 
+# ---- factors as named tensors ------------------------------------------------------------------------
+# Every file and wire message holds factors as named tensors "<prefix>/<module>/<A|B>": the wire form below,
+# checkpoints (bench/checkpoint.py), the clients' own state (bench/client.py), the audit trail.
+
+def factors_to_tensors(factors: Factors | None, prefix: str) -> dict[str, torch.Tensor]:
+    """"<prefix>/<module>/<A|B>" -> the factor itself (no copy, no cast); a None factor is left out."""
+    return {f"{prefix}/{name}/{which}": t for name, pair in (factors or {}).items()
+            for which, t in zip(FACTOR_NAMES, pair) if t is not None}
+
+
+def tensors_to_factors(tensors: dict[str, torch.Tensor], prefix: str) -> Factors:
+    """The factors under `prefix` (other keys ignored); a factor without a tensor is None. ValueError for a key
+    under it that does not end in /A or /B."""
+    return factor_groups(tensors, prefix, grouped=False).get("", {})
+
+
+def factor_groups(tensors: dict[str, torch.Tensor], prefix: str, grouped: bool = True) -> dict[str, Factors]:
+    """Keys "<prefix>/<group>/<module>/<A|B>" as {group: factors} (a round, a client; grouped=False: no group
+    level, everything under ""), in the order the keys come."""
+    out: dict[str, dict[str, list]] = {}
+    head = prefix + "/"
+    for key, t in tensors.items():
+        if not key.startswith(head):
+            continue
+        group, rest = key[len(head):].split("/", 1) if grouped else ("", key[len(head):])
+        name, _, which = rest.rpartition("/")
+        if which not in FACTOR_NAMES or not name:
+            raise ValueError(f"array {key!r}: factor must be A or B")
+        out.setdefault(group, {}).setdefault(name, [None, None])[FACTOR_NAMES.index(which)] = t
+    return {g: {n: (p[0], p[1]) for n, p in mods.items()} for g, mods in out.items()}
+
+
 # ---- wire form ------------------------------------------------------------------------------------
 # arrays: "<kind>/<round or ->/<module>/<A|B>" -> float32 tensor; config: flat numbers and strings.
 
-def put_factors(arrays: dict, kind: str, tag: str, factors: Factors | None) -> None:
-    for name, pair in (factors or {}).items():
-        for which, t in zip(FACTOR_NAMES, pair):
-            if t is not None:
-                arrays[f"{kind}/{tag}/{name}/{which}"] = t.detach().to("cpu", torch.float32).contiguous()
-
-
-def take_factors(arrays: dict, kind: str) -> dict[str, Factors]:
-    out: dict[str, dict[str, list]] = {}
-    for key, t in arrays.items():
-        k, tag, rest = key.split("/", 2)
-        if k != kind:
-            continue
-        name, which = rest.rsplit("/", 1)
-        if which not in FACTOR_NAMES:
-            raise ValueError(f"array {key!r}: factor must be A or B")
-        pair = out.setdefault(tag, {}).setdefault(name, [None, None])
-        pair[FACTOR_NAMES.index(which)] = t
-    return {tag: {n: (p[0], p[1]) for n, p in mods.items()} for tag, mods in out.items()}
+def _put(arrays: dict, kind: str, tag: str, factors: Factors | None) -> None:
+    for key, t in factors_to_tensors(factors, f"{kind}/{tag}").items():
+        arrays[key] = t.detach().to("cpu", torch.float32).contiguous()
 
 
 def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arrays: dict[str, torch.Tensor] = {}
     if msg.task.init is not None:
-        put_factors(arrays, "init", "-", msg.task.init)
+        _put(arrays, "init", "-", msg.task.init)
     for rnd, merge in msg.merges.items():
-        put_factors(arrays, "merge", str(rnd), merge)
-    put_factors(arrays, "core", "-", _core_pairs(msg.task.core))
+        _put(arrays, "merge", str(rnd), merge)
+    _put(arrays, "core", "-", _core_pairs(msg.task.core))
     t = msg.task
     config = {"round": msg.round, "client_id": msg.client_id, "rank": msg.rank, "scaling": float(msg.scaling),
               "init_seed": msg.init_seed, "train_seed": msg.train_seed, "method": msg.method,
@@ -119,9 +169,9 @@ def pack_task(msg: TaskMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> TaskMessage:
     spec = json.loads(config["task"])
-    init = None if spec["fresh"] else take_factors(arrays, "init").get("-", {})
-    merges = {int(r): f for r, f in take_factors(arrays, "merge").items()}
-    core = {n: a for n, (a, _) in take_factors(arrays, "core").get("-", {}).items()} if spec.get("core") else None
+    init = None if spec["fresh"] else factor_groups(arrays, "init").get("-", {})
+    merges = {int(r): f for r, f in factor_groups(arrays, "merge").items()}
+    core = {n: a for n, (a, _) in factor_groups(arrays, "core").get("-", {}).items()} if spec.get("core") else None
     task = ClientTask(init=init, train=spec["train"], keep=spec["keep"], upload=spec["upload"], info=spec["info"],
                       options=spec["options"], core=core)
     return TaskMessage(int(config["round"]), int(config["client_id"]), int(config["rank"]), float(config["scaling"]),
@@ -131,8 +181,8 @@ def unpack_task(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Task
 
 def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     arrays: dict[str, torch.Tensor] = {}
-    put_factors(arrays, "up", "-", reply.factors)
-    put_factors(arrays, "trained", "-", reply.trained)
+    _put(arrays, "up", "-", reply.factors)
+    _put(arrays, "trained", "-", reply.trained)
     config = {"round": reply.round, "client_id": reply.client_id, "rank": reply.rank,
               "num_examples": reply.num_examples, "base_round": reply.base_round,
               "metrics": json.dumps(reply.metrics), "error": reply.error or ""}
@@ -142,8 +192,8 @@ def pack_reply(reply: Reply) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Reply:
     """A reply from an untrusted client: structural problems raise ValueError naming the field."""
     try:
-        factors = take_factors(arrays, "up").get("-", {})
-        trained = take_factors(arrays, "trained").get("-")
+        factors = factor_groups(arrays, "up").get("-", {})
+        trained = factor_groups(arrays, "trained").get("-")
         metrics = json.loads(config.get("metrics") or "{}")
         if not isinstance(metrics, dict):
             raise ValueError("metrics: not a JSON object")
@@ -154,3 +204,44 @@ def unpack_reply(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> Rep
         raise ValueError(f"reply: missing field {exc.args[0]!r}") from None
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"reply: malformed ({exc})") from None
+
+
+def pack_evaluate(msg: EvaluateMessage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    arrays, config = pack_task(msg.task)
+    return arrays, {**config, "sets": json.dumps(list(msg.sets))}
+
+
+def unpack_evaluate(arrays: dict[str, torch.Tensor], config: dict[str, Any]) -> EvaluateMessage:
+    sets = json.loads(config["sets"])
+    unknown = [x for x in sets if x not in EVAL_SETS]
+    if unknown:
+        raise ValueError(f"sets: unknown held-out set {unknown[0]!r}; known: {', '.join(EVAL_SETS)}")
+    return EvaluateMessage(unpack_task(arrays, config), tuple(sets))
+
+
+def pack_eval_reply(reply: EvalReply) -> dict[str, Any]:
+    """Its wire form is config only: the losses as JSON (a float's repr reads back bit for bit)."""
+    return {"round": reply.round, "client_id": reply.client_id, "error": reply.error or "",
+            "losses": json.dumps({k: [list(s), list(n)] for k, (s, n) in reply.losses.items()})}
+
+
+def unpack_eval_reply(config: dict[str, Any]) -> EvalReply:
+    """An evaluation reply from an untrusted client: structural problems raise ValueError naming the field."""
+    try:
+        raw = json.loads(config.get("losses") or "{}")
+        if not isinstance(raw, dict):
+            raise ValueError("losses: not a JSON object")
+        losses = {}
+        for name, pair in raw.items():
+            if name not in EVAL_SETS or not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"losses: {name!r} is not a held-out set with [sums, counts]")
+            sums, counts = pair
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sums) or \
+                    not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or len(sums) != len(counts):
+                raise ValueError(f"losses: {name!r} needs equally long lists of numbers (sums) and integers (counts)")
+            losses[name] = ([float(x) for x in sums], list(counts))
+        return EvalReply(int(config["round"]), int(config["client_id"]), losses, str(config.get("error") or "") or None)
+    except KeyError as exc:
+        raise ValueError(f"evaluation reply: missing field {exc.args[0]!r}") from None
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"evaluation reply: malformed ({exc})") from None

@@ -1,5 +1,10 @@
 """Observers of a run: each gets the events of the rounds and owns one output. The engine calls them in
-order; none of them changes what the server or the clients compute.
+order (through Observers); none of them changes what the server or the clients compute.
+
+Events: client_done (a reply arrived), aggregated, round_done, point(name) (a named point of the run: the loop,
+bench/checkpoint.py and bench/export.py announce them; bench/hooks.py lists them) and signal(name) (SIGINT or
+SIGTERM arrived). Observers that are not the engine's own (test hooks) subscribe a factory: each run asks it
+for an observer (subscribe, run_observers).
 
 - MetricsLog:  metrics.jsonl, one line per round (rewritten atomically, so a reader never sees half a line)
 - Progress:    the human-readable log lines
@@ -33,6 +38,53 @@ class Observer:
         """Right after the server aggregated (before the round is written, and even if nothing was left)."""
 
     def round_done(self, result, row: dict) -> None: ...
+
+    def point(self, name: str) -> None:
+        """A named point of the run was reached (bench/hooks.py lists them)."""
+
+    def signal(self, name: str) -> None:
+        """SIGINT or SIGTERM arrived (the engine stops at its next safe point)."""
+
+
+class Observers(Observer):
+    """A run's observers, called in order for every event."""
+
+    def __init__(self, observers: list[Observer]):
+        self.observers = list(observers)
+
+    def client_done(self, msg, reply):
+        for o in self.observers:
+            o.client_done(msg, reply)
+
+    def aggregated(self, result):
+        for o in self.observers:
+            o.aggregated(result)
+
+    def round_done(self, result, row):
+        for o in self.observers:
+            o.round_done(result, row)
+
+    def point(self, name):
+        for o in self.observers:
+            o.point(name)
+
+    def signal(self, name):
+        for o in self.observers:
+            o.signal(name)
+
+
+_FACTORIES: list = []  # callables () -> Observer | None, asked once per run
+
+
+def subscribe(factory) -> "callable":
+    """Every run from now on gets the observer factory() returns (None: none this run), ahead of the engine's
+    own; returns the function that unsubscribes it."""
+    _FACTORIES.append(factory)
+    return lambda: _FACTORIES.remove(factory)
+
+
+def run_observers() -> list[Observer]:
+    return [o for o in (f() for f in list(_FACTORIES)) if o is not None]
 
 
 class MetricsLog(Observer):

@@ -14,7 +14,8 @@ import torch
 
 from methods import AggregationMethod, ClientSpec, ClientUpdate, Factors, GlobalState, client_weights
 
-from .messages import Reply, TaskMessage, factor_bytes, task_bytes
+from . import BenchError
+from .messages import EvalReply, EvaluateMessage, Reply, TaskMessage, factor_bytes, mean_loss, task_bytes
 
 
 def derive_seed(*parts: int) -> int:
@@ -129,6 +130,48 @@ class Server:
         if agg.merge:
             self.s.merges[rnd] = agg.merge
         return RoundResult(rnd, [m.client_id for m in tasks], rows, agg.metrics, excluded, updates)
+
+    # ---- evaluation of the clients' own models (personalized methods) ---------------------------------
+    def configure_evaluate(self, rnd: int) -> list[EvaluateMessage]:
+        """One EVALUATE message per client: score the model it would start round rnd from (its task for that
+        round, every merge it lacks) on the pooled held-out set and on its own split."""
+        return [EvaluateMessage(task) for task in self.configure(rnd, list(range(self.num_clients)))]
+
+    def aggregate_evaluate(self, asks: list[EvaluateMessage], replies: dict, pooled: int, own: list[int]) -> dict:
+        """The record's personalized section from every client's EvalReply: each client's model on the pooled set
+        (its mean per example over clients, so it pairs with a global model's) and on its own split (and their
+        mean). pooled / own: how many examples the pooled set and each client's split hold. BenchError naming the
+        client when one did not score its model, or scored other examples."""
+        per_pooled, per_own = [], []
+        for ask in asks:
+            k = ask.task.client_id
+            reply = replies.get(k)
+            why = (getattr(reply, "reason", None) or getattr(reply, "error", None) or
+                   (None if isinstance(reply, EvalReply) else "no reply"))
+            if why is None:
+                got = {name: len(reply.losses.get(name, ([], []))[0]) for name in ask.sets}
+                want = {"pooled": pooled, "own": own[k] if own else 0}
+                if reply.client_id != k or any(got[n] != want[n] for n in ask.sets):
+                    why = f"it scored {got} examples, expected {want}"
+            if why:
+                raise BenchError(f"personalized: client {k} did not score its own model ({why}); the rounds are "
+                                 "checkpointed, resume the run to redo the final steps")
+            sums, tokens = reply.losses["pooled"]
+            per_pooled.append({"client": k, "loss": mean_loss(sums, tokens), "loss_sums": sums, "tokens": tokens})
+            sums, tokens = reply.losses.get("own", ([], []))
+            if sums:
+                per_own.append({"client": k, "loss": mean_loss(sums, tokens), "examples": len(sums),
+                                "loss_sums": sums, "tokens": tokens})
+        n = len(per_pooled)
+        sums = [sum(c["loss_sums"][i] for c in per_pooled) / n for i in range(pooled)]
+        tokens = per_pooled[0]["tokens"] if per_pooled else []
+        out = {"clients": n, "pooled": {"loss": mean_loss(sums, tokens), "examples": pooled, "loss_sums": sums,
+                                        "tokens": tokens},
+               "per_client_pooled": [{"client": c["client"], "loss": c["loss"]} for c in per_pooled]}
+        if per_own:  # each client's own model on its own split, and their mean
+            out["per_client"] = per_own
+            out["loss"] = sum(c["loss"] for c in per_own) / len(per_own)
+        return out
 
     def global_delta(self) -> dict[str, torch.Tensor]:
         """The global model minus the base, per module, float64: merges plus the global adapter."""

@@ -151,8 +151,6 @@ CASES = [
     ("dtype", {"dtype": "float8"}, [], "dtype: unknown 'float8'; choose one of auto, float32, bfloat16, float16"),
     ("eval-dtype", {"eval_dtype": "fp8"}, [], "eval_dtype: unknown 'fp8'; choose one of auto, float32, bfloat16, float16"),
     ("seed", {"seed": -1}, [], "seed: must be ≥ 0, got -1"),
-    ("no-global-model-on-flower", {"method": "fedsa-lora", "engine": "flower-sim"}, [],
-     "engine: fedsa-lora has no global model; its score is each client's own model, which only the in-process engine"),
     ("test-fraction", {"test_fraction": 1}, [], "test_fraction: must be in (0, 1), got 1.0"),
     ("method", {"method": "flor"}, [], "method: unknown method 'flor'; did you mean 'flora'?"),
     ("partition-name", {"partition": "dirichlett"}, [], "partition: unknown partition 'dirichlett'; did you mean 'dirichlet'?"),

@@ -4,6 +4,9 @@
   per-client losses and tensor bytes as in-process; the record says engine "flower-sim"
 - one simulation running FlexLoRA and FedAvg-LoRA through the engine's loop, one job after the other on the
   same virtual nodes: both equal to in-process
+- the personalized rows (HetLoRA, FedSA-LoRA: no global model, the local-only reference) in one simulation:
+  each node scores its own client's model (EVALUATE), and the record's personalized section and score equal
+  in-process's
 
 Same arithmetic, same machine: every client runs bench/client.py's ClientRuntime with the same seeds, the
 same model file, the same merges in the same order and, by default, the same number of torch threads
@@ -71,3 +74,46 @@ def test_two_jobs_in_one_simulation(env, refs, tmp_path):
     for name in ("flexlora", "fedavg-lora"):
         assert_same_run(tmp_path / name, reference_run(refs, name))
         assert out[name]["engine"] == "flower-sim"
+
+
+def test_personalized_methods_score_their_clients_own_models_as_in_process(env, refs, tmp_path):
+    """Each client's own model lives on its node (FedSA-LoRA's B, local-only's whole adapter never leave it): the
+    EVALUATE round has the nodes
+    score them on the pooled set and on their own splits, bit for bit the in-process figures."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from bench.config import build_config
+    from bench.engine import preflight
+    from bench.flower.client_app import app as client_app
+    from bench.app.flower_launch import simulation_backend
+    from bench.flower.options import FlowerOptions, make_job
+    from bench.app.flower_server_app import run_job
+
+    base = {"ranks": "2,4,8", "local_steps": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 32, "test_limit": 2,
+            "client_test_fraction": 0.2}
+    rows = {"hetlora": {"method": "hetlora"}, "fedsa-lora": {"method": "fedsa-lora"},
+            "local-only": {"method": "fedavg-lora", "reference": "local-only"}}
+    jobs = {}
+    for name, row in rows.items():
+        cfg = build_config(preset="tiny", overrides={**base, **row, "output_dir": str(tmp_path / name),
+                                                     "results_dir": str(tmp_path / "results")})
+        jobs[name] = (make_job(cfg, "flower-sim", FlowerOptions()), preflight(cfg))
+    out = {}
+    app = ServerApp()
+
+    @app.main()
+    def main_fn(grid, context):
+        for name, (job, plan) in jobs.items():
+            out[name] = run_job(grid, job, plan=plan)
+
+    run_simulation(app, client_app, num_supernodes=3, backend_config=simulation_backend(FlowerOptions(), "cpu"))
+    for name, row in rows.items():
+        ref = reference_run(refs, row["method"], "--client-test-fraction", "0.2",
+                            *(["--reference", row["reference"]] if "reference" in row else []))
+        assert_same_run(tmp_path / name, ref)
+        got, want = out[name], record(ref)
+        assert got["engine"] == "flower-sim" and want["engine"] == "inprocess"
+        assert got["personalized"]["clients"] == 3 and len(got["personalized"]["per_client"]) == 3
+        assert got["personalized"] == want["personalized"], name
+        assert got["test"] == want["test"], name

@@ -55,6 +55,45 @@ def test_task_and_reply_round_trip_bit_for_bit():
     assert _same(back.factors, reply.factors) and back.metrics == reply.metrics and back.base_round == 1
 
 
+def test_evaluate_request_and_reply_round_trip_bit_for_bit():
+    """EVALUATE: the request carries the client's task and the sets to score; the reply's per-example losses come
+    back as the same floats (JSON keeps a float's repr)."""
+    from bench.flower import wire
+    from bench.messages import EvalReply, EvaluateMessage
+
+    ask = EvaluateMessage(_task(), ("pooled", "own"))
+    got, run_json, session = wire.evaluate_of(wire.evaluate_content(ask, '{"x": 1}', "s1"))
+    assert (run_json, session, got.sets) == ('{"x": 1}', "s1", ("pooled", "own"))
+    assert _same(got.task.task.init, ask.task.task.init) and _same(got.task.merges[1], ask.task.merges[1])
+    sums = [float(x) for x in torch.rand(5, dtype=torch.float64) * 40]
+    reply = EvalReply(3, 1, {"pooled": (sums, [7, 8, 9, 10, 11]), "own": ([], [])})
+    back = wire.eval_reply_of(wire.eval_reply_content(reply), wire.expected_eval_config_bytes(0, 5))
+    assert back == reply
+
+
+@pytest.mark.parametrize("config,reason", [
+    ({"losses": json.dumps({"pooled": [[1.0], [1, 2]]})}, "equally long lists"),
+    ({"losses": json.dumps({"pooled": [["x"], [1]]})}, "equally long lists"),
+    ({"losses": json.dumps({"test": [[1.0], [1]]})}, "not a held-out set"),
+    ({"losses": "[1]"}, "not a JSON object"),
+    ({"client_id": None}, "malformed"),
+    ({"losses": json.dumps({"pooled": [[1.0] * 20000, [1] * 20000]})}, "over the limit"),
+])
+def test_malformed_evaluation_replies_raise_valueerror(config, reason):
+    from flwr.app import ConfigRecord
+
+    from bench.flower import wire
+    from bench.messages import EvalReply
+
+    content = wire.eval_reply_content(EvalReply(3, 1, {"pooled": ([1.0], [2])}))
+    content[wire.CONFIG] = ConfigRecord({**dict(content[wire.CONFIG]), **{k: v for k, v in config.items() if v is not None}})
+    if config.get("client_id", 0) is None:
+        del content[wire.CONFIG]["client_id"]
+        reason = "missing field 'client_id'"
+    with pytest.raises(ValueError, match=reason):
+        wire.eval_reply_of(content, wire.expected_eval_config_bytes(1, 1))
+
+
 def test_size_limit_is_the_task_upload_plus_slack():
     from bench.flower import wire
 

@@ -84,10 +84,10 @@ def test_fedsa_lora_never_sends_b_and_keeps_it_on_the_client(runs):
     assert all(float(t.abs().max()) > 0 for t in personal.values())            # trained, kept
 
 
-def test_fedsa_lora_personal_state_resumes_bit_identically(tmp_path, shared_data, monkeypatch):
+def test_fedsa_lora_personal_state_resumes_bit_identically(tmp_path, shared_data):
     """A crash after round 2's metrics (before its checkpoint): the resumed run redoes round 2 from round 1's
     checkpoint, personal B's included, and ends bit-identical to an uninterrupted run."""
-    import bench.hooks as hooks
+    from bench.observers import Observer, subscribe
 
     over = dict(rounds=3, local_steps=1, client_fraction=0.67)
     _, whole = _run(tmp_path / "whole", shared_data, "fedsa-lora", **over)
@@ -95,20 +95,20 @@ def test_fedsa_lora_personal_state_resumes_bit_identically(tmp_path, shared_data
     class Crash(Exception):
         pass
 
-    real = hooks.point
+    class CrashAt(Observer):
+        def point(self, name):
+            if name == "round2:metrics":
+                raise Crash(name)
 
-    def crash_at(name):
-        if name == "round2:metrics":
-            raise Crash(name)
-        real(name)
-
-    monkeypatch.setattr(hooks, "point", crash_at)
     cfg, _ = build_config(preset="tiny", overrides={
         "method": "fedsa-lora", "data_root": str(shared_data), "output_dir": str(tmp_path / "cut" / "run"),
         "results_dir": str(tmp_path / "cut" / "results"), **over}), None
-    with pytest.raises(Crash):
-        run_federated(cfg, log=lambda *a: None)
-    monkeypatch.setattr(hooks, "point", real)
+    unsubscribe = subscribe(CrashAt)
+    try:
+        with pytest.raises(Crash):
+            run_federated(cfg, log=lambda *a: None)
+    finally:
+        unsubscribe()
     resumed = run_federated(cfg, resume=str(tmp_path / "cut" / "run"), log=lambda *a: None)
     for fname in ("server.safetensors", "clients.safetensors"):
         a = load_file(str(Path(whole["run_dir"]) / "checkpoint" / fname))

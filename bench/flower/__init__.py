@@ -2,7 +2,8 @@
 
 Nothing here changes what is computed: the engine (bench/engine.py) still drives the rounds, the
 server (bench/server.py behind bench/guard.py) still configures and aggregates, the client runtime
-(bench/client.py) still trains. Flower only carries the two messages of bench/messages.py:
+(bench/client.py) still trains and scores its own models. Flower only carries the messages of
+bench/messages.py (TRAIN, and EVALUATE for personalized methods):
 
     wire.py        TaskMessage/Reply <-> Flower RecordDict (float32 ArrayRecord + ConfigRecord), the
                    reply size limit, the bytes a Message puts on the wire

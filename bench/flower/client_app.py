@@ -25,7 +25,11 @@ In the simulation a Ray actor is long-lived and serves several nodes: the loaded
 process (one run at a time) and shared by the nodes it serves, exactly as the in-process engine shares
 one base among its clients; each node's own state still comes from its context.
 
-Every failure becomes an error reply (Reply.error), never an exception out of the app: a config that
+After the last round a personalized run sends each node an EVALUATE message: the node brings its base and its
+kept factors up to date as for a TRAIN message and scores its client's own model on the run's pooled held-out set
+and on its own split (ClientRuntime.evaluate), answering per-example losses (EvalReply).
+
+Every failure becomes an error reply (Reply.error, EvalReply.error), never an exception out of the app: a config that
 does not parse, a task for another partition, missing data, a crash while training.
 """
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 
 import torch
 
-from ..messages import Reply, put_factors, take_factors
+from ..messages import Reply, factor_groups, factors_to_tensors
 from . import wire
 
 STATE_NODE, STATE_MERGES, STATE_PERSONAL = "bench.node", "bench.merges", "bench.personal"
@@ -45,49 +49,40 @@ STATE_BASE = "bench.base"
 _CACHE: dict = {}  # (session, config JSON, data root) -> _Node; one entry (one run per process)
 
 
-def node_plan(cfg):
-    """What a node needs of engine.preflight: the dataset, every client's shard (the same partition and
-    per-client test split), the ranks and the resolved model, without building the model's skeleton (the
-    server checked the target modules) or an evaluator (scoring is the server's job). A shard that came
-    out differently from the server's is refused at discovery by its fingerprint, never trained on."""
-    from .. import data as data_mod, models
-    from ..engine import Plan
-
-    dataset = data_mod.load_dataset(cfg)
-    shards, client_tests = data_mod.client_test_splits(cfg, data_mod.partition(cfg, dataset))
-    model_path, model_id = models.resolve_model(cfg.model)
-    return Plan(cfg, model_path, model_id, dataset, shards, cfg.client_ranks(), {}, [], client_tests)
-
-
 class _Node:
-    """What a process needs to serve this run's nodes: the plan, and (built on first use: a QUERY in
-    deployment does not load the model) the tokenizer and one ClientRuntime shared by the nodes it serves."""
+    """What a process needs to serve this run's nodes: the partition (the server's own: the same config, data and
+    split; a shard that came out differently is refused at discovery by its fingerprint, never trained on), the
+    resolved model and (built on first use: a QUERY in deployment does not load the model) the tokenizer and one
+    ClientRuntime shared by the nodes it serves. No model skeleton (the server checked the target modules), no
+    evaluator (scoring the global model is the server's job)."""
 
     def __init__(self, cfg):
+        from .. import data as data_mod, models
+
         self.cfg = cfg
-        self.plan = node_plan(cfg)
+        self.dataset, self.shards, self.client_tests = data_mod.federated_split(cfg)
+        self.model_path, _ = models.resolve_model(cfg.model)
         self._runtime = None
 
     @property
     def runtime(self):
         if self._runtime is None:
-            from ..client import ClientRuntime, ModelSpec
-            from ..engine import load_tokenizer, resolve_device, resolve_dtype
+            from ..client import ClientRuntime
+            from ..data import HeldOut, load_tokenizer
 
-            device = resolve_device(self.cfg)
-            self.tok = load_tokenizer(self.plan.model_path)
-            self._runtime = ClientRuntime(self.cfg, ModelSpec(self.plan.model_path, device,
-                                                              resolve_dtype(self.cfg.dtype, device)), self.plan.ranks, {})
+            self.tok = load_tokenizer(self.model_path)
+            self._runtime = ClientRuntime.for_run(self.cfg, self.model_path, self.cfg.client_ranks(), {},
+                                                  HeldOut(self.cfg, self.dataset, self.client_tests, self.tok))
         return self._runtime
 
     def add_client(self, k: int) -> None:
-        from ..engine import client_examples
+        from ..data import client_examples
 
         if k not in self.runtime.examples:
-            self.runtime.examples.update(client_examples(self.cfg, self.plan, self.tok, [k]))
+            self.runtime.examples.update(client_examples(self.cfg, self, self.tok, [k]))
 
     def shard_digest(self, k: int) -> str:
-        return wire.shard_digest([self.plan.dataset.train[i] for i in self.plan.shards[k]])
+        return wire.shard_digest([self.dataset.train[i] for i in self.shards[k]])
 
 
 def _node(cfg, run_json: str, session: str, warm: bool = True) -> tuple[_Node, float]:
@@ -151,7 +146,7 @@ class NodeState:
         w_round = int(self.meta.get("weights_round", 0))
         if w_round > rt.base_round:
             weights = {k.split("/", 1)[1]: t for k, t in wire.decode_arrays(self.state[STATE_BASE]).items()}
-            set_base(rt, weights, w_round)
+            rt.set_base_weights(weights, w_round)
         try:
             rt.apply_merges({r: f for r, f in self.merges().items() if r > rt.base_round})
         except BaseOutOfSync:
@@ -167,12 +162,12 @@ class NodeState:
         kept = {r: f for r, f in self.merges().items() if r > rt.base_round}
         arrays: dict = {}
         for r, f in kept.items():
-            put_factors(arrays, "merge", str(r), f)
+            arrays.update(factors_to_tensors(f, f"merge/{r}"))
         self.state[STATE_MERGES] = wire.encode_arrays(arrays)
         return True
 
     def merges(self) -> dict[int, dict]:
-        return {int(r): f for r, f in take_factors(wire.decode_arrays(self.state[STATE_MERGES]), "merge").items()}
+        return {int(r): f for r, f in factor_groups(wire.decode_arrays(self.state[STATE_MERGES]), "merge").items()}
 
     def add_merges(self, merges: dict[int, dict], base_round: int) -> None:
         held = {k.split("/", 2)[1] for k in self.state[STATE_MERGES].keys()}
@@ -180,7 +175,7 @@ class NodeState:
         arrays: dict = {}
         for rnd, factors in merges.items():
             if str(rnd) not in held and rnd > in_weights:
-                put_factors(arrays, "merge", str(rnd), factors)
+                arrays.update(factors_to_tensors(factors, f"merge/{rnd}"))
         if arrays:
             rec = self.state[STATE_MERGES]
             for name, arr in wire.encode_arrays(arrays).items():
@@ -195,7 +190,7 @@ class NodeState:
             return None
         r = max(rounds)
         rank = self.meta["personal_ranks"][self.meta["personal_rounds"].index(r)]
-        factors = take_factors(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal").get(str(r), {})
+        factors = factor_groups(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal").get(str(r), {})
         return {"rank": rank, "factors": factors}
 
     def set_personal(self, rnd: int, kept: dict) -> None:
@@ -203,13 +198,13 @@ class NodeState:
         from flwr.app import ArrayRecord
 
         keep = sorted({r for r in self.meta["personal_rounds"] if r < rnd})[-1:] + [rnd]
-        old = take_factors(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal")
+        old = factor_groups(wire.decode_arrays(self.state[STATE_PERSONAL]), "personal")
         ranks = dict(zip(self.meta["personal_rounds"], self.meta["personal_ranks"]))
         ranks[rnd] = kept["rank"]
         arrays: dict = {}
         for r in keep:
             factors = kept["factors"] if r == rnd else old.get(str(r), {})
-            put_factors(arrays, "personal", str(r), factors)
+            arrays.update(factors_to_tensors(factors, f"personal/{r}"))
         self.state[STATE_PERSONAL] = wire.encode_arrays(arrays) if arrays else ArrayRecord()
         self.meta["personal_rounds"], self.meta["personal_ranks"] = keep, [ranks[r] for r in keep]
 
@@ -219,19 +214,31 @@ class NodeState:
         self.state[STATE_NODE] = ConfigRecord(self.meta)
 
 
-def set_base(rt, weights: dict, rnd: int) -> None:
-    """Put merged float32 weights (ClientRuntime.base_weights() of a runtime at merge round rnd) into a runtime
-    whose base is older: the masters take them exactly and the training view is refreshed from them, as
-    ClientRuntime.apply_merges does after adding a merge."""
-    with torch.no_grad():
-        for name, w in weights.items():
-            view, master = rt.layers[name].base_layer.weight, rt.master[name]
-            if master is None:
-                view.copy_(w.to(view.device))
-            else:
-                master.copy_(w.to(master.device))
-                view.copy_(master.to(view.dtype))
-    rt.base_round = rnd
+def _client_runtime(task, run_json: str, session: str, context):
+    """(node, load seconds, node state) for a task message to this node: the runtime's base and the client's kept
+    factors brought to what this node holds (context.state); ValueError for a task meant for another partition."""
+    cfg, k = _node_config(context, wire.config_from_json(run_json))
+    if task.client_id != k:
+        raise ValueError(f"this node holds partition {k}, the task is for client {task.client_id}")
+    node, load_s = _node(cfg, run_json, session)
+    rt = node.runtime
+    state = NodeState(context.state, session)
+    state.restore_base(rt)  # the node's own base first: what it received in earlier messages
+    rt.set_personal(k, state.personal_before(task.round))
+    return node, load_s, state
+
+
+def eval_reply(content, context):
+    """Handle one EVALUATE message: the client's own model on the held-out sets asked for (an error reply for
+    anything that goes wrong)."""
+    from ..messages import EvalReply
+
+    ask, run_json, session = wire.evaluate_of(content)
+    try:
+        node, _, _ = _client_runtime(ask.task, run_json, session, context)
+        return node.runtime.evaluate(ask)
+    except Exception as exc:  # noqa: BLE001 - a node answers, it does not crash
+        return EvalReply(ask.task.round, ask.task.client_id, error=f"{type(exc).__name__}: {exc}")
 
 
 def train_reply(content, context) -> Reply:
@@ -239,23 +246,14 @@ def train_reply(content, context) -> Reply:
     t0 = time.time()
     task, run_json, session = wire.task_of(content)
     try:
-        cfg, k = _node_config(context, wire.config_from_json(run_json))
-        if task.client_id != k:
-            raise ValueError(f"this node holds partition {k}, the task is for client {task.client_id}")
-        node, load_s = _node(cfg, run_json, session)
+        node, load_s, state = _client_runtime(task, run_json, session, context)
+        k = task.client_id
         node.add_client(k)
         rt = node.runtime
-        state = NodeState(context.state, session)
-        state.restore_base(rt)  # the node's own base first: what it received in earlier messages
-        kept = state.personal_before(task.round)
-        if kept is None:
-            rt.personal.pop(k, None)
-        else:
-            rt.personal[k] = kept
         reply = rt.train(task)
         if not reply.error:
             state.add_merges(task.merges, rt.base_round)
-            state.compact(rt, sum(4 * layer.base_layer.weight.numel() for layer in rt.layers.values()))
+            state.compact(rt, rt.base_bytes())
             if task.task.keep and k in rt.personal:
                 state.set_personal(task.round, rt.personal[k])
             state.save()
@@ -314,6 +312,17 @@ def _make_app():
             reply = Reply(_int(cfg.get("round")), _int(cfg.get("client_id")), _int(cfg.get("rank")), 0, {},
                           error=f"malformed task: {exc}")
         return Message(wire.reply_content(reply), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        from ..messages import EvalReply
+
+        try:
+            reply = eval_reply(msg.content, context)
+        except ValueError as exc:  # the request itself did not parse
+            cfg = dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
+            reply = EvalReply(_int(cfg.get("round")), _int(cfg.get("client_id")), error=f"malformed request: {exc}")
+        return Message(wire.eval_reply_content(reply), reply_to=msg)
 
     return app
 

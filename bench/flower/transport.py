@@ -1,4 +1,4 @@
-"""GridTransport: the engine's transport (bench/transport.py's contract) over a Flower Grid.
+"""GridTransport: the engine's transport (bench/transport.py's Transport) over a Flower Grid.
 
     discover   QUERY every connected node once: it answers its partition id and its shard's
                fingerprint (in the simulation it also loads the model and tokenizes its shard, so rounds
@@ -11,6 +11,8 @@
                Refused too. The engine's ReplyFilter then checks every Reply against its task (shapes,
                modules, rank, NaN/Inf, norm) and the server records each refusal; nothing here raises
                on a bad reply.
+    evaluate   one EVALUATE message per client (personalized methods, after the last round): the node scores
+               its own model on the held-out sets it holds and answers per-example losses (EvalReply)
     state      None: Flower nodes keep their own state (context.state), nothing to checkpoint here
     restore    nothing to do: a node that lost its base answers "base out of sync" and is resent
 
@@ -24,8 +26,9 @@ import time
 
 from .. import BenchError
 from ..guard import ReplyFilter
-from ..messages import Reply, TaskMessage
+from ..messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 from ..server import Refused
+from ..transport import Transport
 from . import wire
 from .options import FlowerOptions
 
@@ -40,7 +43,7 @@ ERROR_CODES = {1: "could not load the ClientApp", 2: "ClientApp raised", 3: "mes
                8: "ClientApp crashed"}
 
 
-class GridTransport:
+class GridTransport(Transport):
     def __init__(self, grid, cfg, plan, *, session: str, name: str = "flower", opts: FlowerOptions | None = None,
                  log=print, discover: bool = True):
         self.grid, self.cfg, self.plan, self.session, self.name = grid, cfg, plan, session, name
@@ -139,17 +142,22 @@ class GridTransport:
     # ---- messages ---------------------------------------------------------------------------------
     def messages(self, tasks: list[TaskMessage]) -> tuple[dict, list[tuple]]:
         """({client id: Refused} for clients without a node, [(task, node id, Message, wire bytes down)])."""
-        from flwr.app import Message, MessageType
+        from flwr.app import MessageType
+
+        return self._addressed(tasks, MessageType.TRAIN, lambda t: wire.task_content(t, self.run_json, self.session))
+
+    def _addressed(self, items, message_type, content) -> tuple[dict, list[tuple]]:
+        from flwr.app import Message
 
         early, out = {}, []
-        for t in tasks:
+        for item in items:
+            t = item.task if isinstance(item, EvaluateMessage) else item
             node = self.nodes.get(t.client_id)
             if node is None:
                 early[t.client_id] = Refused(f"no connected node holds partition {t.client_id}")
                 continue
-            m = Message(wire.task_content(t, self.run_json, self.session), dst_node_id=node,
-                        message_type=MessageType.TRAIN, group_id=str(t.round))
-            out.append((t, node, m, wire.wire_bytes(m)))
+            m = Message(content(item), dst_node_id=node, message_type=message_type, group_id=str(t.round))
+            out.append((item, node, m, wire.wire_bytes(m)))
         return early, out
 
     def reply(self, task: TaskMessage, node: int, rep, bytes_down: int) -> Reply | Refused:
@@ -178,20 +186,72 @@ class GridTransport:
         self.log(f"[flower]   round {task.round} client {k}: refused ({why})")
         return Refused(why)
 
+    def eval_reply(self, ask: EvaluateMessage, node: int, rep, bytes_down: int) -> EvalReply | Refused:
+        """An EVALUATE reply as the server sees it: an EvalReply, or Refused(reason) (logged)."""
+        k = ask.task.client_id
+        if rep.has_error():
+            why = f"node {node} (partition {k}) {ERROR_CODES.get(rep.error.code, f'error {rep.error.code}')}: {rep.error.reason[:300]}"
+        elif rep.metadata.src_node_id != node:
+            why = f"reply from node {rep.metadata.src_node_id}, the task went to node {node}"
+        else:
+            try:
+                return wire.eval_reply_of(rep.content, wire.expected_eval_config_bytes(len(self.plan.client_tests[k])
+                                                                                       if self.plan.client_tests else 0,
+                                                                                       self.pooled_examples))
+            except ValueError as exc:
+                why = f"malformed evaluation reply: {exc}"
+        self.log(f"[flower]   evaluation, client {k}: refused ({why})")
+        return Refused(why)
+
+    @property
+    def pooled_examples(self) -> int:
+        test = self.plan.dataset.validation if self.cfg.heldout_split == "validation" else self.plan.dataset.test
+        return min(len(test), self.cfg.test_limit) if self.cfg.test_limit else len(test)
+
     # ---- the transport contract --------------------------------------------------------------------
-    def run(self, tasks: list[TaskMessage], on_reply=None) -> dict[int, Reply | Refused]:
+    def run(self, tasks: list[TaskMessage], on_reply=None, on_step=None) -> dict[int, Reply | Refused]:
+        """on_step: not available here (the nodes train out of reach; a round is checked for signals as it ends)."""
+        self._find_lost(tasks)
+        results, sent = self.messages(tasks)
+
+        def decode(t, node, rep, down):
+            r = self.reply(t, node, rep, down)
+            # observers read the factors and metrics: only replies that fit their task reach them
+            if on_reply is not None and isinstance(r, Reply) and (r.error or self.checker.check(t, r) is None):
+                on_reply(t, r)
+            return r
+
+        return self._exchange(results, sent, decode)
+
+    def evaluate(self, asks: list[EvaluateMessage]) -> dict[int, EvalReply | Refused]:
+        """One EVALUATE message per client, to its node; each node scores its own model on held-out sets it holds."""
+        from flwr.app import MessageType
+
+        self._find_lost([a.task for a in asks])
+        results, sent = self._addressed(asks, MessageType.EVALUATE,
+                                        lambda a: wire.evaluate_content(a, self.run_json, self.session))
+        return self._exchange(results, sent, self.eval_reply)
+
+    def _find_lost(self, tasks: list[TaskMessage]) -> None:
         live = set(self.grid.get_node_ids())
         lost = {t.client_id for t in tasks if self.nodes.get(t.client_id) not in live}
         if lost:  # a node left (or restarted with a new id): look for one, briefly
             self.discover(lost, min(60.0, self.opts.nodes_timeout), strict=False)
-        results, sent = self.messages(tasks)
+
+    def _exchange(self, results: dict, sent: list[tuple], decode) -> dict:
+        """Push the addressed messages, pull the replies as they come (decode(item, node, reply, bytes down) each),
+        refuse what does not come back: a node that left, no reply within round_timeout."""
+        def who(item):
+            t = item.task if isinstance(item, EvaluateMessage) else item
+            return t.client_id, t.round
+
         ids = list(self.grid.push_messages([m for _, _, m, _ in sent]))
         pending = {}
-        for (t, node, _, down), mid in zip(sent, ids + [None] * (len(sent) - len(ids))):
+        for (item, node, _, down), mid in zip(sent, ids + [None] * (len(sent) - len(ids))):
             if mid:
-                pending[mid] = (t, node, down)
+                pending[mid] = (item, node, down)
             else:
-                results[t.client_id] = Refused(f"the SuperLink did not accept the task for node {node}")
+                results[who(item)[0]] = Refused(f"the SuperLink did not accept the task for node {node}")
         deadline = time.time() + self.opts.round_timeout
         checked = time.time()
         while pending and time.time() < deadline:
@@ -199,24 +259,23 @@ class GridTransport:
                 entry = pending.pop(rep.metadata.reply_to_message_id, None)
                 if entry is None:
                     continue
-                t, node, down = entry
-                r = results[t.client_id] = self.reply(t, node, rep, down)
-                # observers read the factors and metrics: only replies that fit their task reach them
-                if on_reply is not None and isinstance(r, Reply) and (r.error or self.checker.check(t, r) is None):
-                    on_reply(t, r)
+                item, node, down = entry
+                results[who(item)[0]] = decode(item, node, rep, down)
             if pending and time.time() - checked > 5:
                 checked, live = time.time(), set(self.grid.get_node_ids())
-                for mid, (t, node, _) in list(pending.items()):
+                for mid, (item, node, _) in list(pending.items()):
                     if node not in live:
                         del pending[mid]
-                        results[t.client_id] = Refused(f"node {node} (partition {t.client_id}) left the federation mid-round")
-                        self.log(f"[flower]   round {t.round} client {t.client_id}: {results[t.client_id].reason}")
+                        k, rnd = who(item)
+                        results[k] = Refused(f"node {node} (partition {k}) left the federation mid-round")
+                        self.log(f"[flower]   round {rnd} client {k}: {results[k].reason}")
             if pending:
                 time.sleep(self.opts.poll_interval)
-        for t, node, _ in pending.values():
-            results[t.client_id] = Refused(f"no reply within {self.opts.round_timeout:g} s from node {node} "
-                                           f"(partition {t.client_id}); node lost or too slow")
-            self.log(f"[flower]   round {t.round} client {t.client_id}: {results[t.client_id].reason}")
+        for item, node, _ in pending.values():
+            k, rnd = who(item)
+            results[k] = Refused(f"no reply within {self.opts.round_timeout:g} s from node {node} "
+                                 f"(partition {k}); node lost or too slow")
+            self.log(f"[flower]   round {rnd} client {k}: {results[k].reason}")
         return results
 
     def state(self):

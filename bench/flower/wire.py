@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..messages import Reply, TaskMessage, pack_reply, pack_task, unpack_reply, unpack_task
+from ..messages import (EvalReply, EvaluateMessage, Reply, TaskMessage, pack_eval_reply, pack_evaluate, pack_reply,
+                        pack_task, unpack_eval_reply, unpack_evaluate, unpack_reply, unpack_task)
 
 ARRAYS, CONFIG = "arrays", "config"
 PROTOCOL = 1                       # bumped when the records change shape
@@ -140,6 +141,62 @@ def reply_of(content, max_array_bytes: int | None = None) -> Reply:
     missing = [k for k in ("first_loss", "last_loss", "steps", "seconds") if not _is_number(reply.metrics.get(k))]
     if missing:
         raise ValueError(f"reply: metric {missing[0]!r} missing or not a number")
+    return reply
+
+
+# ---- evaluation (personalized methods: each client scores its own model) ----------------------------
+
+def evaluate_content(ask: EvaluateMessage, run_json: str, session: str):
+    from flwr.app import ConfigRecord, RecordDict
+
+    arrays, config = pack_evaluate(ask)
+    return RecordDict({ARRAYS: encode_arrays(arrays),
+                       CONFIG: ConfigRecord({**config, "protocol": PROTOCOL, "run": run_json, "session": session})})
+
+
+def evaluate_of(content) -> tuple[EvaluateMessage, str, str]:
+    """(evaluation request, run config JSON, session) from an EVALUATE message's content; ValueError if malformed."""
+    if ARRAYS not in content or CONFIG not in content:
+        raise ValueError("evaluate: the message has no 'arrays' or 'config' record")
+    config = dict(content[CONFIG])
+    if config.get("protocol") != PROTOCOL:
+        raise ValueError(f"evaluate: protocol {config.get('protocol')!r}, this client speaks {PROTOCOL}; "
+                         "install the same fedlora-bench version on the server and the nodes")
+    try:
+        ask = unpack_evaluate(decode_arrays(content[ARRAYS]), config)
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"evaluate: malformed ({type(exc).__name__}: {exc})") from None
+    return ask, str(config.get("run", "")), str(config.get("session", ""))
+
+
+def eval_reply_content(reply: EvalReply):
+    from flwr.app import ConfigRecord, RecordDict
+
+    if reply.error:
+        reply.error = reply.error[:ERROR_TEXT_LIMIT]
+    return RecordDict({CONFIG: ConfigRecord({**pack_eval_reply(reply), "protocol": PROTOCOL})})
+
+
+def expected_eval_config_bytes(own_examples: int, pooled_examples: int) -> int:
+    """The size limit of an evaluation reply's config: a float's JSON (≤ 24 characters) and a count (≤ 12) per
+    example of both sets, plus the error text and REPLY_CONFIG_LIMIT of slack."""
+    return 40 * (own_examples + pooled_examples) + ERROR_TEXT_LIMIT + REPLY_CONFIG_LIMIT
+
+
+def eval_reply_of(content, max_config_bytes: int) -> EvalReply:
+    """An EvalReply from an EVALUATE reply's content; ValueError (naming the problem) for anything malformed or
+    over the size limit. The example counts are checked against the task by the server (Server.aggregate_evaluate)."""
+    if CONFIG not in content:
+        raise ValueError("evaluation reply: the message has no 'config' record")
+    config = dict(content[CONFIG])
+    size = sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in config.values())
+    if size > max_config_bytes:
+        raise ValueError(f"evaluation reply: config of {size} bytes over the limit of {max_config_bytes}")
+    if config.get("protocol") != PROTOCOL:
+        raise ValueError(f"evaluation reply: protocol {config.get('protocol')!r}, expected {PROTOCOL}")
+    reply = unpack_eval_reply(config)
+    if reply.error:
+        reply.error = reply.error[:ERROR_TEXT_LIMIT]
     return reply
 
 
