@@ -102,4 +102,6 @@ def test_flexlora_vs_dense_benchmark_smoke(tmp_path):
     assert ck["passed"] and ck["ordered"] >= 64, ck
     assert ck["sv_max_rel_err"] <= 1e-6 and ck["energy_rel_err"] <= 1e-6 and ck["reconstruction_rel_err"] <= 1e-6
     assert on_disk["speedup_cpu"] > 0 and on_disk["speedup_wall"] > 0
+    fl = on_disk["gram_floor"]
+    assert fl["float32_gflops_cpu"] > 0 and fl["half_grams_gflop"] == (640 + 512) * 640 ** 2 / 1e9
     assert "Goal ≥ 100×" in open(os.path.join(out, "flexlora_vs_dense.md")).read()
