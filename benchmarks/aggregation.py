@@ -452,6 +452,141 @@ def topr_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- FlexLoRA's whole aggregate vs the dense path, alternated in one process ----
+VS_DENSE = dict(d_out=4096, d_in=4096, clients=100)
+VS_DENSE_QUICK = dict(d_out=640, d_in=512, clients=40)  # Σr = 640 ≥ 5 × the Krylov block: the same path
+VS_DENSE_GOAL = 100.0  # speed-up over the dense path that FlexLoRA's aggregate at K = 100 should reach
+
+
+def _commit() -> dict:
+    """The repository's commit and whether its tracked files differ from it (a record names what it measured)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "clean": None}
+    return {"commit": head, "clean": not dirty}
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads: int | None = 1, shape=None,
+                 log=None) -> dict:
+    """FlexLoRA's whole aggregate (methods/flexlora.py: stack, top-R SVD through the factors' Grams, remainder,
+    energy) against the dense path (ΔW formed, full SVD, truncation per rank: the public FlexLoRA code), in one
+    process at `threads` torch threads (default 1: on a shared machine the process CPU time is then the work done,
+    whatever else runs). One warm-up of each (whose outputs are checked), then `repeats` rounds alternating dense
+    and ours; medians of wall and CPU time. Checks: the top R_max singular values vs the dense SVD's (≤ TOPR_TOL
+    relative), the recorded energy ‖ΔW‖_F² vs Σσ² of the dense SVD (≤ TOPR_TOL relative), ‖B'A' − ΔW‖/‖ΔW‖.
+    Writes <out_dir>/flexlora_vs_dense.json and .md; returns the JSON dict."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg = dict(shape or (VS_DENSE_QUICK if quick else VS_DENSE))
+    default_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        info = machine_info()
+        info["default_threads"] = default_threads
+        info.update(_commit())
+        ranks = ranks_for(cfg["clients"])
+        r_max = max(ranks)
+        ups = make_updates(cfg["d_out"], cfg["d_in"], ranks, seed=cfg["d_out"] * 7 + cfg["d_in"] * 13 + cfg["clients"])
+        flex = get_method("flexlora")
+        log(f"FlexLoRA vs dense, {cfg['d_out']}x{cfg['d_in']}, K={cfg['clients']}, {info['torch_threads']} threads, "
+            f"load {info.get('loadavg_start')}")
+        ours_out, _, _ = _timed(lambda: flex.aggregate(ups, GlobalState()))          # warm-ups, checked below
+        dense_out, _, _ = _timed(lambda: dense_flexlora(ups))
+        runs = {"dense": [], "flexlora": []}
+        for rep in range(repeats):
+            for name, fn in (("dense", lambda: dense_flexlora(ups)), ("flexlora", lambda: flex.aggregate(ups, GlobalState()))):
+                _, wall, cpu = _timed(fn)
+                runs[name].append({"wall_ms": wall, "cpu_ms": cpu})
+            log(f"  round {rep + 1}: dense {runs['dense'][-1]['cpu_ms']:,.0f} ms CPU, "
+                f"flexlora {runs['flexlora'][-1]['cpu_ms']:,.1f} ms CPU")
+        # the floor: ‖ΔW‖² exactly needs both m×m Grams, (d_out + d_in) m² flops at best (symmetric halves), at
+        # this machine's float32 matmul rate on the same shape (min of 3 full Grams x xᵀ, this process, now)
+        m = sum(ranks)
+        x = torch.randn(m, cfg["d_in"], generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+        gram_ms = min(_timed(lambda: x @ x.mT)[2] for _ in range(4))
+        del x
+        rate = 2 * m * m * cfg["d_in"] / (gram_ms * 1e6)
+        floor_ms = (cfg["d_out"] + cfg["d_in"]) * m * m / (rate * 1e6)
+        try:
+            info["loadavg_end"] = list(os.getloadavg())
+        except OSError:
+            pass
+    finally:
+        torch.set_num_threads(default_threads)
+    s_dense, _, dw = dense_out
+    a, b = ours_out.state.adapter["m"]
+    q = int(ours_out.state.extra["ordered"])
+    s_ours = torch.linalg.vector_norm(b[:, :q], dim=0) * torch.linalg.vector_norm(a[:q], dim=1)
+    energy_ref = float((s_dense.double() ** 2).sum())
+    energy = float(ours_out.state.extra["energy/m"])
+    med = {name: {key: statistics.median(x[key] for x in v) for key in ("wall_ms", "cpu_ms")} for name, v in runs.items()}
+    check = {"ordered": q, "r_max": r_max,
+             "sv_max_rel_err": float(((s_ours[:r_max] - s_dense[:r_max]).abs() / s_dense[:r_max]).max()),
+             "energy_rel_err": abs(energy - energy_ref) / energy_ref,
+             "reconstruction_rel_err": float(torch.linalg.matrix_norm(b @ a - dw) / torch.linalg.matrix_norm(dw))}
+    check["passed"] = bool(q >= r_max and check["sv_max_rel_err"] <= TOPR_TOL and check["energy_rel_err"] <= TOPR_TOL
+                           and check["reconstruction_rel_err"] <= TOPR_TOL)
+    result = {"schema": "fedlora-bench/perf/flexlora-vs-dense/1", "quick": quick, "machine": info,
+              "case": {**cfg, "rank_sum": sum(ranks), "r_max": r_max, "dtype": info["dtype"]},
+              "statistic": f"one warm-up each, then {repeats} rounds alternating dense and ours; medians",
+              "runs": runs, "median": med,
+              "speedup_wall": med["dense"]["wall_ms"] / med["flexlora"]["wall_ms"],
+              "speedup_cpu": med["dense"]["cpu_ms"] / med["flexlora"]["cpu_ms"],
+              "goal": VS_DENSE_GOAL, "tol": TOPR_TOL, "check": check,
+              "gram_floor": {"float32_gflops_cpu": rate, "half_grams_gflop": (cfg["d_out"] + cfg["d_in"]) * m * m / 1e9,
+                             "floor_cpu_ms": floor_ms, "speedup_bound_cpu": med["dense"]["cpu_ms"] / floor_ms}}
+    result["goal_met"] = bool(min(result["speedup_wall"], result["speedup_cpu"]) >= VS_DENSE_GOAL)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "flexlora_vs_dense.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "flexlora_vs_dense.md"), "w") as f:
+        f.write(vs_dense_markdown(result))
+    log(f"  speed-up {result['speedup_wall']:.3g}x wall, {result['speedup_cpu']:.3g}x CPU; σ err "
+        f"{check['sv_max_rel_err']:.1e}, energy err {check['energy_rel_err']:.1e}")
+    return result
+
+
+def vs_dense_markdown(r: dict) -> str:
+    m, c, med, ck, fl = r["machine"], r["case"], r["median"], r["check"], r["gram_floor"]
+    runs = lambda name, key: ", ".join(f"{x[key]:,.0f}" for x in r["runs"][name])
+    return "\n".join([
+        "# FlexLoRA's whole aggregate vs the dense path", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} thread(s) "
+        f"(machine default {m.get('default_threads')}), Python {m['python']}; {c['dtype']}; load average at start "
+        f"{m.get('loadavg_start')}, end {m.get('loadavg_end')}. Commit {m.get('commit')} "
+        f"({'clean' if m.get('clean') else 'with local changes'}).", "",
+        f"{c['d_out']}×{c['d_in']}, K = {c['clients']} clients (ranks cycle {', '.join(map(str, RANKS_10))}: "
+        f"Σr = {c['rank_sum']}, R_max = {c['r_max']}). Dense: ΔW = Σ p_k s_k B_k A_k formed, torch.linalg.svd, "
+        "truncation per rank (the public FlexLoRA code). Ours: FlexLoRA.aggregate (stack, top-R SVD by block Krylov "
+        "on the factors' Gram matrices with a float64 finish, the remainder kept factored, ‖ΔW‖_F² for the "
+        f"truncation-loss meter). {r['statistic']}; CPU = process CPU time.", "",
+        "| | dense | FlexLoRA (ours) | speed-up |", "|---|---:|---:|---:|",
+        f"| wall, median ms | {med['dense']['wall_ms']:,.0f} | {med['flexlora']['wall_ms']:,.1f} | **{r['speedup_wall']:.3g}×** |",
+        f"| CPU, median ms | {med['dense']['cpu_ms']:,.0f} | {med['flexlora']['cpu_ms']:,.1f} | **{r['speedup_cpu']:.3g}×** |",
+        f"| wall, each round | {runs('dense', 'wall_ms')} | {runs('flexlora', 'wall_ms')} | |",
+        f"| CPU, each round | {runs('dense', 'cpu_ms')} | {runs('flexlora', 'cpu_ms')} | |", "",
+        f"Goal ≥ {r['goal']:g}× (wall and CPU): **{'met' if r['goal_met'] else 'not met'}**.", "",
+        f"Accuracy (goal ≤ {r['tol']:g} relative): top {c['r_max']} singular values {ck['sv_max_rel_err']:.1e}; "
+        f"energy ‖ΔW‖_F² {ck['energy_rel_err']:.1e}; ‖B'A' − ΔW‖/‖ΔW‖ {ck['reconstruction_rel_err']:.1e}; SVD-ordered "
+        f"rows {ck['ordered']}: **{'pass' if ck['passed'] else 'FAIL'}**.", "",
+        f"Floor: ‖ΔW‖_F² exactly needs both Gram matrices, {fl['half_grams_gflop']:.1f} GFLOP with their symmetry; at "
+        f"this process's float32 matmul rate ({fl['float32_gflops_cpu']:.0f} GFLOP per CPU-second, x xᵀ on the "
+        f"stack's shape) that is {fl['floor_cpu_ms']:.0f} ms CPU, a bound of {fl['speedup_bound_cpu']:.0f}× over "
+        "the dense path for any method that keeps the meter exact.", ""])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/perf", help="output folder (default: runs/perf)")
@@ -459,7 +594,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the machine default; 1 on a CPU shared with other jobs)")
     ap.add_argument("--topr", action="store_true", help="only the top-R SVD comparison (K = 10, 50, 100)")
+    ap.add_argument("--vs-dense", action="store_true",
+                    help="only FlexLoRA's whole aggregate at K = 100, 4096², vs the dense path, alternated (1 thread "
+                         "unless --threads)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated rounds of --vs-dense (default 3)")
     args = ap.parse_args(argv)
+    if args.vs_dense:
+        r = run_vs_dense(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads or 1)
+        print(os.path.join(args.out, "flexlora_vs_dense.md"))
+        return 0 if r["check"]["passed"] else 1
     if args.topr:
         r = run_topr(args.out, threads=args.threads)
         print(os.path.join(args.out, "topr_svd.md"))

@@ -10,14 +10,15 @@ from .base import ClientUpdate
 def stack(updates: list[ClientUpdate], weights: list[float], name: str, spare: int = 0) -> tuple[Tensor, Tensor]:
     """FLoRA's stacking: A_s = [A_1; …; A_K], B_s = [p_1 s_1 B_1, …, p_K s_K B_K], so that
     B_s @ A_s = Σ_k p_k s_k B_k A_k exactly, whatever the ranks. `spare` zero rows of A_s / columns of B_s
-    lead the stack (the product is unchanged): svd_factors_top writes the top triplets there in place."""
+    lead the stack and `spare` more trail it (the product is unchanged): svd_factors_top writes the top triplets
+    and the remainder's correction there in place."""
     a0 = updates[0].factors[name][0]
     m = sum(u.factors[name][0].shape[0] for u in updates)
     # B_s is built as the transpose of a row-major m × d_out block: the Gram matrix B_sᵀB_s that
     # factored_svd takes first is then a product in the fast memory layout
-    a_s = torch.empty(spare + m, a0.shape[1], dtype=a0.dtype, device=a0.device)
-    bt = torch.empty(spare + m, updates[0].factors[name][1].shape[0], dtype=a0.dtype, device=a0.device)
-    a_s[:spare], bt[:spare] = 0, 0
+    a_s = torch.empty(spare + m + spare, a0.shape[1], dtype=a0.dtype, device=a0.device)
+    bt = torch.empty(spare + m + spare, updates[0].factors[name][1].shape[0], dtype=a0.dtype, device=a0.device)
+    a_s[:spare], bt[:spare], a_s[spare + m:], bt[spare + m:] = 0, 0, 0, 0
     row = spare
     for u, p in zip(updates, weights):
         a, b = u.factors[name]
@@ -326,16 +327,29 @@ def svd_for_energy(b: Tensor, a: Tensor, tau: float, first: int = 32) -> tuple[T
         k *= 2
 
 
-def gram(x: Tensor, dtype: torch.dtype, blocks: int = 4) -> Tensor:
-    """x xᵀ (x: n×d, row-major) in `dtype`. The Gram is symmetric: only its upper block triangle is computed
-    (blocks (blocks + 1) / 2 of blocks² products: 5/8 of x @ xᵀ at 4 blocks), the rest mirrored."""
-    xw = x.to(dtype)
+def gram(x: Tensor, blocks: int = 8) -> Tensor:
+    """x xᵀ (x: n×d, row-major), in x's dtype. The Gram is symmetric: only its upper block triangle is computed,
+    one row strip x_i [x_i; …; x_blocks]ᵀ per block (blocks (blocks + 1) / 2 of blocks² products: 9/16 of
+    x @ xᵀ at 8 blocks), written straight into the result; the strictly lower blocks are the transposes of
+    the upper ones, copied block by block (no full-size temporary)."""
     n = x.shape[0]
+    blocks = max(1, min(blocks, n))
     edge = [n * i // blocks for i in range(blocks + 1)]
-    g = torch.empty(n, n, dtype=dtype, device=x.device)
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for i in range(blocks):
-        g[edge[i]:edge[i + 1], edge[i]:] = xw[edge[i]:edge[i + 1]] @ xw[edge[i]:].mT
-    return g.triu() + g.triu(1).mT
+        torch.mm(x[edge[i]:edge[i + 1]], x[edge[i]:].mT, out=g[edge[i]:edge[i + 1], edge[i]:])
+    for i in range(blocks - 1):
+        g[edge[i + 1]:, edge[i]:edge[i + 1]] = g[edge[i]:edge[i + 1], edge[i + 1]:].mT
+    return g
+
+
+def inner(x: Tensor, y: Tensor, rows: int = 200) -> float:
+    """Σ x ⊙ y in float64 (x, y: n×d, row-major): each product exact, a strip of `rows` rows converted at a time, so
+    that the float64 copies stay in cache."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        total += torch.dot(x[i:i + rows].reshape(-1).double(), y[i:i + rows].reshape(-1).double())
+    return float(total)
 
 
 def _g_orth(y: Tensor, gy: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -351,19 +365,18 @@ def _g_orth(y: Tensor, gy: Tensor) -> tuple[Tensor, Tensor] | None:
     return y, gy
 
 
-def _gram_krylov(b: Tensor, a: Tensor, g_b: Tensor, g_a: Tensor, k: int, block: int, tol: float, max_steps: int,
-                 info: dict):
+def _gram_krylov(b: Tensor, a: Tensor, bt_w: Tensor, g_b: Tensor, g_a: Tensor, k: int, block: int, tol: float,
+                 max_steps: int, info: dict):
     """_krylov_top_svd's block Krylov iteration, run on coefficients: a left vector B y is held as y, a right
     vector Aᵀ x as x (both m-vectors), so that Mᵀ(B y) = Aᵀ(G_b y), M(Aᵀ x) = B(G_a x) and the inner products
     are yᵀ G_b y', xᵀ G_a x'. A step is two m×m×block products (G_b y, G_a x) instead of four
     (d_out + d_in)×m×block ones; G_a = A Aᵀ and G_b = BᵀB are the float32 Grams that ‖ΔW‖² needs anyway. The
     left basis P = B Y has MᵀP = Aᵀ X with X = G_b Y, so projections against it need no product. Finished by
-    _refine_coeff's float64 Rayleigh–Ritz. Returns (U, S, V, X) with V = Aᵀ X, or None (not converged)."""
+    _refine_coeff's float64 Rayleigh–Ritz. bt_w: Bᵀ in the Grams' precision (row-major), for the refinement's
+    starting basis. Returns (U, S, V), or None (not converged)."""
     m = g_a.shape[0]
-    weight = torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)
-    x0 = torch.zeros(m, block, dtype=g_a.dtype, device=g_a.device)
-    x0[torch.argsort(weight, descending=True)[:block], torch.arange(block)] = 1  # A's rows of the largest terms
-    y = g_a @ x0
+    weight = g_b.diagonal() * g_a.diagonal()           # ‖b_j‖² ‖a_j‖²: the rank-1 terms' sizes, squared
+    y = g_a[:, torch.argsort(weight, descending=True)[:block]]  # G_a x0, x0: A's rows of the largest terms
     yx = _g_orth(y, g_b @ y)
     if yx is None:  # dependent rows (clients share an initial A): seeded random combinations of them
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -398,7 +411,7 @@ def _gram_krylov(b: Tensor, a: Tensor, g_b: Tensor, g_a: Tensor, k: int, block: 
             if delta * rho / (1 - rho) <= max(tol, 1e-7):
                 if extra_done or delta >= 1e-5:           # see _krylov_top_svd: float32 resolves ~1e-7
                     kp = min(k + max(k // 4, 8), y_all.shape[1])
-                    return _refine_coeff(b, a, y_all.double() @ evecs[:, -kp:].flip(1), vals, k)
+                    return _refine_coeff(b, a, bt_w, (y_all.double() @ evecs[:, -kp:].flip(1)).to(y_all.dtype), vals, k)
                 extra_done = True
             delta_prev = delta
         prev = vals
@@ -406,18 +419,20 @@ def _gram_krylov(b: Tensor, a: Tensor, g_b: Tensor, g_a: Tensor, k: int, block: 
     return None
 
 
-def _refine_coeff(b: Tensor, a: Tensor, y_top: Tensor, vals: Tensor, k: int):
-    """_refine for coefficients: Rayleigh–Ritz in B's precision on the span of B y_top; also X (m×k) with
-    V = Aᵀ X. None if its values disagree with the float32 ones beyond float32's reach."""
-    u0 = orthonormal_basis(b @ y_top.to(b.dtype))[0]
+def _refine_coeff(b: Tensor, a: Tensor, bt_w: Tensor, y_top: Tensor, vals: Tensor, k: int):
+    """_refine for coefficients: Rayleigh–Ritz in B's precision on the span of B y_top. None if its values
+    disagree with the float32 ones beyond float32's reach.
+    The basis U0 only has to be orthonormal in B's precision and near the top subspace (the values' error is
+    second order in its angle): it is B y_top in the working precision (bt_w = Bᵀ, y_top: the iteration's
+    coefficients), orthonormalized in B's. Mᵀ U0 = Aᵀ (Bᵀ U0) is then formed in B's precision, both products
+    in the row-major layouts (Bᵀ and A as stored) that run at full speed."""
+    u0 = orthonormal_basis((y_top.mT @ bt_w).mT.to(b.dtype))[0]
     c = b.mT @ u0                                       # Bᵀ U0: Mᵀ U0 = Aᵀ c
-    q_z, r_z = orthonormal_basis(a.mT @ c)
+    q_z, r_z = orthonormal_basis((c.mT @ a).mT)
     u_c, s, w_ch = torch.linalg.svd(r_z.mT, full_matrices=False)
     if float(((s[:k] - vals[:k]).abs() / s[:k].clamp_min(torch.finfo(s.dtype).tiny)).max()) > 1e-3:
         return None
-    w = w_ch[:k].mT
-    x = torch.linalg.solve_triangular(r_z, c, upper=True, left=False) @ w  # q_z = Aᵀ c R_z⁻¹
-    return u0 @ u_c[:, :k], s[:k], q_z @ w, x
+    return u0 @ u_c[:, :k], s[:k], q_z @ w_ch[:k].mT
 
 
 def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tensor, Tensor, int, float]:
@@ -426,14 +441,15 @@ def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tenso
     approximation (Eckart–Young); E = ‖B A‖_F².
     Where the exact path is faster, this is svd_factors (everything ordered, E = Σ σ²). Otherwise the top-k
     triplets come from a block Krylov iteration on the factors' Gram matrices G_a = A Aᵀ, G_b = BᵀB (float32,
-    one pass over the factors: _gram_krylov), E = Σ G_a ⊙ G_b from the same Grams (float32 products: relative error ≤ 1e-6),
-    and the rest is the remainder B A − U S Vᵀ = (B − U S Xᵀ) A with V = Aᵀ X, kept factored: A' = [A_k; A],
-    B' = [B_k, B − U S Xᵀ] (rank m + k). spare: b's first `spare` columns and a's first rows are zero and
-    receive [B_k, A_k] in place (stack(..., spare=k)); the rest is then updated in place, nothing of the
-    factors' size is allocated. Where the iteration does not converge (e.g. a block wider than the stack's
-    numerical rank), top_svd answers and the remainder is [B, −B_k] [A; A_k] (rank m + 2k)."""
+    upper halves, one pass over the factors: _gram_krylov; where it does not converge, e.g. a block wider than
+    the stack's numerical rank, top_svd's), E = Σ G_a ⊙ G_b from the same Grams (float32 Grams: relative error
+    ≤ 1e-6), and the rest is the remainder B A − U S Vᵀ kept factored with no product at all: A' = [A_k; A; A_k],
+    B' = [B_k, B, −B_k] (rank m + 2k; the compact [B_k, B − U S Xᵀ] with V = Aᵀ X, rank m + k, costs a d × m × k
+    product and another pass over B). spare: b's first and last `spare` columns and a's rows are zero (stack(..., spare=k)) and receive
+    the top triplets in place: nothing of the factors' size is allocated."""
+    n = a.shape[0]
     b_in, a_in = b, a
-    b, a = b[:, spare:], a[spare:]
+    b, a = b[:, spare:n - spare], a[spare:n - spare]
     m = b.shape[1]
     full = min(m, b.shape[0], a.shape[1])
     if k >= full or not krylov_pays(m, min(k, full)):
@@ -442,20 +458,17 @@ def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tenso
                                             .double() ** 2).sum())
     kk = min(k, full)
     work = torch.float32 if b.dtype == torch.float64 else b.dtype
-    g_a, g_b = gram(a, work), gram(b.mT, work)
-    energy = float((g_a.double() * g_b.double()).sum().clamp_min(0))
-    out = _gram_krylov(b, a, g_b, g_a, kk, _block(kk, m), 1e-10, 8, {})
-    del g_a, g_b
-    if out is None:  # the d-space iteration (or the exact path); the remainder B A − B_k A_k as [B, −B_k] [A; A_k]
-        u, s, v = top_svd(b, a, kk)
-        a_k, b_k = (v * s.sqrt()).mT, u * s.sqrt()
-        return torch.cat([a_k, a, a_k], 0), torch.cat([b_k, b, -b_k], 1), kk, energy
-    u, s, v, x = out
+    rows = torch.contiguous_format
+    a_w, bt_w = a.to(work, memory_format=rows), b.mT.to(work, memory_format=rows)  # row-major, working precision
+    g_a, g_b = gram(a_w), gram(bt_w)
+    energy = max(inner(g_a, g_b), 0.0)
+    out = _gram_krylov(b, a, bt_w, g_b, g_a, kk, _block(kk, m), 1e-10, 8, {})
+    del g_a, g_b, a_w, bt_w
+    u, s, v = out if out is not None else top_svd(b, a, kk)
     root = s.sqrt()
     a_k, b_k = (v * root).mT, u * root
-    if spare >= kk:
-        a_out, b_out = a_in[spare - kk:], b_in[:, spare - kk:]
-        a_out[:kk], b_out[:, :kk] = a_k, b_k
-        b_out[:, kk:].mT.addmm_(x, (u * s).mT, alpha=-1)  # (B − U S Xᵀ)ᵀ, in B's row-major transposed layout
-        return a_out, b_out, kk, energy
-    return torch.cat([a_k, a], 0), torch.cat([b_k, b - (u * s) @ x.mT], 1), kk, energy
+    if spare < kk:
+        return torch.cat([a_k, a, a_k], 0), torch.cat([b_k, b, -b_k], 1), kk, energy
+    a_out, b_out = a_in[spare - kk:n - spare + kk], b_in[:, spare - kk:n - spare + kk]
+    a_out[:kk], b_out[:, :kk], a_out[-kk:], b_out[:, -kk:] = a_k, b_k, a_k, -b_k
+    return a_out, b_out, kk, energy

@@ -12,8 +12,8 @@ for either split, since the singular vectors are orthonormal).
 
 At scale (many clients: Σ r_k large next to the largest rank R), only the top-R triplets are computed,
 through the factors at a cost linear in Σ r_k (methods.factors.svd_factors_top / top_svd's Krylov path);
-the state is then [top-R SVD | the remainder ΔW − trunc_R(ΔW), factored], still exactly ΔW, and its first R
-rows/columns are what every client slices. `extra` records how many are SVD-ordered and each module's
+the state is then [top-R SVD | the remainder ΔW − trunc_R(ΔW), factored as [B_s, −B_R][A_s; A_R]], still exactly
+ΔW, and its first R rows/columns are what every client slices. `extra` records how many are SVD-ordered and each module's
 ‖ΔW‖_F² (for the truncation loss). A client larger than any seen so far gets its slice ordered on the fly.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ class FlexLoRA(AggregationMethod):
         adapter, leading, extra, ordered = {}, {}, {}, None
         for name in module_names(updates):
             # ordered by singular value: a slice [:r] with r ≤ k is a truncation; the top triplets are written
-            # into `spare` leading rows of the stack (no copy of the factors)
+            # into `spare` leading and trailing rows of the stack (no copy of the factors)
             a_s, b_s = stack(updates, weights, name, spare=spare)
             a, b, k, energy = svd_factors_top(b_s, a_s, top, spare=spare)
             a, b = self._split(a, b, k)

@@ -410,7 +410,7 @@ def test_gram_energy_and_svd_factors_top_are_exact():
     b, a = stacked(g, 120, 90, [8, 4, 16, 2] * 8, spread=2.0)
     assert gram_energy(b, a) == pytest.approx(fro(b @ a) ** 2, rel=1e-12)
     a2, b2, ordered, energy = svd_factors_top(b, a, 6)
-    assert ordered == 6 and a2.shape[0] in (b.shape[1] + 6, b.shape[1] + 12)  # [top-6 | the remainder, factored]
+    assert ordered == 6 and a2.shape[0] == b.shape[1] + 12  # [top-6 | the remainder, factored: A; A_6]
     assert_close(b2 @ a2, b @ a, 1e-12, "state = ΔW exactly")
     _, s_ref, _ = dense_svd(b @ a)
     # the first 6: the best rank-6 approximation (its error, second order in the subspace angle, to 1e-9; the
@@ -427,21 +427,22 @@ def test_gram_energy_and_svd_factors_top_are_exact():
 def test_gram_krylov_state_in_place_matches_dense_svd(d_out, d_in, ranks, k, shared_a):
     """The Gram-coefficient path on a stack with `spare` leading rows (FlexLoRA's aggregate): its top-k values
     equal the dense SVD's, its state is ΔW exactly, its slices are the best rank-r approximations (Eckart–Young),
-    its energy is ‖ΔW‖²; the factors are written in place into the stack's buffers. Shared A rows (a stack of
-    rank below the Krylov block): the Gram iteration cannot orthonormalize, the fallback answers the same."""
+    its energy is ‖ΔW‖²; the factors are written in place into the stack's buffers (spare rows at both ends).
+    Shared A rows (a stack of rank below the Krylov block): the Gram iteration cannot orthonormalize, the
+    fallback answers the same."""
     g = gen(seed_of("gram", d_out, d_in, len(ranks), k, shared_a))
     b, a = stacked(g, d_out, d_in, ranks, shared_a, spread=3.0)
     m = b.shape[1]
     assert factors.krylov_pays(m, k)
     dw = b @ a
     _, s_ref, _ = dense_svd(dw)
-    bt = torch.zeros(k + m, d_out, dtype=DT)
-    bt[k:] = b.mT
-    a_full = torch.cat([torch.zeros(k, d_in, dtype=DT), a], 0)
+    bt = torch.zeros(k + m + k, d_out, dtype=DT)
+    bt[k:k + m] = b.mT
+    a_full = torch.cat([torch.zeros(k, d_in, dtype=DT), a, torch.zeros(k, d_in, dtype=DT)], 0)
     a2, b2, ordered, energy = svd_factors_top(bt.mT, a_full, k, spare=k)
-    assert ordered == k and a2.shape[0] == (m + 2 * k if shared_a else m + k)
-    if not shared_a:
-        assert a2.data_ptr() == a_full.data_ptr() and b2.data_ptr() == bt.data_ptr(), "written in place"
+    assert ordered == k and a2.shape[0] == m + 2 * k
+    assert a2.data_ptr() == a_full.data_ptr() and b2.data_ptr() == bt.data_ptr(), "written in place"
+    assert torch.equal(a2[k:k + m], a) and torch.equal(b2[:, k:k + m], b), "the stack itself is the remainder's middle"
     s = torch.linalg.vector_norm(a2[:k], dim=1) * torch.linalg.vector_norm(b2[:, :k], dim=0)
     assert float(((s - s_ref[:k]).abs() / s_ref[:k]).max()) <= 1e-10
     assert_close(b2 @ a2, dw, 1e-11, "state = ΔW")
@@ -452,12 +453,13 @@ def test_gram_krylov_state_in_place_matches_dense_svd(d_out, d_in, ranks, k, sha
     if shared_a:
         return
     info = {}
-    g_a, g_b = factors.gram(a, torch.float32), factors.gram(b.mT, torch.float32)
-    out = factors._gram_krylov(b, a, g_b, g_a, k, factors._block(k, m), 1e-12, 12, info)
+    bt_w = b.mT.float()
+    g_a, g_b = factors.gram(a.float()), factors.gram(bt_w)
+    out = factors._gram_krylov(b, a, bt_w, g_b, g_a, k, factors._block(k, m), 1e-12, 12, info)
     assert out is not None, f"the Gram iteration converged (no silent fallback): {info}"
-    u, _, v, x = out
-    assert_close(v, a.mT @ x, 1e-10, "V = Aᵀ X")
+    u, _, v = out
     assert_close(u.T @ u, torch.eye(k, dtype=DT), 1e-12, "U orthonormal")
+    assert_close(v.T @ v, torch.eye(k, dtype=DT), 1e-12, "V orthonormal")
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.8, 0.95])
@@ -506,3 +508,24 @@ def test_lora_fair_frobenius_variant_lowers_the_frobenius_error():
     ups = make_updates(gen(22), module_shapes(15, 9), (4, 2, 3))
     agg = get_method("lora-fair", {"similarity": "frobenius"}).aggregate(ups, GlobalState())
     assert agg.metrics["noise"] < agg.metrics["noise_fedavg"]
+
+
+@pytest.mark.parametrize("n,d,blocks", [(37, 53, 8), (64, 29, 8), (5, 40, 8), (23, 11, 1), (96, 80, 3)])
+def test_gram_upper_strips_equal_the_sum_of_row_products(n, d, blocks):
+    """gram() computes only the upper block triangle and mirrors it: every entry must equal Σ_k x_ik x_jk, formed
+    here entry by entry (float64), for n not a multiple of the blocks, n < blocks and one block; the result is
+    exactly symmetric (the mirror is a copy) and in x's dtype."""
+    x = torch.randn(n, d, generator=gen(seed_of("gram-strips", n, d, blocks)), dtype=DT)
+    ref = (x[:, None, :] * x[None, :, :]).sum(-1)
+    g = factors.gram(x, blocks=blocks)
+    assert g.dtype == DT and g.shape == (n, n)
+    assert torch.equal(g, g.mT), "mirrored exactly"
+    assert_close(g, ref, 1e-13, "G = x xᵀ")
+
+
+@pytest.mark.parametrize("n,d,rows", [(37, 53, 8), (200, 7, 200), (9, 31, 4)])
+def test_inner_is_the_float64_sum_of_entrywise_products(n, d, rows):
+    g = gen(seed_of("inner", n, d, rows))
+    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)   # float32 in, as the Grams
+    ref = sum(float(x[i, j]) * float(y[i, j]) for i in range(n) for j in range(d))
+    assert factors.inner(x, y, rows=rows) == pytest.approx(ref, rel=1e-12, abs=1e-12)
