@@ -69,22 +69,29 @@ def table(out: Path, entries: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def write(out: Path, entries: list[dict], commit: str) -> None:
+def write(out: Path, entries: list[dict]) -> None:
     (out / "sweep.json").write_text(json.dumps({"epsilon": EPSILON, "delta": DELTA, "preset": "quick",
-                                                "git_commit": commit, "methods": entries}, indent=1) + "\n")
+                                                "methods": entries}, indent=1) + "\n")
+    commits = ", ".join(sorted({e.get("git_commit", "unknown")[:12] for e in entries}))
     listed = ", ".join(e["method"] for e in entries)
+    ran = [e for e in entries if e["status"] == "supported"]
+    scored = ", ".join(e["method"] for e in ran if "--no-eval" not in e["command"].split()) or "none"
+    unscored = ", ".join(e["method"] for e in ran if "--no-eval" in e["command"].split()) or "none"
     text = f"""# DP sweep on the quick preset
 
 Every registered method, `bench run --method <m> --preset quick --dp-epsilon {EPSILON:g} --dp-delta {DELTA:g}`
 (SmolLM2-135M-Instruct, dolly, 4 clients at ranks 16, 8, 4, 4, 2 rounds × 2 local steps, q/v projections;
 σ calibrated per client for ε = 8 over the run, bench/privacy.py), one process per method under
-`OMP_NUM_THREADS=1 nice -n 10`, on this 2-core CPU while another measurement used the other core. Made by
-`python -m benchmarks.dp_quick --out benchmarks/results/dp_quick` at commit {commit[:12]}; the records are
+`OMP_NUM_THREADS=1 nice -n 10`, on this 2-core CPU while the study grid held both cores at normal priority (wall
+seconds are mostly waiting for a core; CPU seconds are what a run costs). Made by
+`python -m benchmarks.dp_quick --out benchmarks/results/dp_quick` from a clean checkout at commit {commits}; the records are
 the `*.json` files beside this one, `sweep.json` holds each method's command, exit status and seconds.
 
 Spent ε is each client's, from its recorded (σ, q, steps) with Opacus's RDP accountant (the record's
 `privacy.clients`); test loss is the record's held-out loss of the global model (FedSA-LoRA has none: its
-clients' own models). CPU s is the run's process (user + system), evaluation included.
+clients' own models). CPU s is the run's process (user + system): everything the command did, lm-eval's scoring
+of the preset's commonsense tasks included where it ran ({scored}), not where the command has `--no-eval`
+({unscored}; no column here needs a lm-eval score).
 
 Methods run: {listed}.
 
@@ -110,7 +117,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--methods: unknown {unknown[0]!r}; registered: {', '.join(sorted(METHODS))}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     sweep = out / "sweep.json"
-    entries = json.loads(sweep.read_text())["methods"] if sweep.exists() else []
+    earlier = json.loads(sweep.read_text()) if sweep.exists() else {"methods": []}
+    entries = [{"git_commit": earlier.get("git_commit", "unknown"), **e} for e in earlier["methods"]]
     done = {e["method"] for e in entries}
     if not args.table_only:
         with tempfile.TemporaryDirectory(prefix="dp_quick_") as work:
@@ -118,11 +126,11 @@ def main(argv=None) -> int:
                 if m in done:
                     continue
                 print(f"[dp_quick] {m} …", flush=True)
-                entries.append(run_one(m, out, Path(work), args.extra.split()))
+                entries.append({**run_one(m, out, Path(work), args.extra.split()), "git_commit": commit})
                 e = entries[-1]
                 print(f"[dp_quick] {m}: {e['status']} in {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} CPU s", flush=True)
-                write(out, entries, commit)
-    write(out, entries, commit)
+                write(out, entries)
+    write(out, entries)
     return 0
 
 
