@@ -64,7 +64,7 @@ def table(out: Path, entries: list[dict]) -> str:
         eps = ", ".join(f"{c['epsilon']:.2f}" for c in clients)
         sigma = ", ".join(f"{c['noise_multiplier']:.3f}" for c in clients if c["noise_multiplier"] is not None)
         own = "own model" in rec["test"].get("model", "")  # no global model: the mean of the clients' own models
-        loss_txt = f"{rec['test_loss']:.4f}" + (" (clients' own models)" if own else "")
+        loss_txt = f"{rec['test_loss']:.5f}" + (" (clients' own models)" if own else "")
         rows.append(f"| {e['method']} | yes | {eps} | {sigma} | {loss_txt} | {e['cpu_s']:.0f} | {e['wall_s']:.0f} |")
     return "\n".join(rows)
 
