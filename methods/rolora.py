@@ -50,6 +50,7 @@ class RoLoRA(AggregationMethod):
         "paper": ("one round = one iteration of the paper's alternating optimization: two exchanges, the first factor trained and "
                   "averaged, then the other (each client trains in both: 2 × local_steps a round, two uploads of "
                   "one factor each); 1 round = 1 RoLoRA iteration = 2 half-step rounds of schedule=alternate")}
+    round_convention = CONVENTIONS["alternate"]  # the default schedule's; an instance states its own
 
     def __init__(self, **options):
         super().__init__(**options)
