@@ -75,6 +75,10 @@ def write(out: Path, entries: list[dict]) -> None:
     commits = ", ".join(sorted({e.get("git_commit", "unknown")[:12] for e in entries}))
     listed = ", ".join(e["method"] for e in entries)
     ran = [e for e in entries if e["status"] == "supported"]
+    from methods import METHODS
+
+    left = sorted(set(METHODS) - {e["method"] for e in entries})
+    missing = f" Not run yet: {', '.join(left)} (`python -m benchmarks.dp_quick` runs only what sweep.json lacks)." if left else ""
     scored = ", ".join(e["method"] for e in ran if "--no-eval" not in e["command"].split()) or "none"
     unscored = ", ".join(e["method"] for e in ran if "--no-eval" in e["command"].split()) or "none"
     text = f"""# DP sweep on the quick preset
@@ -93,7 +97,7 @@ clients' own models). CPU s is the run's process (user + system): everything the
 of the preset's commonsense tasks included where it ran ({scored}), not where the command has `--no-eval`
 ({unscored}; no column here needs a lm-eval score).
 
-Methods run: {listed}.
+Methods run: {listed}.{missing}
 
 {table(out, entries)}
 """
