@@ -5,6 +5,7 @@
               checkpoint resumed from, the observers
     _rounds   for each round: server.sample → server.configure (one TaskMessage per client)
               → transport.run (clients train; bench/client.py) → server.aggregate (bench/server.py)
+              (repeated exchanges_per_round times with the same clients, for a method that asks it)
               → observers (metrics.jsonl, progress, audit) → checkpoint (atomic)
     _finish   personalized methods: EVALUATE (each client scores its own model, over the transport);
               export the global model from the server's full-precision deltas → held-out loss → injected
@@ -105,6 +106,13 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
     """evaluator: what scores the global model (the evaluators package, injected by the CLI), needed
     only when cfg.eval_tasks is set."""
     method = get_method(cfg.method, cfg.method_options)
+    if method.exchanges_per_round > 1 and not cfg.reference:  # tested on the in-process loop; one row per round
+        what = f"{cfg.method} with method_options {cfg.method_options} runs {method.exchanges_per_round} exchanges a round"
+        if cfg.engine != "inprocess":
+            raise BenchError(f"engine: {what}, which only the in-process engine is tested to drive; use --engine inprocess")
+        if cfg.save_client_adapters:
+            raise BenchError(f"save_client_adapters: {what}, and the audit trail keeps one folder per client and round; "
+                             "drop --save-client-adapters or use the one-exchange schedule (its rounds are the exchanges)")
     ranks = cfg.client_ranks()
     try:
         method.check_ranks(ranks)
@@ -266,8 +274,9 @@ def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> 
         run.server.restore(state)
         transport.restore(*(clients_state or ({}, {})), run.server.s.merges)
         run.rounds_log = meta["rounds"]
-        log(f"[bench] resumed {run_dir} after round {run.server.round}"
-            + (" (all rounds done: redoing the final steps)" if run.server.round >= tcfg.rounds else ""))
+        done_rounds = run.server.round // method.exchanges_per_round
+        log(f"[bench] resumed {run_dir} after round {done_rounds}"
+            + (" (all rounds done: redoing the final steps)" if done_rounds >= tcfg.rounds else ""))
     elif resume:
         log(f"[bench] {run_dir} has no checkpoint yet: starting from round 1")
     run.events = Observers([*run_observers(), MetricsLog(run_dir, run.rounds_log), Progress(log, tcfg.rounds)]
@@ -301,19 +310,19 @@ def _rounds(run: _Run, signals) -> None:
             events.point(f"round{msg.round}:client{msg.client_id}")
         signals.check()
 
-    for rnd in range(server.round + 1, run.tcfg.rounds + 1):
-        t_round = time.time()
-        tasks = server.configure(rnd, server.sample(rnd))
+    def exchange(h: int, clients: list[int], rnd: int):
+        """One configure → train → aggregate exchange (the server counts exchanges: h is its round number)."""
+        tasks = server.configure(h, clients)
         replies = transport.run(tasks, on_reply=events.client_done, on_step=on_step)
         stale = [k for k, r in replies.items() if isinstance(r, Reply) and (r.error or "").startswith("base out of sync")]
         if stale:  # a client that lost its base (a restarted node): once more with every merge
-            again = server.configure(rnd, stale, resend=True)
+            again = server.configure(h, stale, resend=True)
             replies.update(transport.run(again, on_reply=events.client_done, on_step=on_step))
             tasks = [m for m in tasks if m.client_id not in stale] + again
         timings["train_s"] += sum(r.metrics.get("seconds", 0.0) for r in replies.values() if isinstance(r, Reply))
         signals.check()
         t = time.time()
-        result = server.aggregate(rnd, tasks, replies)
+        result = server.aggregate(h, tasks, replies)
         agg_s = time.time() - t
         timings["aggregate_s"] += agg_s
         events.aggregated(result)
@@ -324,10 +333,24 @@ def _rounds(run: _Run, signals) -> None:
             first = result.excluded[0]
             raise BenchError(f"clients: every client of round {rnd} was excluded (client {first['id']}: {first['reason']}); "
                              f"{keep}; lower lr or raise max_update_norm")
+        return result, agg_s
+
+    per_round = run.method.exchanges_per_round  # > 1: the round's exchanges run back to back, one row for them all
+    for rnd in range(server.round // per_round + 1, run.tcfg.rounds + 1):
+        t_round = time.time()
+        clients = server.sample(rnd)
+        done = [exchange(h, clients, rnd) for h in range((rnd - 1) * per_round + 1, rnd * per_round + 1)]
+        result, agg_s = done[-1]
         events.point(f"round{rnd}:aggregate")
         row = {"round": rnd, "sampled": result.sampled, "clients": result.clients,
                "excluded": [e["id"] for e in result.excluded], **result.metrics,
                "aggregate_seconds": round(agg_s, 4), "seconds": round(time.time() - t_round, 3), "rss_mb": rss_mb()}
+        if per_round > 1:  # every exchange's client rows (each names its exchange) and metrics; noise: the largest
+            row.update(clients=[{**c, "exchange": i} for i, (r, _) in enumerate(done, 1) for c in r.clients],
+                       excluded=[e["id"] for r, _ in done for e in r.excluded],
+                       exchanges=[r.metrics for r, _ in done], aggregate_seconds=round(sum(a for _, a in done), 4))
+            if any("noise" in r.metrics for r, _ in done):
+                row["noise"] = max(r.metrics.get("noise", 0.0) for r, _ in done)
         privacy.account_round(run.tcfg, run.rounds_log, row)  # each client's spent ε through this round
         events.round_done(result, row)
         events.point(f"round{rnd}:metrics")
@@ -346,7 +369,7 @@ def _finish(run: _Run, signals, evaluator, started: tuple) -> dict:
     pooled, own = run.heldout.pooled(), [run.heldout.own(k) for k in range(len(plan.client_tests))]
     personalized = None
     if method.personalized:  # each client scores its own model, wherever it runs
-        asks = run.server.configure_evaluate(run.tcfg.rounds + 1)
+        asks = run.server.configure_evaluate(run.server.round + 1)
         personalized = run.server.aggregate_evaluate(asks, run.transport.evaluate(asks), len(pooled), [len(x) for x in own])
     engine_name = run.transport.name
     run.transport = None  # the clients' models are no longer needed: free them before the global model loads

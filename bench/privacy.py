@@ -14,7 +14,7 @@ norm C (dp_clip_norm) over all trained factors together, sums, adds N(0, σ²C²
 DPOptimizer), divides by the expected batch size q·n_k, and lets AdamW step (post-processing). A method's
 client penalty (HetLoRA's tail regularizer) is a function of the factors alone, not of the data: its
 gradient is added after the noise. σ is dp_noise_multiplier, or calibrated per client so that its
-(q_k, T_k = local steps × rounds) reaches dp_epsilon at dp_delta (Opacus's get_noise_multiplier, the
+(q_k, T_k = local steps × exchanges a round × rounds) reaches dp_epsilon at dp_delta (Opacus's get_noise_multiplier, the
 worst case of a client taking part in every round). The ε spent so far is computed per client after
 every round from the (σ, q, steps) its rounds report, with Opacus's RDP or PRV accountant.
 
@@ -99,7 +99,12 @@ def noise_multiplier(cfg, n: int) -> float:
     """σ for a client of n examples: the given one, or the smallest that keeps ε ≤ dp_epsilon after every round."""
     if cfg.dp_noise_multiplier is not None:
         return float(cfg.dp_noise_multiplier)
-    return _calibrated(cfg.dp_epsilon, cfg.dp_delta, sample_rate(cfg, n), steps_per_round(cfg, n) * cfg.rounds,
+    from methods import get_method
+
+    # a client trains in every exchange of a round (RoLoRA's schedule=paper: two), so its steps over the run are
+    # local steps × exchanges × rounds; a reference row trains with FedAvg, one exchange a round
+    exchanges = 1 if cfg.reference else get_method(cfg.method, cfg.method_options).exchanges_per_round
+    return _calibrated(cfg.dp_epsilon, cfg.dp_delta, sample_rate(cfg, n), steps_per_round(cfg, n) * exchanges * cfg.rounds,
                        cfg.dp_accountant)
 
 

@@ -168,6 +168,11 @@ class AggregationMethod:
     # What one engine round is for this method, when it is not one iteration of the paper's algorithm (recorded in
     # the results record's method_info, so that comparisons at equal rounds say what they compare).
     round_convention: ClassVar[str] = "one round = one iteration of the paper's algorithm (one communication each way)"
+    # How many configure → train → aggregate exchanges one engine round holds. More than one (RoLoRA's
+    # schedule=paper: its two half-steps): the engine runs them back to back with the same sampled clients, each with
+    # its own aggregation, and writes one row for the round (bench/engine.py); the server's state.round and the
+    # ClientSpec.round the method sees count exchanges, so round r's exchanges are (r−1)·E+1 … r·E.
+    exchanges_per_round: int = 1
     # False: `bench run --dp-*` is refused (bench/privacy.py), with `dp_refusal` as the reason. True when what a
     # client uploads is a function of its DP-SGD-trained factors and of the task alone: then the uploads are
     # post-processing of the DP mechanism, and so is everything the server computes from them. The client hooks

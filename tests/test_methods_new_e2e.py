@@ -181,3 +181,46 @@ def test_hetlora_pruned_client_continues_at_its_lower_rank(tmp_path, shared_data
         assert not later or later[0]["rank"] == sent
         row = next(c for c in rec["rounds"][rnd - 1]["clients"] if c["id"] == k)
         assert row["bytes_up"] == sent * (A_PER_RANK + B_PER_RANK)
+
+
+def test_rolora_paper_schedule_runs_both_half_steps_in_each_round(tmp_path, shared_data):
+    """schedule=paper through the engine: each round's row holds two exchanges (B-step, then A-step), every client
+    training in both and sending only the factor it trained; both factors of the global adapter change within every
+    round; and the run is schedule=alternate at twice the rounds, state for state, bit for bit."""
+    from bench.checkpoint import checkpoint_dir, read_state
+
+    _, rec = _run(tmp_path, shared_data, "rolora", rounds=2, local_steps=1, keep_round_states=True,
+                  method_options={"schedule": "paper"})
+    assert "one iteration" in rec["method_info"]["round_convention"] and len(rec["rounds"]) == 2
+    for r in rec["rounds"]:
+        assert [x["trained_b"] for x in r["exchanges"]] == [1, 0] and r["iteration"] == r["round"]
+        assert all(x["noise"] == 0.0 and x["frozen_mismatch"] == 0.0 for x in r["exchanges"])
+        assert sorted((c["exchange"], c["id"]) for c in r["clients"]) == [(e, k) for e in (1, 2) for k in range(3)]
+        for c in r["clients"]:
+            if c["exchange"] == 2:
+                assert c["bytes_up"] == c["rank"] * A_PER_RANK                                  # A only
+            elif r["round"] > 1:
+                assert c["bytes_up"] == c["rank"] * B_PER_RANK                                  # B only
+    states = [read_state(Path(rec["run_dir"]) / "rounds" / f"round_{r}")[0].state for r in (1, 2)]
+    assert [s.round for s in states] == [2, 4]
+    for n, (a2, b2) in states[1].adapter.items():
+        a1, b1 = states[0].adapter[n]
+        assert not torch.equal(a1, a2) and not torch.equal(b1, b2) and b1.abs().sum() > 0
+    _, alt = _run(tmp_path / "alternate", shared_data, "rolora", rounds=4, local_steps=1)
+    paper_state = read_state(checkpoint_dir(Path(rec["run_dir"])))[0].state
+    alt_state = read_state(checkpoint_dir(Path(alt["run_dir"])))[0].state
+    assert paper_state.round == alt_state.round == 4
+    for n, pair in alt_state.adapter.items():
+        assert all(torch.equal(x, y) for x, y in zip(pair, paper_state.adapter[n]))
+    assert rec["test_loss"] == alt["test_loss"]
+
+
+def test_rolora_paper_schedule_refuses_what_it_cannot_record(tmp_path, shared_data):
+    from bench import BenchError
+    from bench.engine import preflight
+
+    for over, field in (({"engine": "flower-sim"}, "engine"), ({"save_client_adapters": True}, "save_client_adapters")):
+        cfg = build_config(preset="tiny", overrides={"method": "rolora", "method_options": {"schedule": "paper"},
+                                                      "data_root": str(shared_data), **over})
+        with pytest.raises(BenchError, match=f"^{field}: rolora .* runs 2 exchanges a round"):
+            preflight(cfg)

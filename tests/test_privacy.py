@@ -321,3 +321,28 @@ def test_dp_run_killed_and_resumed_reaches_the_same_numbers(tmp_path, shared_dat
     a, b = result(whole), result(cut)
     assert a == b
     assert all("dp_epsilon" in c for r in a[0] for c in r["clients"])
+
+
+def test_two_exchanges_a_round_are_accounted_and_calibrated(tmp_path, shared_data):
+    """RoLoRA's schedule=paper trains every client twice a round: σ is calibrated for local_steps × 2 × rounds
+    steps, each exchange's (σ, q, steps) enters the client's history, and the spent ε reaches the target, never more."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from bench.engine import run_federated
+
+    cfg = build_config(preset="tiny", overrides={
+        "method": "rolora", "method_options": {"schedule": "paper"}, "dp_epsilon": 8.0, "dp_delta": DELTA,
+        "local_steps": 1, "data_root": str(shared_data), "output_dir": str(tmp_path / "run"),
+        "results_dir": str(tmp_path / "results")})
+    rec = run_federated(cfg, log=lambda *a: None)
+    for k, client in enumerate(rec["clients"]):
+        history = [(c["dp_noise_multiplier"], c["dp_sample_rate"], c["steps"])
+                   for row in rec["rounds"] for c in row["clients"] if c["id"] == k]
+        assert len(history) == 2 * cfg.rounds and all(t == cfg.local_steps for _, _, t in history)
+        q = min(1.0, cfg.batch_size / client["num_examples"])
+        assert history[0][0] == get_noise_multiplier(target_epsilon=8.0, target_delta=DELTA, sample_rate=q,
+                                                     steps=cfg.local_steps * 2 * cfg.rounds, accountant="rdp",
+                                                     epsilon_tolerance=0.01)
+        final = rec["privacy"]["clients"][k]
+        assert final["epsilon"] == pytest.approx(_independent_epsilon(history, DELTA), rel=1e-9)
+        assert 8.0 - 0.01 <= final["epsilon"] <= 8.0
