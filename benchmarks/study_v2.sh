@@ -4,7 +4,8 @@
 # STUDY_JOBS processes side by side (default: one per core, one torch thread each); the processes share the grid
 # through its cell locks, so each cell runs once.
 #   tune: FedIT (FedAvg-LoRA's server step with FedIT's recipe), FLoRA, FlexLoRA and centralized × lr
-#         {2e-4, 5e-4, 1e-3} at seed 0 on `instruct-tune`, scored on the 200 validation instructions only.
+#         {2e-4, 5e-4, 1e-3} at seed 0 on `instruct-tune`, scored on the 200 validation instructions only, then
+#         one lr beyond the grid's edge for each row whose best sat on it.
 #   main: those rows at their tuned lr (local-only at FedIT's: its clients train as FedIT's do), the base model
 #         (once: it trains nothing and scores the subsets every seed shares), seeds 0-4, scored on the 500 test
 #         instructions (ROUGE-L) and the response-token loss. It starts only when every tuning cell has its record.
@@ -46,6 +47,12 @@ stage() {   # stage <name> <ablate args...>: STUDY_JOBS processes on one grid, t
 stages=${STUDY_STAGES:-tune,main}
 if [[ ,$stages, == *,tune,* ]]; then
   stage tune --preset instruct-tune --methods fedit,flora,flexlora --references centralized --lrs 2e-4,5e-4,1e-3 \
+    --seeds 0 --results-dir "$tune_dir" --runs-dir runs/v2-tune "${common[@]}"
+  # The first grid's best lr sat at its edge for these rows (FedIT and FlexLoRA at 1e-3, centralized at 2e-4):
+  # one more lr beyond each edge, so no row's tuned lr is the boundary of what was tried.
+  stage tune-edge --preset instruct-tune --methods fedit,flexlora --references "" --lrs 2e-3 \
+    --seeds 0 --results-dir "$tune_dir" --runs-dir runs/v2-tune "${common[@]}"
+  stage tune-edge --preset instruct-tune --methods "" --references centralized --lrs 1e-4 \
     --seeds 0 --results-dir "$tune_dir" --runs-dir runs/v2-tune "${common[@]}"
 fi
 if [[ ,$stages, == *,main,* ]]; then
