@@ -157,7 +157,8 @@ def replay(run_dir: str | Path) -> dict:
                     for name, pair in m.items():
                         merge_err = max(merge_err, _rel(pair[1] @ pair[0], merges[r][name][1] @ merges[r][name][0]))
                 if "excluded" not in c:
-                    updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"], c["examples"], sent))
+                    updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"],
+                                                c["examples"], sent))
             agg = method.aggregate(updates, state)
             total = sum(u.num_examples for u in updates)
             for u, c in zip(updates, [c for c in clients if "excluded" not in c]):

@@ -232,6 +232,10 @@ def test_rolora_paper_schedule_audit_trail_keeps_both_half_exchanges(tmp_path, s
             sent = {k.rsplit("/", 1)[1] for k in load_file(str(folder / "sent.safetensors"))}
             assert sent == ({"A"} if c["exchange"] == 2 else {"B"} if r["round"] > 1 else {"A", "B"}), (r["round"], c)
             assert (folder / "adapter_config.json").is_file()
+    from evaluators.serve import client_adapters
+
+    assert client_adapters(run_dir, None) == (2, {f"client_{k}": str(run_dir / "clients" / "round_2" / "exchange_2" / f"client_{k}")
+                                                  for k in range(3)})
     report = replay(run_dir)
     assert [x["round"] for x in report["rounds"]] == [1, 2]
     for x in report["rounds"]:
