@@ -1,8 +1,9 @@
 """`bench audit RUN_DIR`: check a run from its files alone.
 
-A run made with --save-client-adapters keeps, per round and client, the upload (a PEFT folder), what the
-client received (received.safetensors) and its task (task.json: rank, scaling, p); metrics.jsonl keeps the
-rounds. The audit replays the server from those files with the run's own method and config:
+A run made with --save-client-adapters keeps, per round and client (and per exchange, for a method with several
+exchanges a round), the upload (a PEFT folder), what the client received (received.safetensors) and its task
+(task.json: rank, scaling, p); metrics.jsonl keeps the rounds. The audit replays the server from those files with
+the run's own method and config:
   - each client's starting factors and base merges, re-derived, against what it received;
   - p_k re-derived from the example counts, against the recorded p;
   - each saved PEFT folder (adapter_config.json: r, lora_alpha, rsLoRA) against the scaling the client trained
@@ -126,39 +127,45 @@ def replay(run_dir: str | Path) -> dict:
     cfg = build_config(config_file=str(run_dir / "config.yaml"))
     method = get_method(cfg.method, cfg.method_options)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_round = method.exchanges_per_round
     state, merges, report = GlobalState(), {}, {"method": cfg.method, "rounds": []}
     for row in rows:
         rnd = row["round"]
         init_err = merge_err = p_err = peft_err = 0.0
-        updates = []
-        for c in row["clients"]:
-            folder = run_dir / "clients" / f"round_{rnd}" / f"client_{c['id']}"
-            task = json.loads((folder / "task.json").read_text())
-            init, got_merges = _read_received(folder)
-            core = _read_core(folder)
-            expected = method.configure(state, ClientSpec(c["id"], task["rank"], task["scaling"], rnd))
-            want = expected.init
-            if (init is None) != (want is None) or (expected.core is None) != (not core):
-                init_err = float("inf")
-            for name in (want or {}):
-                init_err = max(init_err, _pair_error(init.get(name, (None, None)), want[name]))
-            for name, r in (expected.core or {}).items():
-                init_err = max(init_err, _rel(core[name], r) if name in core else float("inf"))
-            sent = _read_sent(folder)
-            if sent:
-                peft_err = max(peft_err, _peft_error(folder, task, sent, init, core))
-            for r, m in got_merges.items():
-                for name, pair in m.items():
-                    merge_err = max(merge_err, _rel(pair[1] @ pair[0], merges[r][name][1] @ merges[r][name][0]))
-            if "excluded" not in c:
-                updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"], c["examples"], sent))
-        agg = method.aggregate(updates, state)
-        total = sum(u.num_examples for u in updates)
-        for u, c in zip(updates, [c for c in row["clients"] if "excluded" not in c]):
-            p_err = max(p_err, abs(u.num_examples / total - c["p"]))
-        state = agg.state
-        if agg.merge:
-            merges[rnd] = agg.merge
+        # a round of E > 1 exchanges: its clients' rows name their exchange, and each exchange is a server round
+        for e in (range(1, per_round + 1) if per_round > 1 else [None]):
+            h = (rnd - 1) * per_round + (e or 1)
+            clients = [c for c in row["clients"] if c.get("exchange") == e]
+            updates = []
+            for c in clients:
+                folder = run_dir / "clients" / f"round_{rnd}" / (f"exchange_{e}" if e else "") / f"client_{c['id']}"
+                task = json.loads((folder / "task.json").read_text())
+                init, got_merges = _read_received(folder)
+                core = _read_core(folder)
+                expected = method.configure(state, ClientSpec(c["id"], task["rank"], task["scaling"], h))
+                want = expected.init
+                if (init is None) != (want is None) or (expected.core is None) != (not core):
+                    init_err = float("inf")
+                for name in (want or {}):
+                    init_err = max(init_err, _pair_error(init.get(name, (None, None)), want[name]))
+                for name, r in (expected.core or {}).items():
+                    init_err = max(init_err, _rel(core[name], r) if name in core else float("inf"))
+                sent = _read_sent(folder)
+                if sent:
+                    peft_err = max(peft_err, _peft_error(folder, task, sent, init, core))
+                for r, m in got_merges.items():
+                    for name, pair in m.items():
+                        merge_err = max(merge_err, _rel(pair[1] @ pair[0], merges[r][name][1] @ merges[r][name][0]))
+                if "excluded" not in c:
+                    updates.append(ClientUpdate(c["id"], task.get("rank_sent", task["rank"]), task["scaling"],
+                                                c["examples"], sent))
+            agg = method.aggregate(updates, state)
+            total = sum(u.num_examples for u in updates)
+            for u, c in zip(updates, [c for c in clients if "excluded" not in c]):
+                p_err = max(p_err, abs(u.num_examples / total - c["p"]))
+            state = agg.state
+            if agg.merge:
+                merges[h] = agg.merge
         report["rounds"].append({"round": rnd, "clients": len(row["clients"]), "init_rel_err": init_err,
                                  "merge_rel_err": merge_err, "p_abs_err": p_err, "peft_rel_err": peft_err})
     report["export_rel_err"] = _export_error(run_dir, resolve_model(cfg.model)[0], merges, state)

@@ -253,24 +253,24 @@ class ClientRuntime:
 
     @contextlib.contextmanager
     def _core(self, adapter: str, core: dict[str, torch.Tensor] | None):
-        """With a core (ClientTask.core): each layer's lora_A weight becomes R @ A (a parametrization whose parameter
-        is R, started from the core; A is the loaded weight, fixed), so the model is s · B R A and R is what trains.
-        Yields module -> R; on exit the weight is left at R @ A, a plain parameter again."""
-        from torch.nn.utils import parametrize
-
+        """With a core (ClientTask.core): each layer's lora_A slot becomes CoreAfterA (x ↦ R (A x), A the loaded
+        lora_A weight, frozen; R an r×r Linear started from the core), so the model is s · B R A and R is what
+        trains. Yields module -> R; on exit the slot is lora_A again, its weight R @ A."""
         if core is None:
             yield {}
             return
-        mods = {n: self.layers[n].lora_A[adapter] for n in core}
-        for name, mod in mods.items():
-            w = mod.weight
-            parametrize.register_parametrization(mod, "weight", CoreTimesA(w.detach().clone(), core[name].to(w.device, w.dtype)),
-                                                 unsafe=True)
+        frozen = {n: self.layers[n].lora_A[adapter] for n in core}
+        for name, a in frozen.items():
+            a.weight.requires_grad_(False)
+            self.layers[name].lora_A[adapter] = CoreAfterA(a, core[name].to(a.weight.device, a.weight.dtype))
         try:
-            yield {n: m.parametrizations.weight.original for n, m in mods.items()}
+            yield {n: self.layers[n].lora_A[adapter].core.weight for n in frozen}
         finally:
-            for mod in mods.values():
-                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            with torch.no_grad():
+                for name, a in frozen.items():
+                    a.weight.copy_(self.layers[name].lora_A[adapter].weight)
+                    a.weight.requires_grad_(True)
+                    self.layers[name].lora_A[adapter] = a
 
     def _start(self, msg: TaskMessage) -> Factors | None:
         """The task's init, with the factors the client keeps taken from its own last round."""
@@ -317,10 +317,7 @@ class ClientRuntime:
     def _fit(self, adapter: str, task: ClientTask, method, msg: TaskMessage, cores: dict) -> dict:
         """Train the factors the task names (the others stay bit for bit), with the method's penalty; a core task
         (train "R") trains the cores alone."""
-        live = {n: (l.lora_A[adapter].weight, l.lora_B[adapter].weight) for n, l in self.layers.items()}
-        if cores:
-            live = {n: (l.lora_A[adapter].parametrizations.weight.original, l.lora_B[adapter].weight)
-                    for n, l in self.layers.items()}
+        live = {n: (cores.get(n, l.lora_A[adapter].weight), l.lora_B[adapter].weight) for n, l in self.layers.items()}
         params = []
         for pair in live.values():
             for which, p in zip("AB", pair):
@@ -443,20 +440,24 @@ class BaseOutOfSync(Exception):
     pass
 
 
-class CoreTimesA(torch.nn.Module):
-    """A parametrization of peft's lora_A weight as R @ A (A fixed, a buffer): its parameter is the r×r core R.
-    right_inverse hands register_parametrization the core to start from (not a function of the weight)."""
+class CoreAfterA(torch.nn.Module):
+    """peft's lora_A slot in a core task: x ↦ R (A x), A the slot's own Linear (frozen) and R an r×r Linear of its
+    own, so that Opacus's per-example gradient hooks for nn.Linear see R (DP-SGD trains it like any factor)."""
 
-    def __init__(self, a: torch.Tensor, start: torch.Tensor):
+    def __init__(self, a: torch.nn.Linear, start: torch.Tensor):
         super().__init__()
-        self.register_buffer("a", a)
-        self.start = start
+        self.a = a
+        self.core = torch.nn.Linear(start.shape[1], start.shape[0], bias=False, device=start.device, dtype=start.dtype)
+        with torch.no_grad():
+            self.core.weight.copy_(start)
 
-    def forward(self, core: torch.Tensor) -> torch.Tensor:
-        return core @ self.a
+    @property
+    def weight(self) -> torch.Tensor:
+        """R @ A: the lora_A weight the slot stands for (peft reads its dtype; the slot's exit writes it back)."""
+        return self.core.weight @ self.a.weight
 
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.start
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(self.a(x))
 
 
 def _only(pair, which: str):

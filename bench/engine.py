@@ -106,13 +106,6 @@ def preflight(cfg: RunConfig, evaluator=None) -> Plan:
     """evaluator: what scores the global model (the evaluators package, injected by the CLI), needed
     only when cfg.eval_tasks is set."""
     method = get_method(cfg.method, cfg.method_options)
-    if method.exchanges_per_round > 1 and not cfg.reference:  # tested on the in-process loop; one row per round
-        what = f"{cfg.method} with method_options {cfg.method_options} runs {method.exchanges_per_round} exchanges a round"
-        if cfg.engine != "inprocess":
-            raise BenchError(f"engine: {what}, which only the in-process engine is tested to drive; use --engine inprocess")
-        if cfg.save_client_adapters:
-            raise BenchError(f"save_client_adapters: {what}, and the audit trail keeps one folder per client and round; "
-                             "drop --save-client-adapters or use the one-exchange schedule (its rounds are the exchanges)")
     ranks = cfg.client_ranks()
     try:
         method.check_ranks(ranks)
@@ -280,7 +273,8 @@ def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> 
     elif resume:
         log(f"[bench] {run_dir} has no checkpoint yet: starting from round 1")
     run.events = Observers([*run_observers(), MetricsLog(run_dir, run.rounds_log), Progress(log, tcfg.rounds)]
-                           + ([AuditTrail(run_dir, tcfg, plan.model_path)] if cfg.save_client_adapters else [])
+                           + ([AuditTrail(run_dir, tcfg, plan.model_path, method.exchanges_per_round)]
+                              if cfg.save_client_adapters else [])
                            + ([RoundStates(run_dir, run.server)] if cfg.keep_round_states else []))
     return run
 

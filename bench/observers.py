@@ -129,13 +129,24 @@ class AuditTrail(Observer):
     sent.safetensors (up/-/<module>/<A|B>: exactly what the server received; a factor the task keeps or freezes is in
     the PEFT folder only), received.safetensors (init/<module>/<A|B>: the starting factors as sent, un-scaled;
     core/-/<module>/A: a core task's starting core; merge/<round>/<module>/<A|B>: the base merges sent) and task.json
-    (rank, scaling, p, seeds, what trains / is kept / is sent, the method's info, and `excluded` with its reason)."""
+    (rank, scaling, p, seeds, what trains / is kept / is sent, the method's info, and `excluded` with its reason).
+    A method with several exchanges a round (exchanges_per_round E > 1) gets one folder per exchange:
+    clients/round_<r>/exchange_<e>/client_<k>/, for the server's exchange (r − 1)·E + e (the task's round)."""
 
-    def __init__(self, run_dir: Path, cfg, base_model: str):
+    def __init__(self, run_dir: Path, cfg, base_model: str, exchanges_per_round: int = 1):
         self.root, self.cfg, self.base_model = run_dir / "clients", cfg, base_model
+        self.per_round = exchanges_per_round
 
-    def folder(self, rnd: int, k: int) -> Path:
-        return self.root / f"round_{rnd}" / f"client_{k}"
+    def folder(self, rnd: int, k: int, exchange: int | None = None) -> Path:
+        """rnd: the engine's round; exchange: its exchange (1…E), None with one exchange a round."""
+        return self.root / f"round_{rnd}" / (f"exchange_{exchange}" if exchange else "") / f"client_{k}"
+
+    def task_folder(self, msg) -> Path:
+        """The folder of a task: its round counts the server's exchanges."""
+        if self.per_round == 1:
+            return self.folder(msg.round, msg.client_id)
+        rnd, e = divmod(msg.round - 1, self.per_round)
+        return self.folder(rnd + 1, msg.client_id, e + 1)
 
     def client_done(self, msg, reply):
         from safetensors.torch import save_file
@@ -143,7 +154,7 @@ class AuditTrail(Observer):
         from .export import save_peft_adapter
         from .messages import pack_reply, pack_task
 
-        out = self.folder(msg.round, msg.client_id)
+        out = self.task_folder(msg)
         cfg = self.cfg
         if not reply.error and reply.factors:
             adapter = reply.trained or reply.factors
@@ -161,7 +172,7 @@ class AuditTrail(Observer):
 
     def round_done(self, result, row):
         for c in row["clients"]:
-            path = self.folder(row["round"], c["id"]) / "task.json"
+            path = self.folder(row["round"], c["id"], c.get("exchange")) / "task.json"
             if path.is_file():
                 rec = json.loads(path.read_text())
                 rec.update({k: c[k] for k in ("p", "excluded") if k in c})

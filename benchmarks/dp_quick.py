@@ -79,6 +79,9 @@ def write(out: Path, entries: list[dict]) -> None:
 
     left = sorted(set(METHODS) - {e["method"] for e in entries})
     missing = f" Not run yet: {', '.join(left)} (`python -m benchmarks.dp_quick` runs only what sweep.json lacks)." if left else ""
+    refused = [e["method"] for e in entries if e["status"] != "supported"]
+    refusals = (f"{', '.join(refused)} refused in one line before any work" if refused
+                else "none of the methods run is refused")
     scored = ", ".join(e["method"] for e in ran if "--no-eval" not in e["command"].split()) or "none"
     unscored = ", ".join(e["method"] for e in ran if "--no-eval" in e["command"].split()) or "none"
     text = f"""# DP sweep on the quick preset
@@ -86,7 +89,7 @@ def write(out: Path, entries: list[dict]) -> None:
 Every registered method, `bench run --method <m> --preset quick --dp-epsilon {EPSILON:g} --dp-delta {DELTA:g}`
 (SmolLM2-135M-Instruct, dolly, 4 clients at ranks 16, 8, 4, 4, 2 rounds × 2 local steps, q/v projections;
 σ calibrated per client for ε = 8 over the run, bench/privacy.py), one process per method under
-`OMP_NUM_THREADS=1 nice -n 10`, on this 2-core CPU while the study grid held both cores at normal priority (wall
+`OMP_NUM_THREADS=1` at a lowered priority (`nice -n 10`, or 3), on this 2-core CPU while the study grid held both cores at normal priority (wall
 seconds are mostly waiting for a core; CPU seconds are what a run costs). Made by
 `python -m benchmarks.dp_quick --out benchmarks/results/dp_quick` from a clean checkout at commit {commits}; the records are
 the `*.json` files beside this one, `sweep.json` holds each method's command, exit status and seconds.
@@ -100,7 +103,7 @@ of the preset's commonsense tasks included where it ran ({scored}), not where th
 Methods run: {listed}.{missing}
 
 What this shows: every method that supports DP runs the issue's command on the real default model and spends at
-most the target ε per client; the one that does not is refused in one line before any work. It is not a utility
+most the target ε per client; {refusals}. It is not a utility
 comparison: each client takes 4 noisy steps (σ ≈ 0.54, q = 4/64) at lr 5e-4, so the held-out losses below sit
 within a few 1e-4 of each other (compare benchmarks/results/dp_noise.md for what the noise does to ΔW per method).
 

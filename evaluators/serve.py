@@ -64,6 +64,10 @@ def client_adapters(run_dir: Path, rnd: int | None) -> tuple[int, dict[str, str]
     if rnd not in rounds:
         raise BenchError(f"round: {run_dir}/clients/ has rounds {', '.join(map(str, rounds))}, not {rnd}")
     folder = run_dir / "clients" / f"round_{rnd}"
+    exchanges = sorted(int(p.name[len("exchange_"):]) for p in folder.glob("exchange_*")
+                       if p.name[len("exchange_"):].isdigit())
+    if exchanges:  # a round of several exchanges (RoLoRA's schedule=paper): its clients' models are the last one's
+        folder = folder / f"exchange_{exchanges[-1]}"
     found = {p.name: str(p) for p in folder.glob("client_*") if p.name[len("client_"):].isdigit()}
     return rnd, dict(sorted(found.items(), key=lambda kv: int(kv[0][len("client_"):])))
 

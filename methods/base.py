@@ -60,7 +60,7 @@ class ClientTask:
            client's row of the round.
     options: method-defined JSON values the client-side hooks read (e.g. a regularizer's weight).
     core:  module -> r×r core R to start from (train "R"): the client's adapter is s · B R A with A and B from
-           `init`, fixed (peft's lora_A weight parametrized as R @ A), and only R trains (LoRA-SB, Fed-SB).
+           `init`, fixed (peft's lora_A slot computing R (A x)), and only R trains (LoRA-SB, Fed-SB).
     """
 
     init: Factors | None = None

@@ -8,8 +8,9 @@ LoRA-SB takes the SVD of an estimate of the first full fine-tuning update (its g
 is the first round's federated LoRA update. Round 1 is a plain LoRA round (clients train A and B from peft's init
 and upload both); the server forms ΔW = Σ p_k s_k B_k A_k exactly (stacked) and keeps its top r triplets:
     ΔW ≈ U_r S_r V_rᵀ,   B = U_r,   A = V_rᵀ,   R̄ = S_r        (`noise`: the energy beyond r, √(Σ_{i>r} σ²/Σ σ²)).
-From round 2 every round is exact (`noise` 0). A client's core starts at R̄ / s_k; peft's lora_A weight is
-parametrized as R @ A (bench/client.py), so the client trains exactly R and nothing else.
+From round 2 every round is exact (`noise` 0). A client's core starts at R̄ / s_k; peft's lora_A slot becomes
+x ↦ R (A x) with A frozen and R an r×r nn.Linear (bench/client.py), so the client trains exactly R and nothing else,
+and DP-SGD's per-example clipping and noise apply to R as to any trained factor.
 
 Choices, and why: the gradient-SVD initialization is replaced by the first round's update (the engine's clients
 have no full-weight gradient step; the first round plays its part at the cost of one r·(d_in + d_out) upload).
@@ -49,11 +50,8 @@ class FedSB(AggregationMethod):
     citation = ("Singhal et al., Fed-SB: A Silver Bullet for Extreme Communication Efficiency and Performance in "
                 "(Private) Federated LoRA Fine-Tuning, 2025 (arXiv 2502.15436); code github.com/CERT-Lab/fed-sb "
                 "(not checked here)")
-    # its clients train R inside a parametrization of lora_A, which the batched forward's hooks do not apply
+    # its clients train R in a module between A and B, which the batched forward (stacked A and B) does not model
     batchable = False
-    supports_dp = False
-    dp_refusal = ("its clients train R inside a parametrization of lora_A, whose per-example gradients Opacus's hooks "
-                  "do not compute; use fedsvd or ffa-lora for DP")
 
     def configure(self, state, client):
         if not state.extra:  # round 1: a plain LoRA round, from peft's init

@@ -43,7 +43,7 @@ class RoLoRA(AggregationMethod):
                "schedule": Option("alternate", "'alternate': one round = one half-step (one factor trained and averaged "
                                   "a round; 2 rounds = 1 paper iteration); 'paper': one round = one iteration of the "
                                   "paper's alternating optimization (Chen et al., NeurIPS 2025, arXiv 2502.01755): both half-steps, "
-                                  "each with its own exact aggregation (two exchanges a round; in-process engine)")}
+                                  "each with its own exact aggregation (two exchanges a round)")}
     CONVENTIONS = {
         "alternate": ("one round = one half-step of the paper's iteration: round 2t-1 trains and averages one factor, "
                       "round 2t the other; 2 rounds = 1 RoLoRA iteration (equal communications, half the iterations)"),

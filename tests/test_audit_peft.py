@@ -21,9 +21,9 @@ from methods import METHODS, get_method
 
 
 
-@pytest.fixture(scope="module")
-def audited(tmp_path_factory, shared_data):
-    """name -> (record, {(round, client): {module: s · B A as trained, float64}}) for all registered methods."""
+def run_capturing(cfg) -> tuple[dict, dict]:
+    """(record, {(round, client): {module: s · B A as trained, float64}}) of a run, read from each client's peft
+    layers right after its local training."""
     real_train = ClientRuntime.train
     seen: dict = {}
 
@@ -38,22 +38,27 @@ def audited(tmp_path_factory, shared_data):
         return reply
 
     ClientRuntime.train = train
-    out = {}
     try:
-        tmp = tmp_path_factory.mktemp("audit-peft")
-        for name in sorted(METHODS):
-            seen = {}
-            over = {"method": name, "data_root": str(shared_data), "output_dir": str(tmp / "runs" / name),
-                    "results_dir": str(tmp / "results"), "save_client_adapters": True}
-            preset = "tiny"
-            if name == "hetlora":   # its documented pruning settings: clients prune within the run
-                preset = "hetlora-pruning"
-            else:
-                over.update(rounds=2, local_steps=1)
-            rec = run_federated(build_config(preset=preset, overrides=over), log=lambda *a: None)
-            out[name] = (rec, dict(seen))
+        rec = run_federated(cfg, log=lambda *a: None)
     finally:
         ClientRuntime.train = real_train
+    return rec, seen
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, shared_data):
+    """name -> (record, {(round, client): {module: s · B A as trained, float64}}) for all registered methods."""
+    out = {}
+    tmp = tmp_path_factory.mktemp("audit-peft")
+    for name in sorted(METHODS):
+        over = {"method": name, "data_root": str(shared_data), "output_dir": str(tmp / "runs" / name),
+                "results_dir": str(tmp / "results"), "save_client_adapters": True}
+        preset = "tiny"
+        if name == "hetlora":   # its documented pruning settings: clients prune within the run
+            preset = "hetlora-pruning"
+        else:
+            over.update(rounds=2, local_steps=1)
+        out[name] = run_capturing(build_config(preset=preset, overrides=over))
     return out
 
 
@@ -70,11 +75,10 @@ def test_there_are_thirteen_methods():
     assert len(METHODS) == 13
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_saved_client_folder_loads_in_peft_as_the_model_the_client_trained(audited, base_model, name):
+def assert_folders_load_as_trained(name, rec, trained, base_model):
+    """Every saved client folder, loaded by PeftModel.from_pretrained, is s · B A as the client trained it."""
     from peft import PeftModel
 
-    rec, trained = audited[name]
     run_dir = Path(rec["run_dir"])
     checked = 0
     for (rnd, k), want in trained.items():
@@ -92,6 +96,44 @@ def test_every_saved_client_folder_loads_in_peft_as_the_model_the_client_trained
             assert err <= 1e-6 * max(scale, 1e-30), (name, rnd, k, mod_name, err, scale)
         checked += 1
     assert checked == sum(len(r["clients"]) for r in rec["rounds"])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_saved_client_folder_loads_in_peft_as_the_model_the_client_trained(audited, base_model, name):
+    rec, trained = audited[name]
+    assert_folders_load_as_trained(name, rec, trained, base_model)
+
+
+def test_fed_sb_under_dp_saves_folders_that_load_as_trained_and_audit(tmp_path, shared_data, base_model):
+    """Fed-SB with DP-SGD (its cores trained through Opacus): every saved folder loads in peft as s · B R A as trained,
+    each round-2 folder's A is R @ A_received with R the core sent, and `bench audit` replays every round."""
+    from safetensors.torch import load_file
+
+    from bench.audit import replay
+
+    cfg = build_config(preset="tiny", overrides={
+        "method": "fed-sb", "dp_epsilon": 8.0, "dp_delta": 1e-5, "rounds": 2, "local_steps": 1,
+        "data_root": str(shared_data), "output_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "results"),
+        "save_client_adapters": True})
+    rec, trained = run_capturing(cfg)
+    assert rec["privacy"]["epsilon_max"] <= 8.0
+    assert_folders_load_as_trained("fed-sb", rec, trained, base_model)
+    for c in rec["rounds"][1]["clients"]:
+        folder = Path(rec["run_dir"]) / "clients" / "round_2" / f"client_{c['id']}"
+        saved, init = load_file(str(folder / "adapter_model.safetensors")), load_file(str(folder / "received.safetensors"))
+        sent = load_file(str(folder / "sent.safetensors"))
+        for key, t in saved.items():
+            module, which = key[len("base_model.model."):].rsplit(".lora_", 1)
+            start = init[f"init/-/{module}/{which[0]}"]
+            if which[0] == "B":
+                assert torch.equal(t, start), key
+            else:
+                core = sent[f"up/-/{module}/A"]
+                assert core.shape == (c["rank"], c["rank"]) and not torch.equal(core, init[f"core/-/{module}/A"])
+                want = core.double() @ start.double()
+                assert float((t.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), key
+    for r in replay(rec["run_dir"])["rounds"]:
+        assert r["init_rel_err"] <= 1e-5 and r["merge_rel_err"] <= 1e-5 and r["peft_rel_err"] <= 1e-5, r
 
 
 def test_hetlora_pruned_folders_are_included_and_keep_the_trained_scaling(audited):

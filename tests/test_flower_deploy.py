@@ -2,7 +2,7 @@
 authentication, three registered SuperNodes (one per client), runs submitted with
 `bench run --engine flower --superlink ... --root-certificates ...` (which calls `flwr run`).
 
-- equivalence: FLoRA and FlexLoRA with ranks 2,4,8, 2 rounds: the same server state, global model, per-client
+- equivalence: FLoRA, FlexLoRA and RoLoRA's schedule=paper (two exchanges a round) with ranks 2,4,8, 2 rounds: the same server state, global model, per-client
   losses and tensor bytes as the in-process engine, bit for bit; the record says engine "flower" and each
   client row carries the bytes Flower serialised (wire_bytes_up/down)
 - hostile replies (a ClientApp that corrupts bench's real replies, tests/flower_hostile_app.py): wrong
@@ -62,10 +62,12 @@ def _out(tmp: Path) -> list[str]:
     return ["--output-dir", str(tmp / "run"), "--results-dir", str(tmp / "results")]
 
 
-@pytest.mark.parametrize("method", ["flora", "flexlora"])
-def test_deployment_matches_inprocess(method, nodes, refs, tmp_path):
-    ref = reference_run(refs, method)
-    rc = main(["run", *SMALL, "--method", method, *nodes.run_args(), *_out(tmp_path)])
+@pytest.mark.parametrize("method, options", [("flora", ()), ("flexlora", ()),
+                                             ("rolora", ("--method-options", "schedule=paper"))],
+                         ids=["flora", "flexlora", "rolora-paper"])
+def test_deployment_matches_inprocess(method, options, nodes, refs, tmp_path):
+    ref = reference_run(refs, method, *options)
+    rc = main(["run", *SMALL, "--method", method, *options, *nodes.run_args(), *_out(tmp_path)])
     assert rc == 0
     assert_same_run(tmp_path / "run", ref)
     rec = record(tmp_path / "run")

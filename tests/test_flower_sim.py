@@ -4,6 +4,8 @@
   per-client losses and tensor bytes as in-process; the record says engine "flower-sim"
 - one simulation running FlexLoRA and FedAvg-LoRA through the engine's loop, one job after the other on the
   same virtual nodes: both equal to in-process
+- RoLoRA's schedule=paper (two exchanges a round over the transport, the audit trail keeping both half-exchanges):
+  the same rows, states, audit files and test loss as in-process
 - the personalized rows (HetLoRA, FedSA-LoRA: no global model, the local-only reference) in one simulation:
   each node scores its own client's model (EVALUATE), and the record's personalized section and score equal
   in-process's
@@ -17,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from bench.cli import main
-from flower_helpers import SMALL, assert_same_run, flower_env, record, reference_run, require_flwr
+from flower_helpers import SMALL, assert_same_run, flower_env, metrics, record, reference_run, require_flwr
 
 
 @pytest.fixture
@@ -43,6 +45,34 @@ def test_cli_flower_sim_matches_inprocess(env, refs, tmp_path, capsys):
     assert "3 node(s) ready" in out
     assert_same_run(tmp_path / "run", ref)
     assert record(tmp_path / "run")["engine"] == "flower-sim"
+
+
+def test_rolora_paper_schedule_on_flower_sim_matches_inprocess(env, refs, tmp_path):
+    """Each round's two exchanges (B-step, then A-step) travel over the Flower grid: the same per-exchange rows and
+    metrics, server state, global model and test loss as in-process, and both engines' audit trails hold the same
+    per-exchange uploads and replay as consistent."""
+    from safetensors.torch import load_file
+
+    from bench.audit import replay
+
+    opts = ("--method-options", "schedule=paper", "--save-client-adapters")
+    ref = reference_run(refs, "rolora", *opts)
+    run = tmp_path / "run"
+    rc = main(["run", *SMALL, "--method", "rolora", *opts, "--engine", "flower-sim", "--output-dir", str(run),
+               "--results-dir", str(tmp_path / "results")])
+    assert rc == 0
+    assert_same_run(run, ref)
+    assert record(run)["engine"] == "flower-sim"
+    for got, want in zip(metrics(run), metrics(ref), strict=True):
+        assert [x["trained_b"] for x in got["exchanges"]] == [1, 0] and got["exchanges"] == want["exchanges"]
+        assert [(c["exchange"], c["id"]) for c in got["clients"]] == [(c["exchange"], c["id"]) for c in want["clients"]]
+    sent = sorted(p.relative_to(run) for p in run.glob("clients/round_*/exchange_*/client_*/sent.safetensors"))
+    assert len(sent) == 2 * 2 * 3 and sent == sorted(p.relative_to(ref) for p in ref.glob("clients/*/*/*/sent.safetensors"))
+    for rel in sent:
+        a, b = load_file(str(run / rel)), load_file(str(ref / rel))
+        assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a), rel
+    for x in replay(run)["rounds"]:
+        assert x["init_rel_err"] <= 1e-6 and x["peft_rel_err"] <= 1e-6 and x["p_abs_err"] <= 1e-12, x
 
 
 def test_two_jobs_in_one_simulation(env, refs, tmp_path):

@@ -215,12 +215,29 @@ def test_rolora_paper_schedule_runs_both_half_steps_in_each_round(tmp_path, shar
     assert rec["test_loss"] == alt["test_loss"]
 
 
-def test_rolora_paper_schedule_refuses_what_it_cannot_record(tmp_path, shared_data):
-    from bench import BenchError
-    from bench.engine import preflight
+def test_rolora_paper_schedule_audit_trail_keeps_both_half_exchanges(tmp_path, shared_data):
+    """With --save-client-adapters every client has a folder per exchange (round_<r>/exchange_<e>/client_<k>): the
+    B-step's folder sent B only, the A-step's A only, each task.json names its exchange's server round and p, and
+    `bench audit` replays both aggregations of every round from the files."""
+    from bench.audit import replay
 
-    for over, field in (({"engine": "flower-sim"}, "engine"), ({"save_client_adapters": True}, "save_client_adapters")):
-        cfg = build_config(preset="tiny", overrides={"method": "rolora", "method_options": {"schedule": "paper"},
-                                                      "data_root": str(shared_data), **over})
-        with pytest.raises(BenchError, match=f"^{field}: rolora .* runs 2 exchanges a round"):
-            preflight(cfg)
+    _, rec = _run(tmp_path, shared_data, "rolora", rounds=2, local_steps=1, save_client_adapters=True,
+                  method_options={"schedule": "paper"})
+    run_dir = Path(rec["run_dir"])
+    for r in rec["rounds"]:
+        for c in r["clients"]:
+            folder = run_dir / "clients" / f"round_{r['round']}" / f"exchange_{c['exchange']}" / f"client_{c['id']}"
+            task = json.loads((folder / "task.json").read_text())
+            assert task["round"] == 2 * (r["round"] - 1) + c["exchange"] and task["p"] == c["p"]
+            sent = {k.rsplit("/", 1)[1] for k in load_file(str(folder / "sent.safetensors"))}
+            assert sent == ({"A"} if c["exchange"] == 2 else {"B"} if r["round"] > 1 else {"A", "B"}), (r["round"], c)
+            assert (folder / "adapter_config.json").is_file()
+    from evaluators.serve import client_adapters
+
+    assert client_adapters(run_dir, None) == (2, {f"client_{k}": str(run_dir / "clients" / "round_2" / "exchange_2" / f"client_{k}")
+                                                  for k in range(3)})
+    report = replay(run_dir)
+    assert [x["round"] for x in report["rounds"]] == [1, 2]
+    for x in report["rounds"]:
+        assert x["clients"] == 6 and x["p_abs_err"] <= 1e-12
+        assert x["init_rel_err"] <= 1e-6 and x["merge_rel_err"] == 0.0 and x["peft_rel_err"] <= 1e-6, x

@@ -110,6 +110,22 @@ def _tiny_lora(dtype, rank=3):
     return model, params
 
 
+def _tiny_core(dtype, rank=3):
+    """_tiny_lora with every lora_A slot a Fed-SB core slot (bench/client.py CoreAfterA): R trains, A and B frozen."""
+    from bench.client import CoreAfterA
+
+    model, _ = _tiny_lora(dtype, rank)
+    gen = torch.Generator().manual_seed(3)
+    for mod in [m for m in model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]:
+        a = mod.lora_A["default"]
+        a.weight.requires_grad_(False)
+        mod.lora_B["default"].weight.requires_grad_(False)
+        mod.lora_A["default"] = CoreAfterA(a, torch.randn(rank, rank, generator=gen).to(dtype))
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert params and all(p.shape == (rank, rank) for p in params)
+    return model, params
+
+
 def _examples(n, gen):
     out = []
     for i in range(n):
@@ -121,13 +137,15 @@ def _examples(n, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_clipping_bounds_each_example_gradient(dtype):
+@pytest.mark.parametrize("trained", ["factors", "core"])
+def test_clipping_bounds_each_example_gradient(dtype, trained):
     """Opacus's per-example gradients equal single-example autograd; each clipped one has norm ≤ C; at σ = 0 the
-    gradient handed to the optimizer is Σ clip(g_i) / (q·n); some examples are clipped, some not."""
+    gradient handed to the optimizer is Σ clip(g_i) / (q·n); some examples are clipped, some not. core: Fed-SB's
+    r×r cores between frozen A and B are what Opacus sees and clips."""
     from bench.client import token_loss
     from bench.data import collate
 
-    model, params = _tiny_lora(dtype)
+    model, params = (_tiny_lora if trained == "factors" else _tiny_core)(dtype)
     model.train()
     examples = _examples(7, torch.Generator().manual_seed(1))
     batch = [0, 2, 3, 5, 6]
@@ -346,3 +364,31 @@ def test_two_exchanges_a_round_are_accounted_and_calibrated(tmp_path, shared_dat
         final = rec["privacy"]["clients"][k]
         assert final["epsilon"] == pytest.approx(_independent_epsilon(history, DELTA), rel=1e-9)
         assert 8.0 - 0.01 <= final["epsilon"] <= 8.0
+
+
+def test_fed_sb_under_dp_accounts_as_opacus_and_uploads_only_cores(tmp_path, shared_data):
+    """Fed-SB with DP-SGD on the tiny model: each client's spent ε per round equals Opacus's own analysis of its
+    recorded (σ, q, steps), σ is Opacus's calibration for the run, and from round 2 each client uploads its r×r cores
+    alone (4 modules × r² float32), which the DP mechanism trained."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from bench.engine import run_federated
+
+    cfg = build_config(preset="tiny", overrides={
+        "method": "fed-sb", "dp_epsilon": 8.0, "dp_delta": DELTA, "data_root": str(shared_data),
+        "output_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "results")})
+    rec = run_federated(cfg, log=lambda *a: None)
+    for k, client in enumerate(rec["clients"]):
+        history = []
+        for row in rec["rounds"]:
+            (c,) = [c for c in row["clients"] if c["id"] == k]
+            history.append((c["dp_noise_multiplier"], c["dp_sample_rate"], c["steps"]))
+            assert c["dp_epsilon"] == pytest.approx(_independent_epsilon(history, DELTA), rel=1e-9)
+            if row["round"] > 1:
+                assert c["bytes_up"] == 4 * c["rank"] ** 2 * 4
+        q = min(1.0, cfg.batch_size / client["num_examples"])
+        assert history[0][0] == get_noise_multiplier(target_epsilon=8.0, target_delta=DELTA, sample_rate=q,
+                                                     steps=cfg.local_steps * cfg.rounds, accountant="rdp",
+                                                     epsilon_tolerance=0.01)
+        assert 8.0 - 0.01 <= rec["privacy"]["clients"][k]["epsilon"] <= 8.0
+    assert rec["rounds"][-1]["noise"] == 0.0  # the core rounds stay exact under DP
