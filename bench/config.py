@@ -131,6 +131,8 @@ class RunConfig:
         """Each client's LoRA rank: the explicit list, or a seeded draw from the distribution."""
         import numpy as np
 
+        from .seeds import seed_stream
+
         if self.ranks:
             return list(self.ranks)
         if self.rank_distribution == "homo":
@@ -144,7 +146,7 @@ class RunConfig:
             "heavy-tail-strong": 0.5 ** (n - 1 - idx),  # most clients large
             "normal": np.exp(-0.5 * ((idx - (n - 1) / 2) / max(n / 4, 0.5)) ** 2),
         }[self.rank_distribution]
-        rng = np.random.default_rng([self.seed, 7919])
+        rng = seed_stream("client_ranks", self.seed)
         return [int(r) for r in rng.choice(rank_set, size=self.num_clients, p=probs / probs.sum())]
 
     def alpha_for(self, rank: int) -> float:
