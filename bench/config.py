@@ -32,7 +32,6 @@ AUTO_DTYPES = {"training": {"cuda": "bfloat16", "cpu": "float32"},
                "eval": {"cuda": "bfloat16", "cpu": "float32"}}
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # bench/compute.py resolves them
 ALPHA_POLICIES = ("shared", "proportional")
-ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
 REFERENCES = ("base", "centralized", "local-only")
 
 
@@ -396,7 +395,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
     need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")
-    need(cfg.engine in ENGINES, f"engine: unknown {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    from .transport import transport_names  # the engines are the registered transports
+
+    need(cfg.engine in transport_names(), f"engine: unknown {cfg.engine!r}; choose one of {', '.join(transport_names())}")
     need(cfg.client_batching in ("auto", "on", "off"),
          f"client_batching: unknown {cfg.client_batching!r}; choose auto, on or off")
     from methods import get_method
