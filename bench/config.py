@@ -395,7 +395,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
     need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")
-    from .transport import transport_names  # the engines are the registered transports
+    from .transports import transport_names  # the engines are the registered transports
 
     need(cfg.engine in transport_names(), f"engine: unknown {cfg.engine!r}; choose one of {', '.join(transport_names())}")
     need(cfg.client_batching in ("auto", "on", "off"),

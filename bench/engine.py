@@ -46,7 +46,7 @@ from .record import build_record, load_avg, provenance, run_setting
 from .references import reference_run
 from .rundir import check_output_paths as _check_output_paths, default_run_id as _run_id
 from .server import Server, sample_clients
-from .transport import Transport, get_transport
+from .transports import Transport, get_transport
 
 
 class Interrupted(Exception):
@@ -188,11 +188,11 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                   evaluator=None, transport=None) -> dict:
     """Run (or resume) a federated experiment end to end; returns the results record.
 
-    transport: how task messages reach the clients, built by the framework that hosts this run (bench/transport.py's
-    contract); None: the engine starts the transport registered under cfg.engine. Nothing is written until every input has
-    been checked (preflight, output paths, the checkpoint to resume from)."""
+    transport: how task messages reach the clients, built by the framework that hosts this run (the contract:
+    bench/transports/base.py); None: the engine starts the transport registered under cfg.engine. Nothing is
+    written until every input has been checked (preflight, output paths, the checkpoint to resume from)."""
     if transport is not None and not isinstance(transport, Transport):
-        raise BenchError(f"transport: {type(transport).__name__} is not a bench.transport.Transport; subclass it")
+        raise BenchError(f"transport: {type(transport).__name__} is not a bench.transports.Transport; subclass it")
     started = (time.time(), load_avg(), _cpu_seconds())
     run = _prepare(cfg, plan or preflight(cfg, evaluator), resume, log, transport)
     with _Signals(run.run_dir, run.events) as signals:

@@ -2,7 +2,7 @@
 
 Its state is plain tensors: the method's global state, every round's base merge (the full-precision
 base delta is their sum, exact, in factored form) and, per client, its current rank and the last merge
-round its base holds. A transport (bench/transport.py, bench/flower/) carries the messages; the
+round its base holds. A transport (bench/transports/, bench/flower/) carries the messages; the
 engine (bench/engine.py) drives the rounds and owns the files.
 """
 from __future__ import annotations

@@ -101,14 +101,14 @@ def test_batched_adamw_equals_torch_adamw_per_client():
 
 def test_unbatchable_method_is_trained_one_by_one_with_a_note():
     from bench.batched import refusal
-    from bench.transport import _client_batching
+    from bench.transports.inprocess import _client_batching
     from methods import get_method
 
     assert all(refusal(get_method(m)) is None for m in METHODS)
     cls = type(get_method("fedit"))
     monkey = type("Unbatchable", (cls,), {"batchable": False})
     assert "unbatchable" in refusal(monkey())
-    import bench.transport as transport
+    import bench.transports.inprocess as transport
 
     cfg = build_config(preset="tiny", overrides={"method": "fedit", "client_batching": "on"})
     notes = []

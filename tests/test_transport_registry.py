@@ -1,4 +1,4 @@
-"""The transport registry: a transport is one registered class. A throwaway one (in-process, counting what it
+"""The transport registry: a transport is one registered class (bench/transports/). A throwaway one (in-process, counting what it
 carries) is registered here and runs a tiny federated run by name through `bench run --engine`, with the numbers
 of the in-process run."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from bench import BenchError
 from bench.app.cli import main
 from bench.app.launch import LAUNCHERS
-from bench.transport import TRANSPORTS, InProcessTransport, get_transport, register_transport, transport_names
+from bench.transports import TRANSPORTS, get_transport, register_transport, transport_names
+from bench.transports.inprocess import InProcessTransport
 
 
 @pytest.fixture

@@ -47,9 +47,9 @@ FIELD_HELP = {
 
 
 def _engine_help() -> str:
-    from bench.transport import TRANSPORTS, transport_names
+    from bench.transports import TRANSPORTS, transport_names
 
-    return "where the clients run, a registered transport (bench/transport.py): " + " | ".join(
+    return "where the clients run, a registered transport (bench/transports/): " + " | ".join(
         f"{n} ({TRANSPORTS[n].description})" for n in transport_names()) + "; docs/flower.md"
 
 

@@ -22,7 +22,7 @@ def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
     """Run a job on this grid; returns the results record."""
     from bench.engine import preflight, run_federated
     from bench.flower import wire
-    from bench.transport import get_transport
+    from bench.transports import get_transport
 
     cfg = wire.config_from_json(job["config"])
     opts = FlowerOptions.from_dict(job.get("options"))

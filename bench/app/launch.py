@@ -1,10 +1,10 @@
-"""`bench run`'s one dispatch: the transport registered under cfg.engine (bench/transport.py) says who starts the
+"""`bench run`'s one dispatch: the transport registered under cfg.engine (bench/transports/) says who starts the
 run. One the engine starts (`host` None: inprocess, or any registered transport with its own `start`) runs here,
 through run_federated; a hosted one runs through its host's launcher, which builds the transport and hands it to
 the engine (Flower's ServerApp: bench/app/flower_launch.py)."""
 from __future__ import annotations
 
-from bench.transport import get_transport
+from bench.transports import get_transport
 
 from . import flower_launch
 

@@ -1,4 +1,4 @@
-"""GridTransport: the engine's transport (bench/transport.py's Transport) over a Flower Grid, registered as
+"""GridTransport: the engine's transport (bench/transports/base.py's Transport) over a Flower Grid, registered as
 flower-sim (SimulationTransport) and flower (DeploymentTransport).
 
     discover   QUERY every connected node once: it answers its partition id and its shard's
@@ -29,7 +29,7 @@ from .. import BenchError
 from ..guard import ReplyFilter
 from ..messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 from ..server import Refused
-from ..transport import Transport, register_transport
+from ..transports import Transport, register_transport
 from . import wire
 from .options import FlowerOptions
 
