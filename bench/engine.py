@@ -236,6 +236,10 @@ def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> 
     tcfg, tplan, method = cfg, plan, get_method(cfg.method, cfg.method_options)
     if cfg.reference:
         tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
+    host = get_transport(tcfg.engine).host
+    if transport is None and host:
+        raise BenchError(f"engine: {tcfg.engine} runs under {host}, which builds its transport; run it with "
+                         f"`bench run --engine {tcfg.engine}`")
     device = resolve_device(cfg)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
     _check_output_paths(cfg, run_dir, resume)

@@ -1,6 +1,6 @@
-"""The transport registry: a transport is one registered class (bench/transports/). A throwaway one (in-process, counting what it
-carries) is registered here and runs a tiny federated run by name through `bench run --engine`, with the numbers
-of the in-process run."""
+"""The transport registry (bench/transports/): a transport is one registered class. A throwaway one (in-process,
+counting what it carries) is registered here and runs a tiny federated run by name through `bench run --engine`,
+with the numbers of the in-process run; the engine refuses to start a transport that its host builds."""
 from __future__ import annotations
 
 import json
@@ -80,11 +80,16 @@ def test_the_registry_refuses_a_second_name_and_names_the_known_ones():
         get_transport("warp")
 
 
-def test_every_host_has_a_launcher_and_a_hosted_transport_is_not_started_by_the_engine():
+def test_every_host_has_a_launcher_and_the_engine_starts_no_hosted_transport(tmp_path, shared_data):
+    from bench.config import build_config
+    from bench.engine import run_federated
+
     assert {TRANSPORTS[n].host for n in transport_names()} <= set(LAUNCHERS)
     assert get_transport("inprocess").host is None
     for name in ("flower-sim", "flower"):
-        cls = get_transport(name)
-        assert cls.host == "flower" and cls.name == name
+        assert get_transport(name).host == "flower" and get_transport(name).name == name
+        cfg = build_config(preset="tiny", overrides={"engine": name, "data_root": str(shared_data),
+                                                     "output_dir": str(tmp_path / name)})
         with pytest.raises(BenchError, match=f"run it with `bench run --engine {name}`"):
-            cls.start(None, None, None, None, None)
+            run_federated(cfg, log=lambda *a: None)
+        assert not (tmp_path / name).exists()

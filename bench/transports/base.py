@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from .. import BenchError
 from ..client import ModelSpec
 from ..messages import EvaluateMessage, TaskMessage
 
@@ -20,9 +19,9 @@ class Transport(ABC):
     @classmethod
     def start(cls, cfg, plan, spec: ModelSpec, tokenizer, heldout, log=print) -> Transport:
         """The clients of a run the engine drives: those of the plan (its shards and ranks), the model of spec,
-        heldout: the sets they score their own models on. A hosted transport is built by its host instead."""
-        raise BenchError(f"engine: {cls.name}'s clients are started by {cls.host or 'its host'}, not by the engine; "
-                         f"run it with `bench run --engine {cls.name}`")
+        heldout: the sets they score their own models on. A hosted transport (host set) is built by its host, and
+        the engine refuses to start it."""
+        raise NotImplementedError(f"transport {cls.name}: neither start() nor a host")
 
     @abstractmethod
     def run(self, tasks: list[TaskMessage], on_reply=None, on_step=None) -> dict:
