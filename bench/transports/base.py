@@ -1,4 +1,4 @@
-"""The contract the engine relies on of a transport (bench/transports/__init__.py registers them by name)."""
+"""The transport contract: what the engine relies on of every transport (registered by name in __init__.py)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
