@@ -32,7 +32,6 @@ AUTO_DTYPES = {"training": {"cuda": "bfloat16", "cpu": "float32"},
                "eval": {"cuda": "bfloat16", "cpu": "float32"}}
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # bench/compute.py resolves them
 ALPHA_POLICIES = ("shared", "proportional")
-ENGINES = ("inprocess", "flower-sim", "flower")   # bench/flower/ for the Flower engines
 REFERENCES = ("base", "centralized", "local-only")
 
 
@@ -131,6 +130,8 @@ class RunConfig:
         """Each client's LoRA rank: the explicit list, or a seeded draw from the distribution."""
         import numpy as np
 
+        from .seeds import seed_stream
+
         if self.ranks:
             return list(self.ranks)
         if self.rank_distribution == "homo":
@@ -144,7 +145,7 @@ class RunConfig:
             "heavy-tail-strong": 0.5 ** (n - 1 - idx),  # most clients large
             "normal": np.exp(-0.5 * ((idx - (n - 1) / 2) / max(n / 4, 0.5)) ** 2),
         }[self.rank_distribution]
-        rng = np.random.default_rng([self.seed, 7919])
+        rng = seed_stream("client_ranks", self.seed)
         return [int(r) for r in rng.choice(rank_set, size=self.num_clients, p=probs / probs.sum())]
 
     def alpha_for(self, rank: int) -> float:
@@ -394,7 +395,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.export_dtype in DTYPES, f"export_dtype: unknown {cfg.export_dtype!r}; choose one of {', '.join(DTYPES)}")
     need(cfg.alpha_policy in ALPHA_POLICIES, f"alpha_policy: unknown {cfg.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}")
     need(cfg.alpha_ratio > 0, f"alpha_ratio: must be > 0, got {cfg.alpha_ratio}")
-    need(cfg.engine in ENGINES, f"engine: unknown {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    from .transports import transport_names  # the engines are the registered transports
+
+    need(cfg.engine in transport_names(), f"engine: unknown {cfg.engine!r}; choose one of {', '.join(transport_names())}")
     need(cfg.client_batching in ("auto", "on", "off"),
          f"client_batching: unknown {cfg.client_batching!r}; choose auto, on or off")
     from methods import get_method

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import BenchError
+from .seeds import HELDOUT_SEED, seed_stream
 
 # named source -> (hub id, hub config, data-root files, field map); fields: instruction, input, output, label
 COMMONSENSE = {"boolq": "boolq", "arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "openbookqa": "openbookqa"}
@@ -59,11 +60,6 @@ class Dataset:
     origin: str                          # "data-root", "hub:<id>" or "file"
     validation: list[dict] = field(default_factory=list)  # held out for tuning, disjoint from train and test
     test_by_seed: bool = False           # the test split is drawn with the run's seed (no fixed split in the source)
-
-
-# The held-out draw of a source with `heldout` sizes: one fixed permutation of the pool, not the run's seed, so that
-# every run, seed and evaluation task holds out the same records.
-HELDOUT_SEED = 20240101
 
 
 def carve_heldout(train: list[dict], predefined: list[list[int]] | None, sizes: dict[str, int]):
@@ -153,7 +149,7 @@ def map_fields(rows: list[dict], fields: dict[str, str], where: str) -> list[dic
 
 
 def _seeded_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    rng = np.random.default_rng([seed, 104729])
+    rng = seed_stream("file_split", seed)
     order = rng.permutation(len(rows))
     n_test = max(1, int(round(len(rows) * fraction)))
     test = [rows[i] for i in sorted(order[:n_test])]
@@ -255,7 +251,7 @@ def _from_hub(hub_id: str, config_name: str | None, fields: dict, cfg, heldout: 
 def partition(cfg, data: Dataset) -> list[list[int]]:
     """Client shards as lists of indices into data.train; seeded; refuses empty clients."""
     n, k = len(data.train), cfg.num_clients
-    rng = np.random.default_rng([cfg.seed, 15485863])
+    rng = seed_stream("partition", cfg.seed)
     labels = [r["label"] for r in data.train]
     if cfg.partition == "predefined":
         if data.predefined is None:
@@ -296,7 +292,7 @@ def client_test_splits(cfg, shards: list[list[int]]) -> tuple[list[list[int]], l
         if len(shard) < 2:
             raise BenchError(f"client_test_fraction: client {k} has {len(shard)} example(s), too few to hold any out; "
                              "use more examples per client or client_test_fraction 0")
-        order = np.random.default_rng([cfg.seed, 7777, k]).permutation(len(shard))
+        order = seed_stream("client_test", cfg.seed, k).permutation(len(shard))
         n_test = min(len(shard) - 1, max(1, int(round(len(shard) * cfg.client_test_fraction))))
         test.append(sorted(shard[i] for i in order[:n_test]))
         train.append(sorted(shard[i] for i in order[n_test:]))
@@ -432,7 +428,7 @@ class HeldOut:
             cfg = self.cfg
             test = self.dataset.validation if cfg.heldout_split == "validation" else self.dataset.test
             if cfg.test_limit and len(test) > cfg.test_limit:
-                pick = np.random.default_rng([cfg.eval_seed, 31337]).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
+                pick = seed_stream("test_limit", cfg.eval_seed).permutation(len(test))[: cfg.test_limit]  # same examples for every seed
                 test = [test[i] for i in sorted(pick)]
             self._pooled = [self._tokenize(r) for r in test]
         return self._pooled

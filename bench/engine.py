@@ -46,7 +46,7 @@ from .record import build_record, load_avg, provenance, run_setting
 from .references import reference_run
 from .rundir import check_output_paths as _check_output_paths, default_run_id as _run_id
 from .server import Server, sample_clients
-from .transport import InProcessTransport, Transport
+from .transports import Transport, get_transport
 
 
 class Interrupted(Exception):
@@ -181,11 +181,11 @@ def run_federated(cfg: RunConfig, *, resume: str | None = None, plan: Plan | Non
                   evaluator=None, transport=None) -> dict:
     """Run (or resume) a federated experiment end to end; returns the results record.
 
-    transport: how task messages reach the clients (bench/transport.py's contract); None: this process trains
-    every client itself (InProcessTransport over one ClientRuntime). Nothing is written until every input has
-    been checked (preflight, output paths, the checkpoint to resume from)."""
+    transport: how task messages reach the clients, built by the framework that hosts this run (the contract:
+    bench/transports/base.py); None: the engine starts the transport registered under cfg.engine. Nothing is
+    written until every input has been checked (preflight, output paths, the checkpoint to resume from)."""
     if transport is not None and not isinstance(transport, Transport):
-        raise BenchError(f"transport: {type(transport).__name__} is not a bench.transport.Transport; subclass it")
+        raise BenchError(f"transport: {type(transport).__name__} is not a bench.transports.Transport; subclass it")
     started = (time.time(), load_avg(), _cpu_seconds())
     run = _prepare(cfg, plan or preflight(cfg, evaluator), resume, log, transport)
     with _Signals(run.run_dir, run.events) as signals:
@@ -229,6 +229,10 @@ def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> 
     tcfg, tplan, method = cfg, plan, get_method(cfg.method, cfg.method_options)
     if cfg.reference:
         tcfg, tplan, method = reference_run(cfg, plan, lambda r: sample_clients(cfg.seed, r, cfg.num_clients, cfg.client_fraction))
+    host = get_transport(tcfg.engine).host
+    if transport is None and host:
+        raise BenchError(f"engine: {tcfg.engine} runs under {host}, which builds its transport; run it with "
+                         f"`bench run --engine {tcfg.engine}`")
     device = resolve_device(cfg)
     run_dir = Path(resume) if resume else Path(cfg.output_dir or Path("runs") / _run_id(cfg))
     _check_output_paths(cfg, run_dir, resume)
@@ -253,8 +257,8 @@ def _prepare(cfg: RunConfig, plan: Plan, resume: str | None, log, transport) -> 
     tok = load_tokenizer(plan.model_path)
     run.heldout = HeldOut(cfg, plan.dataset, plan.client_tests, tok)
     if transport is None:
-        transport = InProcessTransport.start(tcfg, tplan, ModelSpec(plan.model_path, device, run.dtype), tok, run.heldout,
-                                             batched=_client_batching(tcfg, device, log))
+        transport = get_transport(tcfg.engine).start(tcfg, tplan, ModelSpec(plan.model_path, device, run.dtype), tok,
+                                                     run.heldout, log)
         run.timings.update(transport.setup_s)
         run.timings["tokenize_s"] += time.time() - t - sum(transport.setup_s.values())  # the tokenizer's load
     elif tcfg.client_batching == "on":
@@ -465,27 +469,3 @@ def _losses(model, examples, pad, device) -> dict:
     """Held-out loss (mean per labelled token) with its per-example sums and token counts, for pairing."""
     sums, counts = held_out_losses(model, examples, pad, device)
     return {"loss": mean_loss(sums, counts), "examples": len(sums), "loss_sums": sums, "tokens": counts}
-
-
-def _client_batching(cfg: RunConfig, device: torch.device, log) -> bool:
-    """Whether a round's clients train in one batch (bench/batched.py): the mode, and whether the method allows."""
-    from .batched import refusal, use_batching
-
-    if not use_batching(cfg.client_batching, device):
-        return False
-    from . import privacy
-
-    if privacy.enabled(cfg):
-        why = "DP-SGD clips and noises each client's per-example gradients one client at a time"
-    elif cfg.length_buckets and 1 < cfg.micro_batch_size < cfg.batch_size and cfg.lora_dropout > 0:
-        why = ("length-bucketed micro-batches draw dropout masks the batched forward does not reproduce (set "
-               "--length-buckets false or micro_batch_size = batch_size to batch them)")
-    elif cfg.compute_dtype != "float32" and device.type == "cpu":
-        why = f"compute_dtype {cfg.compute_dtype} (autocast over float32 masters) is applied by the sequential path only"
-    else:
-        why = refusal(get_method(cfg.method, cfg.method_options))
-    if why:
-        log(f"[bench] client_batching: {why}; its clients train one by one")
-        return False
-    log(f"[bench] client_batching: on ({cfg.client_batching}): a round's clients share one forward/backward per micro-step")
-    return True

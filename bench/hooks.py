@@ -2,14 +2,15 @@
 subscribes only when one of their environment variables is set.
 
 BENCH_TEST_KILL_AT=<point>: the process SIGKILLs itself at that exact point, so tests can crash a real
-  run deterministically. Points (bench/engine.py, bench/checkpoint.py and bench/export.py announce them):
+  run deterministically. Points (bench/engine.py, bench/checkpoint.py, bench/export.py and evaluators/runner.py
+  announce them):
   round<r>:client<k> (after the first optimizer step of client k in round r), round<r>:aggregate
   (after aggregation, nothing saved), round<r>:metrics (metrics.jsonl written, checkpoint not),
   round<r>:checkpoint-write (new state file half-way: written to the temporary folder, not renamed),
   round<r>:checkpoint-swap (old checkpoint moved aside, new one not yet in place), test-loss,
   final-save (global model written to its temporary folder), eval, record (global model in place,
-  results record not yet written); eval-request:<n> (evaluators: right after lm-eval's n-th answered
-  request is in the request cache).
+  results record not yet written); eval-request:<n> (evaluators: right after lm-eval's n-th answer
+  is committed to the request cache).
 BENCH_TEST_PAUSE_AT=<point>: at that point the process prints "test hook: paused at <point>" to stderr
   and waits (≤ 300 s) for SIGINT/SIGTERM, so a test can deliver a real signal at an exact point.
 BENCH_TEST_POISON=<r>:<k>[:nan|inf|big]: after local training, client k of round r (k may be *) sends

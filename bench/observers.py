@@ -2,7 +2,7 @@
 order (through Observers); none of them changes what the server or the clients compute.
 
 Events: client_done (a reply arrived), aggregated, round_done, point(name) (a named point of the run: the loop,
-bench/checkpoint.py and bench/export.py announce them; bench/hooks.py lists them) and signal(name) (SIGINT or
+bench/checkpoint.py, bench/export.py and the evaluators' request cache announce them; bench/hooks.py lists them) and signal(name) (SIGINT or
 SIGTERM arrived). Observers that are not the engine's own (test hooks) subscribe a factory: each run asks it
 for an observer (subscribe, run_observers).
 

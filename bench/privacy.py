@@ -34,6 +34,7 @@ import torch
 
 from . import BenchError
 from . import data as data_mod
+from .seeds import seed_stream
 
 ACCOUNTANTS = ("rdp", "prv")
 DEFINITION = ("record-level DP-SGD inside each client: each client's uploads over the whole run are (ε, δ)-DP "
@@ -153,7 +154,7 @@ def dp_local_train(model, examples: list[dict], cfg, seed: int, device, pad_id: 
     q, steps, sigma = sample_rate(cfg, n), steps_per_round(cfg, n), noise_multiplier(cfg, n)
     model.train()
     torch.manual_seed(seed)  # dropout
-    rng = np.random.default_rng([seed, 6151])
+    rng = seed_stream("dp_sampling", seed)
     losses, tokens, sampled, clipped = [], 0, 0, 0
     with PrivateGradient(model, params, cfg.dp_clip_norm, sigma, q * n, seed, device) as dp:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

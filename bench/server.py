@@ -2,7 +2,7 @@
 
 Its state is plain tensors: the method's global state, every round's base merge (the full-precision
 base delta is their sum, exact, in factored form) and, per client, its current rank and the last merge
-round its base holds. A transport (bench/transport.py, bench/flower/) carries the messages; the
+round its base holds. A transport (bench/transports/, bench/flower/) carries the messages; the
 engine (bench/engine.py) drives the rounds and owns the files.
 """
 from __future__ import annotations
@@ -16,11 +16,7 @@ from methods import AggregationMethod, ClientSpec, ClientUpdate, Factors, Global
 
 from . import BenchError
 from .messages import EvalReply, EvaluateMessage, Reply, TaskMessage, factor_bytes, mean_loss, task_bytes
-
-
-def derive_seed(*parts: int) -> int:
-    """Every random draw derives from (seed, round, client): a resumed run needs no RNG state."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+from .seeds import derive_seed
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> list[int]:

@@ -103,7 +103,7 @@ def exactness(device, log=print) -> dict:
     dev = torch.device(device)
     model, layers, _ = _model(config, dev, torch.float32, RANKS[:3], 0.1)
     cfg = build_config(overrides=dict(local_steps=None, local_epochs=1.0, batch_size=4, micro_batch_size=2, lr=1e-3,
-                                      length_buckets=False,  # the engine trains that case sequentially (engine._client_batching)
+                                      length_buckets=False,  # the engine trains that case sequentially (transports.inprocess._client_batching)
                                       lora_dropout=0.1))
     jobs = _jobs(3, 256, (12, 40), (5, 14), layers, torch.float32, seed=1)
     seq = _sequential(model, layers, jobs, cfg, dev)

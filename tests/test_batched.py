@@ -101,23 +101,23 @@ def test_batched_adamw_equals_torch_adamw_per_client():
 
 def test_unbatchable_method_is_trained_one_by_one_with_a_note():
     from bench.batched import refusal
-    from bench.engine import _client_batching
+    from bench.transports.inprocess import _client_batching
     from methods import get_method
 
     assert all(refusal(get_method(m)) is None for m in METHODS)
     cls = type(get_method("fedit"))
     monkey = type("Unbatchable", (cls,), {"batchable": False})
     assert "unbatchable" in refusal(monkey())
-    import bench.engine as engine
+    import bench.transports.inprocess as transport
 
     cfg = build_config(preset="tiny", overrides={"method": "fedit", "client_batching": "on"})
     notes = []
-    orig = engine.get_method
+    orig = transport.get_method
     try:
-        engine.get_method = lambda *a, **k: monkey()
+        transport.get_method = lambda *a, **k: monkey()
         assert _client_batching(cfg, torch.device("cpu"), notes.append) is False
     finally:
-        engine.get_method = orig
+        transport.get_method = orig
     assert len(notes) == 1 and "one by one" in notes[0]
     assert _client_batching(cfg, torch.device("cpu"), notes.append) is True
 

@@ -40,16 +40,23 @@ FIELD_HELP = {
     "dp_noise_multiplier": "σ of DP-SGD's Gaussian noise (instead of --dp-epsilon); the spent ε is recorded per round",
     "dp_clip_norm": "C: each example's gradient on the trained factors is clipped to this L2 norm (default 1.0)",
     "dp_accountant": "rdp | prv: Opacus's accountant for calibration and the spent ε",
-    "engine": "inprocess (clients trained in this process) | flower-sim (Flower's simulation engine) | flower "
-              "(a SuperLink, --superlink): docs/flower.md",
     "client_batching": "auto (default: on with CUDA, off on the CPU) | on | off: a round's in-process clients share one "
                        "forward/backward per micro-step, each with its own factors, optimizer, data order and dropout "
                        "(docs/performance.md)",
 }
 
 
+def _engine_help() -> str:
+    from bench.transports import TRANSPORTS, transport_names
+
+    return "where the clients run, a registered transport (bench/transports/): " + " | ".join(
+        f"{n} ({TRANSPORTS[n].description})" for n in transport_names()) + "; docs/flower.md"
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from bench.config import FIELDS
+
+    helps = {**FIELD_HELP, "engine": _engine_help()}
 
     p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
@@ -57,14 +64,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         if str(f.type).startswith("bool"):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=FIELD_HELP.get(name))
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helps.get(name))
         else:
-            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=FIELD_HELP.get(name))
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=helps.get(name))
 
 
 def cmd_run(args) -> int:
     from bench.config import FIELDS, build_config
-    from bench.engine import Interrupted, run_federated
+    from bench.engine import Interrupted
 
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     if args.no_eval:
@@ -80,17 +87,14 @@ def cmd_run(args) -> int:
         preset = None if (args.config or overrides.get("preset")) else "quick"
         cfg = build_config(preset=preset, config_file=args.config, overrides=overrides)
     from .evaluator import evaluator_for
-    from .flower_launch import run_engine, wants_flower
+    from .launch import launch
 
     evaluator = evaluator_for(cfg)
-    if wants_flower(cfg, args):  # Flower's simulation or a SuperLink (bench/flower/)
-        record = run_engine(cfg, args, evaluator)
-    else:
-        try:
-            record = run_federated(cfg, resume=args.resume, evaluator=evaluator)
-        except Interrupted as exc:
-            print(f"interrupted: {exc}", file=sys.stderr)
-            return 130
+    try:
+        record = launch(cfg, args, evaluator)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     if evaluator is not None and (record or {}).get("eval"):  # last, after lm-eval's progress output
         print(evaluator.summary_table(record["eval"]))
     return 0

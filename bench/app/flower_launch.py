@@ -27,23 +27,18 @@ from pathlib import Path
 from bench import BenchError
 from bench.flower.options import JOB_KEY, FlowerOptions, make_job, options_from_args
 
-FLOWER_ENGINES = ("flower-sim", "flower")
-
-
-def wants_flower(cfg, args) -> bool:
-    """True when this `bench run` is for a Flower engine; BenchError for Flower flags without one."""
-    if cfg.engine in FLOWER_ENGINES:
-        return True
+def refuse_flags(cfg, args) -> None:
+    """BenchError for Flower flags on a run that no Flower engine hosts."""
     given = [f"--{n.replace('_', '-')}" for n in ("superlink", "root_certificates", "flower_app_dir", "sim_client_cpus")
              if getattr(args, n, None) is not None]
     if given:
         raise BenchError(f"engine: {given[0]} is a Flower flag but the engine is {cfg.engine!r}; add --engine flower "
                          "(or flower-sim), or drop the flag")
-    return False
 
 
 def run_engine(cfg, args, evaluator, log=print) -> dict | None:
-    """Run (or resume) cfg on its Flower engine; the results record (None when only an app folder was written)."""
+    """Run (or resume) cfg on its Flower engine (bench/app/launch.py dispatches here); the results record (None
+    when only an app folder was written)."""
     from bench.flower import require_flwr
 
     opts = options_from_args(args)

@@ -22,7 +22,7 @@ def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
     """Run a job on this grid; returns the results record."""
     from bench.engine import preflight, run_federated
     from bench.flower import wire
-    from bench.flower.transport import GridTransport
+    from bench.transports import get_transport
 
     cfg = wire.config_from_json(job["config"])
     opts = FlowerOptions.from_dict(job.get("options"))
@@ -32,7 +32,7 @@ def run_job(grid, job: dict, *, log=print, plan=None, evaluator=None):
         evaluator = evaluator_for(cfg)
     plan = plan or preflight(cfg, evaluator)
     session = Path(job.get("resume") or cfg.output_dir or "run").name
-    transport = GridTransport(grid, cfg, plan, session=session, name=job.get("engine", "flower"), opts=opts, log=log)
+    transport = get_transport(job["engine"])(grid, cfg, plan, session=session, opts=opts, log=log)
     return run_federated(cfg, resume=job.get("resume"), plan=plan, log=log, evaluator=evaluator, transport=transport)
 
 

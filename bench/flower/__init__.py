@@ -10,7 +10,8 @@ bench/messages.py (TRAIN, and EVALUATE for personalized methods):
     client_app.py  the ClientApp: one node = one client (partition id from the node config); its base
                    merges and personal factors live in context.state between messages
     transport.py   GridTransport: the engine's transport over a Flower Grid (node discovery, one TRAIN
-                   message per client, replies checked before they reach the engine, timeouts)
+                   message per client, replies checked before they reach the engine, timeouts), registered
+                   as flower-sim and flower (bench/transports/ imports it)
     options.py     the Flower flags of `bench run` and the job a ServerApp runs (no flwr import: the CLI
                    works without flwr)
 

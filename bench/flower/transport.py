@@ -1,4 +1,5 @@
-"""GridTransport: the engine's transport (bench/transport.py's Transport) over a Flower Grid.
+"""GridTransport: the engine's transport (bench/transports/base.py's Transport) over a Flower Grid, registered as
+flower-sim (SimulationTransport) and flower (DeploymentTransport).
 
     discover   QUERY every connected node once: it answers its partition id and its shard's
                fingerprint (in the simulation it also loads the model and tokenizes its shard, so rounds
@@ -28,7 +29,7 @@ from .. import BenchError
 from ..guard import ReplyFilter
 from ..messages import EvalReply, EvaluateMessage, Reply, TaskMessage
 from ..server import Refused
-from ..transport import Transport
+from ..transports import Transport, register_transport
 from . import wire
 from .options import FlowerOptions
 
@@ -44,9 +45,14 @@ ERROR_CODES = {1: "could not load the ClientApp", 2: "ClientApp raised", 3: "mes
 
 
 class GridTransport(Transport):
-    def __init__(self, grid, cfg, plan, *, session: str, name: str = "flower", opts: FlowerOptions | None = None,
-                 log=print, discover: bool = True):
-        self.grid, self.cfg, self.plan, self.session, self.name = grid, cfg, plan, session, name
+    """The messages over a Flower Grid; registered as the simulation's and the deployment's transports below."""
+
+    host = "flower"     # Flower's ServerApp builds it on its Grid (bench/app/flower_server_app.py)
+    warm_up = False     # nodes load the model and tokenize their shard when first asked (QUERY)
+
+    def __init__(self, grid, cfg, plan, *, session: str, opts: FlowerOptions | None = None, log=print,
+                 discover: bool = True):
+        self.grid, self.cfg, self.plan, self.session = grid, cfg, plan, session
         self.opts = opts or FlowerOptions()
         self.log = log
         self.run_json = wire.config_to_json(cfg)
@@ -62,10 +68,10 @@ class GridTransport(Transport):
     def _hello_message(self, node: int):
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-        # warm-up (model load, tokenisation) only where the process lives on: the simulation's actors
+        # warm-up (model load, tokenisation) only where the process lives on (warm_up): the simulation's actors
         return Message(RecordDict({wire.CONFIG: ConfigRecord({"protocol": wire.PROTOCOL, "run": self.run_json,
                                                               "session": self.session,
-                                                              "warm": self.name == "flower-sim"})}),
+                                                              "warm": self.warm_up})}),
                        dst_node_id=node, message_type=MessageType.QUERY)
 
     def discover(self, need: set[int], timeout: float, strict: bool) -> None:
@@ -283,3 +289,19 @@ class GridTransport(Transport):
 
     def restore(self, tensors, meta, merges) -> None:
         """Nodes keep their own base; one that lost it answers "base out of sync" and the engine resends."""
+
+
+@register_transport("flower-sim")
+class SimulationTransport(GridTransport):
+    """Flower's simulation engine in this process: virtual SuperNodes in Ray actors that live for the run."""
+
+    description = "Flower's simulation engine"
+
+    warm_up = True
+
+
+@register_transport("flower")
+class DeploymentTransport(GridTransport):
+    """A run submitted to a SuperLink, one SuperNode per client."""
+
+    description = "a SuperLink, --superlink"
