@@ -25,6 +25,8 @@ from . import BenchError
 from .config import COMPUTE_DTYPES, resolve_dtype as config_dtype
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementation registered below
+# RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x²) + eps)) in float32 for float32 inputs
+FUSED_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 
 
 def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
@@ -84,15 +86,39 @@ def _register_float32_attention() -> bool:
     except ImportError:
         return False
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        q, k, v = query.float(), key.float(), value.float()
         with torch.autocast(query.device.type, enabled=False):  # autocast would cast sdpa's inputs back down
-            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
-                                                  attention_mask, **kwargs)
-        return out.to(query.dtype), weights
+            if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or q.shape[2] == 1:
+                out, _ = sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling,
+                                                is_causal=is_causal, **kwargs)
+            else:
+                # grouped-query heads read their shared key/value heads in place (transformers copies them with
+                # repeat_kv whenever there is a mask): 1.5x faster fwd + bwd on the model's shapes
+                causal = (attention_mask is None and q.shape[2] > 1
+                          and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+                    enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2).contiguous()
+        return out.to(query.dtype), None
 
     AttentionInterface.register(FLOAT32_ATTENTION, attention)
     AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
     return True
+
+
+def _fused_rms_norm(norm):
+    """A forward for `norm` through torch's fused rms_norm (one kernel each way instead of six elementwise ops;
+    the same float32 arithmetic), or its own forward where the inputs are not float32."""
+    own = type(norm).forward.__get__(norm)
+
+    def forward(hidden):
+        w = norm.weight
+        if hidden.dtype != torch.float32 or w.dtype != torch.float32:
+            return own(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.rms_norm(hidden, w.shape, w, norm.variance_epsilon)
+    return forward
 
 
 class MixedPrecision:
@@ -115,6 +141,7 @@ class MixedPrecision:
         self._views: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(module) -> (the master's stamp, its view)
         self.float32_attention = (getattr(self.config, "_attn_implementation", None) == "sdpa"
                                   and _register_float32_attention())
+        self.norms = [m for m in model.modules() if type(m).__name__ in FUSED_RMS_NORMS]
 
     def _view(self, module) -> torch.Tensor:
         """The weight's bfloat16 view, re-made when the weight was written (a merge bumps its version) or moved."""
@@ -131,19 +158,35 @@ class MixedPrecision:
 
     @contextlib.contextmanager
     def views(self):
+        """The bfloat16 weight views in place of the masters, and `kernels()`."""
         masters = [m.weight.data for m in self.modules]
-        attn = self.config._attn_implementation
         try:
             for m in self.modules:
                 m.weight.data = self._view(m)
-            if self.float32_attention:
-                self.config._attn_implementation = FLOAT32_ATTENTION
-            yield
+            with self.kernels():
+                yield
         finally:
             for m, w in zip(self.modules, masters):
                 m.weight.data = w
+
+    @contextlib.contextmanager
+    def kernels(self):
+        """Float32 attention with grouped-query heads read in place, and fused RMSNorms: the model's own arithmetic
+        in float32 (per-example losses and gradients equal to float tolerance; tests/test_compute.py), fewer ops."""
+        attn = self.config._attn_implementation
+        try:
+            if self.float32_attention:
+                self.config._attn_implementation = FLOAT32_ATTENTION
+            for m in self.norms:
+                m.forward = _fused_rms_norm(m)
+            yield
+        finally:
             self.config._attn_implementation = attn
+            for m in self.norms:
+                m.__dict__.pop("forward", None)
 
     def note(self) -> str:
         return (f"{len(self.modules)} frozen Linear weights as cached {str(self.dtype)[6:]} views; attention in "
-                f"{'float32' if self.float32_attention else str(self.dtype)[6:]}; output layer float32")
+                f"{'float32' if self.float32_attention else str(self.dtype)[6:]}"
+                f"{' (grouped-query heads without copies)' if self.float32_attention else ''}; "
+                f"{len(self.norms)} RMSNorms fused; output layer float32")
