@@ -24,7 +24,8 @@ import torch
 from . import BenchError
 from .config import COMPUTE_DTYPES, resolve_dtype as config_dtype
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementation registered below
+FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementations registered below
+FLOAT32_GQA_ATTENTION = "sdpa_float32_gqa"
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x²) + eps)) in float32 for float32 inputs
 FUSED_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 
@@ -78,7 +79,8 @@ def resolve_compute_dtype(name: str, storage: torch.dtype, device: torch.device,
 
 
 def _register_float32_attention() -> bool:
-    """Register FLOAT32_ATTENTION with transformers: sdpa with q, k, v in float32 (False: not supported here)."""
+    """Register FLOAT32_ATTENTION and FLOAT32_GQA_ATTENTION with transformers: sdpa with q, k, v in float32, the
+    second reading grouped-query key/value heads in place (False: not supported here)."""
     try:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -86,24 +88,30 @@ def _register_float32_attention() -> bool:
     except ImportError:
         return False
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        q, k, v = query.float(), key.float(), value.float()
+    def attention(module, query, key, value, attention_mask, **kwargs):
         with torch.autocast(query.device.type, enabled=False):  # autocast would cast sdpa's inputs back down
-            if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or q.shape[2] == 1:
-                out, _ = sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling,
-                                                is_causal=is_causal, **kwargs)
-            else:
-                # grouped-query heads read their shared key/value heads in place (transformers copies them with
-                # repeat_kv whenever there is a mask): 1.5x faster fwd + bwd on the model's shapes
-                causal = (attention_mask is None and q.shape[2] > 1
-                          and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-                    enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2).contiguous()
-        return out.to(query.dtype), None
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                  attention_mask, **kwargs)
+        return out.to(query.dtype), weights
 
-    AttentionInterface.register(FLOAT32_ATTENTION, attention)
-    AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
+    def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+        if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or query.shape[2] == 1:
+            return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, **kwargs)
+        # transformers copies the shared key/value heads (repeat_kv) whenever there is a mask; sdpa's enable_gqa
+        # reads them in place: 1.5x faster fwd + bwd on SmolLM2's shapes
+        causal = (attention_mask is None and query.shape[2] > 1
+                  and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+        with torch.autocast(query.device.type, enabled=False):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.float(), key.float(), value.float(), attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+    for name, fn in ((FLOAT32_ATTENTION, attention), (FLOAT32_GQA_ATTENTION, grouped_attention)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return True
 
 
@@ -129,8 +137,9 @@ class MixedPrecision:
     model's forward runs only under `autocast()` (the backward after it, outside), and nothing writes the base.
     """
 
-    def __init__(self, model, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model, dtype: torch.dtype = torch.bfloat16, fused_kernels: bool = True):
         self.dtype = dtype
+        self.fused_kernels = fused_kernels  # kernels(): off only to measure what they save (bench perf)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = base.config
         # the embeddings are a lookup (no autocast) and the output layer runs in float32 (token_loss)
@@ -158,25 +167,32 @@ class MixedPrecision:
 
     @contextlib.contextmanager
     def views(self):
-        """The bfloat16 weight views in place of the masters, and `kernels()`."""
+        """The bfloat16 weight views in place of the masters, float32 attention, and `kernels()`."""
         masters = [m.weight.data for m in self.modules]
+        attn = self.config._attn_implementation
         try:
             for m in self.modules:
                 m.weight.data = self._view(m)
+            if self.float32_attention:
+                self.config._attn_implementation = FLOAT32_ATTENTION
             with self.kernels():
                 yield
         finally:
             for m, w in zip(self.modules, masters):
                 m.weight.data = w
+            self.config._attn_implementation = attn
 
     @contextlib.contextmanager
     def kernels(self):
         """Float32 attention with grouped-query heads read in place, and fused RMSNorms: the model's own arithmetic
         in float32 (per-example losses and gradients equal to float tolerance; tests/test_compute.py), fewer ops."""
+        if not self.fused_kernels:
+            yield
+            return
         attn = self.config._attn_implementation
         try:
             if self.float32_attention:
-                self.config._attn_implementation = FLOAT32_ATTENTION
+                self.config._attn_implementation = FLOAT32_GQA_ATTENTION
             for m in self.norms:
                 m.forward = _fused_rms_norm(m)
             yield
@@ -188,5 +204,5 @@ class MixedPrecision:
     def note(self) -> str:
         return (f"{len(self.modules)} frozen Linear weights as cached {str(self.dtype)[6:]} views; attention in "
                 f"{'float32' if self.float32_attention else str(self.dtype)[6:]}"
-                f"{' (grouped-query heads without copies)' if self.float32_attention else ''}; "
-                f"{len(self.norms)} RMSNorms fused; output layer float32")
+                f"{' (grouped-query heads without copies)' if self.float32_attention and self.fused_kernels else ''}; "
+                f"{len(self.norms) if self.fused_kernels else 0} RMSNorms fused; output layer float32")
