@@ -26,6 +26,9 @@ from .config import COMPUTE_DTYPES, resolve_dtype as config_dtype
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FLOAT32_ATTENTION = "sdpa_float32"   # the attention implementations registered below
 FLOAT32_GQA_ATTENTION = "sdpa_float32_gqa"
+# what MixedPrecision runs (its default), as the record's compute_reason states it
+MIXED_PATH = ("bfloat16 autocast over float32 masters; cached bfloat16 frozen weights; "
+              "float32 grouped-query attention and fused RMSNorms")
 # RMSNorm classes whose forward is exactly weight * (x * rsqrt(mean(x²) + eps)) in float32 for float32 inputs
 FUSED_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 
@@ -69,12 +72,12 @@ def resolve_compute_dtype(name: str, storage: torch.dtype, device: torch.device,
     if name == "float32":
         return torch.float32, "requested"
     if name == "bfloat16":
-        return torch.bfloat16, "requested (bfloat16 autocast over float32 masters)"
+        return torch.bfloat16, f"requested ({MIXED_PATH})"
     if device.type != "cpu":
         return torch.float32, f"auto on {device.type}: compute in the storage dtype (float32)"
     flags = cpu_bf16_flags(cpuinfo)
     if flags:
-        return torch.bfloat16, f"auto: this CPU has {', '.join(flags)} (bfloat16 autocast over float32 masters)"
+        return torch.bfloat16, f"auto: this CPU has {', '.join(flags)} ({MIXED_PATH})"
     return torch.float32, "auto: this CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be slower; float32"
 
 
