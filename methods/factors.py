@@ -341,6 +341,10 @@ def gram(x: Tensor, blocks: int = 8) -> Tensor:
         torch.mm(x[edge[i]:edge[i + 1]], x[edge[i]:].mT, out=g[edge[i]:edge[i + 1], edge[i]:])
     for i in range(blocks - 1):
         g[edge[i + 1]:, edge[i]:edge[i + 1]] = g[edge[i]:edge[i + 1], edge[i + 1]:].mT
+    for i in range(blocks):  # a BLAS need not give x_i x_iᵀ exactly symmetric (MKL on AMD does not): mirror its upper half
+        d = g[edge[i]:edge[i + 1], edge[i]:edge[i + 1]]
+        low = torch.ones_like(d, dtype=torch.bool).tril(-1)
+        d[low] = d.mT[low]
     return g
 
 
