@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="default",
                    help="model for memory and overhead (default: SmolLM2-135M-Instruct; tiny-random-llama for smoke runs)")
     p.add_argument("--method", default="flora", help="aggregation method of the memory and overhead runs (default: flora)")
+    p.add_argument("--preset", default="study", help="preset whose local training `training` measures (default: study)")
     p.add_argument("--repeats", type=int, default=None,
                    help="engine/bare pairs in the overhead measure (default: 3, quick: 2); passes over the training variants (default: 3, quick: 1)")
     p.add_argument("--memory-clients", default="1,5,20", metavar="N,N,...",
@@ -134,7 +135,8 @@ def main(args) -> int:
             elif section == "training":  # benchmarks/train_perf.py
                 from . import train_perf
 
-                r = train_perf.measure_training(args.model, quick=args.quick, repeats=args.repeats, log=log)
+                r = train_perf.measure_training(args.model, quick=args.quick, repeats=args.repeats, log=log,
+                                                preset=args.preset)
             elif section == "clients":  # a round's clients batched vs sequential (benchmarks/clients_perf.py)
                 from . import clients_perf
 

@@ -1,6 +1,7 @@
 """Local training's speed paths: bfloat16 mixed precision over float32 masters, and length-bucketed
 micro-batches. Bucketing must leave the objective alone (the same labelled tokens, the same normalisation, so the
 same gradient); mixed precision must keep the masters, factors and optimizer in float32 and stay close to float32."""
+import contextlib
 import dataclasses
 import itertools
 
@@ -181,6 +182,46 @@ def test_mixed_precision_gradient_is_close_to_float32(runtime):
     assert grads[True].dtype == torch.float32
     rel = float((grads[True] - grads[False]).norm() / grads[False].norm())
     assert 0 < rel < 0.05, rel   # bf16 rounding, not another objective
+
+
+def test_mixed_precision_kernels_are_the_models_float32_arithmetic(runtime, monkeypatch):
+    """Float32 attention over grouped-query heads without copies and fused RMSNorms: per-example losses and the
+    LoRA gradients equal the model's own float32 computation (padded batches, so the attention mask is used)."""
+    rt = runtime
+    base = rt.model.get_base_model()
+    assert base.config.num_key_value_heads < base.config.num_attention_heads and rt.precision.norms
+    rt._load("r4", 4, None, init_seed=0)
+    for l in rt.layers.values():
+        torch.nn.init.normal_(l.lora_B["r4"].weight, std=0.05)
+    params = [p for l in rt.layers.values() for p in (l.lora_A["r4"].weight, l.lora_B["r4"].weight)]
+    batch = collate(rt.examples[0][:4], 0)
+    used = {"rms_norm": 0, "enable_gqa": 0}
+    rms_norm, sdpa = torch.nn.functional.rms_norm, torch.nn.functional.scaled_dot_product_attention
+
+    def spy_rms_norm(*a, **k):
+        used["rms_norm"] += 1
+        return rms_norm(*a, **k)
+
+    def spy_sdpa(*a, **k):
+        used["enable_gqa"] += bool(k.get("enable_gqa"))
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", spy_rms_norm)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    out = {}
+    for fused in (False, True):
+        for p in params:
+            p.grad = None
+        with rt.precision.kernels() if fused else contextlib.nullcontext():
+            sums, counts = token_loss(rt.model, batch, CPU, per_example=True)
+        sums.sum().backward()
+        out[fused] = sums.detach(), torch.cat([p.grad.flatten() for p in params])
+    layers = base.config.num_hidden_layers
+    assert used == {"rms_norm": 2 * layers + 1, "enable_gqa": layers}   # every norm and attention, in the fused pass
+    assert base.config._attn_implementation == "sdpa"
+    assert not any("forward" in m.__dict__ for m in rt.precision.norms)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)
 
 
 def test_views_follow_a_merge(runtime):
