@@ -81,8 +81,12 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
         if baseline and anchor is not None:
             bases = ([r for r in members if r.method == baseline]
                      or [w for w in wild if w.method == baseline and _joins(w, anchor)])
+            base_lrs = {b.lr for b in bases}
             for b in bases:
-                pairs += [(r, b) for r in members if r is not b]
+                # a tuning grid holds the baseline at several lrs: a run row at one of them is compared with the
+                # baseline at its own lr (equal step size), the other rows with each (the table names which)
+                pairs += [(r, b) for r in members if r is not b and (len(bases) == 1 or r.method == baseline
+                                                                     or r.lr not in base_lrs or r.lr == b.lr)]
                 pairs += [(w, b) for w in wild if w is not b and _joins(w, anchor)]
         involved = list({id(r): r for r in members + [x for p in pairs for x in p]}.values())
         res = Resampler(ctx, max(r.n for r in involved))
@@ -201,11 +205,13 @@ def paired_table(comparisons: list[Comparison], metrics: dict[str, Metric], main
     ms = shown_metrics(comparisons, metrics, main)
     digits = {m.name: decimals([c.diffs.get(m.name) for c in comparisons]) for m in ms}
     comparisons = sorted(comparisons, key=lambda c: _sort_key(c, main, cols))
+    several_bases = len({id(c.base) for c in comparisons}) > 1   # each row then names the baseline row it is paired with
     cells, sort_values, strong = [], [], []
     for c in comparisons:
         n_seeds = len({s for seeds in c.seeds.values() for s in seeds})
-        line = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), str(n_seeds)]
-        sv = [fmt_value(c.where.fields.get(k)) for k in shown] + [method_label(c.row), n_seeds]
+        label = method_label(c.row) + (f" vs {method_label(c.base)}" if several_bases else "")
+        line = [fmt_value(c.where.fields.get(k)) for k in shown] + [label, str(n_seeds)]
+        sv = [fmt_value(c.where.fields.get(k)) for k in shown] + [label, n_seeds]
         sig = [False] * len(line)
         for m in ms:
             e, t, d = c.diffs.get(m.name), c.seed.get(m.name), digits[m.name]
@@ -294,7 +300,7 @@ def paired_html(comparisons: list[Comparison], metrics: dict[str, Metric], main:
     return out + html_table(table, "paired", strong) + "\n"
 
 
-PAIRED_COLUMNS = ("method", "kind", "reference", "baseline", "metric", "label", "lower_is_better", "diff", "ci_low",
+PAIRED_COLUMNS = ("method", "lr", "kind", "reference", "baseline", "baseline_lr", "metric", "label", "lower_is_better", "diff", "ci_low",
                   "ci_high", "se", "mdd", "ci_excludes_0", "seed_diffs", "seed_se", "seed_p", "holm_alpha",
                   "holm_p", "family_size", "seed_ci_low", "seed_ci_high", "seed_mdd", "significant", "n_seeds",
                   "seeds", "examples_per_seed")
@@ -315,7 +321,7 @@ def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> p
             out.append({**{k: fmt_value(c.where.fields.get(k)) if c.where.fields.get(k) is not None else None
                            for k in cols},
                         "method": c.row.method, "kind": c.row.kind, "reference": c.row.reference,
-                        "baseline": c.base.method, "metric": name, "label": m.label,
+                        "lr": c.row.lr, "baseline": c.base.method, "baseline_lr": c.base.lr, "metric": name, "label": m.label,
                         "lower_is_better": m.lower_is_better, "diff": e.mean, "ci_low": e.lo, "ci_high": e.hi,
                         "se": e.se, "mdd": e.mdd, "ci_excludes_0": e.excludes_zero,
                         "seed_diffs": ";".join(f"{x:.6g}" for x in t.diffs), "seed_se": t.se, "seed_p": t.p,

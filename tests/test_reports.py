@@ -327,14 +327,16 @@ SYNTHETIC_SETTING = {"model": "synthetic-model", "dataset": "synthetic", "partit
                      "preset": "synthetic"}
 
 
-def _write_synthetic(folder: Path, method: str, seed: int, test: dict | None = None, tasks: dict | None = None) -> dict:
+def _write_synthetic(folder: Path, method: str, seed: int, test: dict | None = None, tasks: dict | None = None,
+                     lr: float | None = None) -> dict:
     """A record built by the engine's own writer (bench.record.build_record) around synthetic numbers."""
     from bench.io import atomic_write_json
     from bench.record import build_record
 
-    run_id = f"{method}-s{seed}"
+    run_id = f"{method}-s{seed}" + (f"-lr{lr:g}" if lr is not None else "")
+    config = {"method": method, "seed": seed, **({"lr": lr} if lr is not None else {})}
     rec = build_record(kind="run", run_id=run_id, method=method, setting=json.loads(json.dumps(SYNTHETIC_SETTING)),
-                       seed=seed, config={"method": method, "seed": seed}, config_hash="0" * 64, provenance={},
+                       seed=seed, config=config, config_hash="0" * 64, provenance={},
                        dtypes={"export": "float32", "eval": "float32" if tasks else None}, timings={"total_s": 1.0},
                        run_dir=f"runs/{run_id}", rounds=[{"round": 1, "clients": []}], test=test,
                        eval={"backend": "hf", "dtype": "float32", "tasks": tasks} if tasks else None)
@@ -438,6 +440,23 @@ def test_seed_level_ci_and_holm_match_an_independent_computation(synthetic, tmp_
     median = float(np.median([(stats.t.ppf(1 - 0.05 / 8, 2) + stats.t.ppf(0.8, 2)) * x for x in se.values()]))
     got = re.search(r"over the 4 comparisons of this metric\): ([0-9.]+) \(median over 4 comparisons", md).group(1)
     assert float(got) == pytest.approx(median, abs=0.5 * 10 ** -len(got.split(".")[1]) + 1e-12)
+
+
+def test_a_tuning_grid_pairs_each_lr_with_the_baseline_at_that_lr(tmp_path):
+    """Baseline and method at two lrs: each method cell is compared with the baseline at its own lr (not with every
+    baseline cell), and every line of the paired table names the baseline row it was paired with."""
+    res = tmp_path / "tune"
+    for lr, offset in ((1e-4, 0.1), (1e-3, -0.2)):
+        _write_synthetic(res, "fedit", 0, _held_out(0.0, 0), lr=lr)
+        _write_synthetic(res, "flora", 0, _held_out(offset, 0), lr=lr)
+    build_report([str(res)], str(tmp_path / "o"))
+    rows = [p for p in _csv(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss" and p["method"] == "flora"]
+    assert sorted((r["lr"], r["baseline_lr"]) for r in rows) == [("0.0001", "0.0001"), ("0.001", "0.001")]
+    for r in rows:   # fedit's records are identical at both lrs, so each difference is the cell's own offset
+        assert float(r["diff"]) == pytest.approx(0.1 if r["lr"] == "0.0001" else -0.2, abs=0.01)
+    md = (tmp_path / "o" / "LEADERBOARD.md").read_text().split("## Leaderboard")[0]
+    assert "flora @ lr 0.001 vs fedit @ lr 0.001" in md and "flora @ lr 0.001 vs fedit @ lr 0.0001" not in md
+    assert "fedit @ lr 0.001 vs fedit @ lr 0.0001" in md   # the baseline's own lrs still compare
 
 
 def test_t_distribution_matches_scipy():
