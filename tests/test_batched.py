@@ -67,8 +67,11 @@ def test_batched_round_equals_sequential_round(tmp_path, shared_data, method):
         elif products and key.endswith("/B"):
             continue
         elif t.is_floating_point():
+            # float32 sums in another order (the batch's shapes, 2 BLAS threads) differ by ~1e-7 relative; AdamW
+            # divides by √v, so where a gradient is near zero that difference reaches the update almost whole:
+            # measured up to 6.3e-5 of the tensor's scale (FFA-LoRA, 2 threads, AMD EPYC), 0 at 1 thread
             scale = float(t.abs().max()) if t.numel() else 0.0
-            assert torch.allclose(bat_state[key], t, rtol=1e-4, atol=1e-5 * max(scale, 1e-3)), key
+            assert torch.allclose(bat_state[key], t, rtol=1e-4, atol=2e-4 * max(scale, 1e-3)), key
         else:
             assert torch.equal(bat_state[key], t), key
     assert seq["test_loss"] == pytest.approx(bat["test_loss"], rel=1e-5)
