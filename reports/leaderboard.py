@@ -153,13 +153,14 @@ def task_metrics(records: list[Record], notes: list[str]) -> dict[str, Metric]:
 
 
 def report_metrics(rows: list[Row], tasks: dict[str, Metric], notes: list[str]) -> dict[str, Metric]:
-    """Every metric some row has, in display order: the held-out losses, the task average, each task."""
+    """Every metric some row has, in display order: the held-out losses, the task average (over two tasks or more:
+    over one it would repeat that task's column), each task."""
     task_list = sorted(tasks)
     out = {}
     for name, m in HEADLINE.items():
         if any(r.series(name, task_list, notes) for r in rows):
             out[name] = m
-    if tasks:
+    if len(tasks) > 1:
         out[AVG.name] = AVG
     out.update({t: tasks[t] for t in task_list})
     return out
@@ -376,7 +377,7 @@ NOTE = ("Each cell: mean over seeds ± half-width of the 95% bootstrap CI (2.5th
         "global model's mean token loss on the pooled held-out split; Client loss (global): the global model on "
         "each client's own held-out split, mean over clients; Client loss (own model): each client's own model on "
         "its own split (a method without personal state serves the global model, so it equals the global one). "
-        "Avg = mean over all task columns (blank where a row lacks a task); a task's chance level is the mean "
+        "Avg = mean over all task columns (blank where a row lacks a task; shown with two tasks or more); a task's chance level is the mean "
         "of 1/(number of choices) over its documents. Comm. = bytes uploaded + downloaded over the run, mean over "
         "seeds. Wall time = timings.total_s, mean over seeds. Reference rows: the base model without federated "
         "training, centralized training, local-only training. Baseline rows are computed from the scored documents, "

@@ -6,7 +6,7 @@
 | client_loss     | test.per_client[k]                   | one per client: the global model on k's split   |
 | personal_loss   | personalized.per_client[k]           | one per client: k's own model on k's split      |
 | <task>          | eval.tasks[task].samples (per doc)   | one: the task's documents                       |
-| avg             | every leaderboard task               | one per task                                    |
+| avg             | every leaderboard task (≥ 2 tasks)   | one per task                                    |
 
 A method that keeps no personal state (trait `personalized` false) serves every client the global model, so its
 personal_loss is its client_loss: the two compare across personalized and global methods alike.
