@@ -29,6 +29,16 @@ def _git_state() -> dict:
 CODE = _git_state()
 
 
+def cpu_model() -> str | None:
+    """/proc/cpuinfo's model name (None where there is none): speed ratios depend on it (AMX on an Intel Xeon,
+    AVX512-BF16 alone on an AMD EPYC), and platform.processor() says only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def packages() -> dict[str, str]:
     out = {}
     for name in PACKAGES:

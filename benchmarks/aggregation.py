@@ -137,16 +137,9 @@ def sv_check(flex_out, s_dense: torch.Tensor, dw: torch.Tensor) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from bench.provenance import cpu_model
+
+    info = {"cpu": cpu_model() or platform.processor() or "", "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "dtype": str(DTYPE).replace("torch.", "")}
     try:

@@ -98,10 +98,9 @@ def main(argv=None) -> int:
                      f"{np.mean([r['test_loss_dp'] for r in rs]):.4f} / {np.mean([r['test_loss_clip_only'] for r in rs]):.4f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from bench.provenance import CODE
+    from bench.provenance import CODE, cpu_model
 
-    from .train_perf import _cpu_model
-    meta = {"machine": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "torch": torch.__version__,
+    meta = {"machine": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1), "preset": args.preset, "epsilon": args.epsilon, "delta": args.delta,
             "seeds": args.seeds, **CODE}
     lines += ["", f"Machine: {meta['cpu_model'] or meta['machine']}, torch {meta['torch']}; commit {meta['git_commit'][:12]}"

@@ -39,15 +39,6 @@ def _goal_note(precision) -> str | None:
     return precision.note()
 
 
-def _cpu_model() -> str | None:
-    """/proc/cpuinfo's model name: the bfloat16 ratio depends on it (AMX on Intel Xeon, AVX512-BF16 alone elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def measure_training(model: str = "default", quick: bool = False, repeats: int | None = None, log=_quiet,
                      preset: str = "study", method: str = "fedit") -> dict:
     import torch
@@ -56,7 +47,7 @@ def measure_training(model: str = "default", quick: bool = False, repeats: int |
     from bench.compute import cpu_bf16_flags
     from bench.config import build_config
     from bench.engine import client_examples, load_tokenizer, preflight
-    from bench.provenance import CODE
+    from bench.provenance import CODE, cpu_model
 
     from .eval_floor import matmul_rate
 
@@ -141,7 +132,7 @@ def measure_training(model: str = "default", quick: bool = False, repeats: int |
         "clients": clients, "steps_per_client": steps or cfg.local_steps, "tokens_per_variant": runs[BASELINE][0]["tokens"],
         "repeats": repeats, "torch_threads": torch.get_num_threads(), "cpu_bf16_flags": cpu_bf16_flags(),
         "mixed_precision": _goal_note(runtime.precision),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "flops_per_token": flops_per_token, "flops_convention": "4 × non-embedding parameters per token (LoRA training)",
         "matmul_peak": peak, "baseline": BASELINE + ", same process, same examples", "variants": summary, "runs": runs,
         "goal": "≥ 2× the float32 padded path's tokens/s (issue: study preset, same bench perf run)",
