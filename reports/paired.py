@@ -82,12 +82,21 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
             bases = ([r for r in members if r.method == baseline]
                      or [w for w in wild if w.method == baseline and _joins(w, anchor)])
             base_lrs = {b.lr for b in bases}
-            for b in bases:
+
+            def compared(r: Row, b: Row) -> bool:
                 # a tuning grid holds the baseline at several lrs: a run row at one of them is compared with the
                 # baseline at its own lr (equal step size), the other rows with each (the table names which); the
                 # baseline's own lrs are compared once per pair, the larger lr against the smaller
-                pairs += [(r, b) for r in members if r is not b and (
-                    len(bases) == 1 or ((r.lr or 0) > (b.lr or 0) if r.method == baseline else (r.lr not in base_lrs or r.lr == b.lr)))]
+                if r is b:
+                    return False
+                if len(bases) == 1:
+                    return True
+                if r.method == baseline:
+                    return (r.lr or 0) > (b.lr or 0)
+                return r.lr not in base_lrs or r.lr == b.lr
+
+            for b in bases:
+                pairs += [(r, b) for r in members if compared(r, b)]
                 pairs += [(w, b) for w in wild if w is not b and _joins(w, anchor)]
         involved = list({id(r): r for r in members + [x for p in pairs for x in p]}.values())
         res = Resampler(ctx, max(r.n for r in involved))
