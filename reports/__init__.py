@@ -16,7 +16,7 @@ from bench.io import atomic_write_text
 
 from .leaderboard import (build_rows, dumps_summary_row, leaderboard_frames, render_csv, render_html,
                           render_markdown, report_metrics, sort_rows, task_metrics)
-from .paired import analyse, paired_frame, paired_html, paired_markdown
+from .paired import GATE, PAIRED, analyse, gate_html, gate_markdown, of_family, paired_frame, paired_html, paired_markdown
 from .records import load_records
 from .stats import N_BOOT
 from .trivial import GENERATION_BASELINES, baseline_records
@@ -33,8 +33,10 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     baseline: the method every other is compared with (default fedit; a default with no rows gives no paired
     table, a named one with no rows is refused). metric: the main metric (default: the capability metric the records
     carry, see _main_metric; test_loss where they carry none): it leads the tables, orders the rows and heads the
-    paired table. Trivial-baseline rows (reports.trivial) join the records' rows under each setting.
-    Returns a summary: {"rows", "records", "table": [row digests], "comparisons": int, "baseline", "metric",
+    paired table. Trivial-baseline rows (reports.trivial) join the records' rows under each setting. Where a setting
+    has a centralized row, the gate (reports.paired.GATE) leads: centralized against the base model and every trivial
+    baseline on the main metric, its own Holm family; paired.csv holds both families (column "family").
+    Returns a summary: {"rows", "records", "table": [row digests], "comparisons": int, "gate": int, "baseline", "metric",
     "skipped": [{"file", "reason"}], "notes": [str], "files": [paths written], "plots_skipped": [{"plot", "reason"}],
     "plots_removed": [paths]}. Invalid, partial or old-schema records are skipped and listed, never raised. A missing
     results folder, or a --baseline / --metric that names nothing in the records, raises bench.BenchError.
@@ -58,7 +60,8 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
             why_none = (f"No paired comparison: no rows for the default baseline {baseline!r}; pass --baseline "
                         f"with one of: {', '.join(methods) or 'none'}.")
             baseline = None
-    comparisons = analyse(rows, metrics, baseline, notes)
+    every = analyse(rows, metrics, baseline, notes, gate_metric=main.name if main else None)
+    comparisons, gates = of_family(every, PAIRED), of_family(every, GATE)
     if baseline and not comparisons:
         why_none = f"No paired comparison: no other row shares a setting with a {baseline!r} row."
     rows = sort_rows(rows, main)
@@ -67,16 +70,18 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     out = Path(out_dir)
     files = []
     for name, text in (
-            ("LEADERBOARD.md", render_markdown(board, paired_markdown(comparisons, metrics, main, baseline, why_none)
+            ("LEADERBOARD.md", render_markdown(board, gate_markdown(gates, metrics, main)
+                                               + paired_markdown(comparisons, metrics, main, baseline, why_none)
                                                if main else [], len(records), skipped, notes, N_BOOT)),
             ("leaderboard.csv", render_csv(frame)),
-            ("leaderboard.html", render_html(board, paired_html(comparisons, metrics, main, baseline, why_none)
+            ("leaderboard.html", render_html(board, gate_html(gates, metrics, main)
+                                             + paired_html(comparisons, metrics, main, baseline, why_none)
                                              if main else "", len(records), skipped, notes, N_BOOT)),
-            ("paired.csv", render_csv(paired_frame(comparisons, metrics)))):
+            ("paired.csv", render_csv(paired_frame(every, metrics)))):
         atomic_write_text(out / name, text)
         files.append(str(out / name))
     summary = {"rows": len(rows), "records": len(records), "table": [dumps_summary_row(r) for r in rows],
-               "comparisons": len(comparisons), "baseline": baseline, "metric": main.name if main else None,
+               "comparisons": len(comparisons), "gate": len(gates), "baseline": baseline, "metric": main.name if main else None,
                "skipped": [s.as_dict() for s in skipped], "notes": notes, "files": files,
                "plots_skipped": [], "plots_removed": []}
     if plots:

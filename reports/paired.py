@@ -21,8 +21,13 @@ from .metrics import HEADLINE, Metric
 from .records import setting_key
 from .stats import (ALPHA, MDD_FACTOR, N_BOOT, POWER, Estimate, Resampler, SeedTest, align, bootstrap_difference,
                     bootstrap_series, holm, seed_test)
+from .trivial import KIND as TRIVIAL_KIND
 
 STAR = "★"
+# The gate (docs/study.md): the reference that trains on all the data must beat what needs no learning (the base
+# model, every trivial baseline) on the main metric before the methods' differences on it mean anything.
+GATE_REFERENCE = "centralized"
+PAIRED, GATE = "paired", "gate"   # Comparison.family: the table against the baseline method; the gate
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Comparison:
     examples: dict[str, float] = field(default_factory=dict)   # metric -> examples per seed compared (mean)
     seeds: dict[str, list] = field(default_factory=dict)       # metric -> the seeds compared
     seed: dict[str, SeedTest] = field(default_factory=dict)    # metric -> the seed-level test (Holm per metric)
+    family: str = PAIRED                                       # its Holm family: PAIRED or GATE
 
 
 def _context(row: Row) -> tuple:
@@ -59,8 +65,11 @@ def _basis(series) -> str:
                                     ("examples", any(p.size > 1 for ps in series.values() for p in ps.values()))) if on)
 
 
-def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, notes: list[str]) -> list[Comparison]:
-    """Fill every row's estimates (row.est, row.basis) and return the comparisons with `baseline`."""
+def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, notes: list[str],
+            gate_metric: str | None = None) -> list[Comparison]:
+    """Fill every row's estimates (row.est, row.basis) and return the comparisons with `baseline` (family PAIRED)
+    and, on `gate_metric`, those of the gate (family GATE): the GATE_REFERENCE row against the base model and
+    every trivial baseline of its context. Each family is Holm-corrected on its own, metric by metric."""
     tasks = [m for m in metrics if m not in HEADLINE and m != "avg"]
     contexts: dict[tuple, list[Row]] = {}
     for r in rows:
@@ -98,7 +107,12 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
             for b in bases:
                 pairs += [(r, b) for r in members if compared(r, b)]
                 pairs += [(w, b) for w in wild if w is not b and _joins(w, anchor)]
-        involved = list({id(r): r for r in members + [x for p in pairs for x in p]}.values())
+        gates: list[tuple[Row, Row]] = []
+        if gate_metric in metrics and anchor is not None:
+            untrained = [r for r in members + [w for w in wild if w not in members and _joins(w, anchor)]
+                         if r.method == "base" or r.kind == TRIVIAL_KIND]
+            gates = [(g, u) for g in members if g.method == GATE_REFERENCE for u in untrained]
+        involved = list({id(r): r for r in members + [x for p in pairs + gates for x in p]}.values())
         res = Resampler(ctx, max(r.n for r in involved))
         res.prepare([(_tag(r, m), seed, name, part) for r in involved for m in metrics
                      for seed, parts in r.series(m, tasks, notes).items() for name, part in parts.items()])
@@ -108,14 +122,22 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
                 if s:
                     r.est[m] = bootstrap_series(res, _tag(r, m), ("row", r.id), s)
                     r.basis[m] = _basis(s)
-        for r, b in pairs:
-            c = _compare(res, r, b, anchor, metrics, tasks, notes)
-            if c.diffs:   # rows with no metric in common (local-only's losses, a trivial baseline's tasks) compare on nothing
-                comparisons.append(c)
-    # one Holm family per metric: every comparison of the report on that metric (the paired table of one metric)
-    for m in metrics:
-        holm([c.seed[m] for c in comparisons if m in c.seed])
+        for family, these, on in ((PAIRED, pairs, metrics), (GATE, gates, {gate_metric: metrics.get(gate_metric)})):
+            for r, b in these:
+                c = _compare(res, r, b, anchor, on, tasks, notes)
+                c.family = family
+                if c.diffs:   # rows with no metric in common (local-only's losses, a trivial baseline's tasks) compare on nothing
+                    comparisons.append(c)
+    # one Holm family per metric and family: every comparison of the report on that metric (the paired table of one
+    # metric), and the gate's on its metric
+    for family in (PAIRED, GATE):
+        for m in metrics:
+            holm([c.seed[m] for c in comparisons if c.family == family and m in c.seed])
     return comparisons
+
+
+def of_family(comparisons: list[Comparison], family: str) -> list[Comparison]:
+    return [c for c in comparisons if c.family == family]
 
 
 def _spread_seed_free(row: Row, own, other):
@@ -294,6 +316,58 @@ def paired_markdown(comparisons: list[Comparison], metrics: dict[str, Metric], m
     return lines
 
 
+def gate_verdicts(gates: list[Comparison], main: Metric) -> list[str]:
+    """One sentence per reference row of the gate: passed where every Holm-corrected seed-level interval against the
+    base model and the trivial baselines excludes 0 on the better side."""
+    out = []
+    for ref in list({id(c.row): c.row for c in gates}.values()):
+        mine = [c for c in gates if c.row is ref and main.name in c.seed]
+        where = setting_text({k: v for k, v in ref.fields.items() if k in ("preset", "ranks")})
+        who = f"{method_label(ref)} ({where})" if where else method_label(ref)
+        if any(c.seed[main.name].ci is None for c in mine):
+            out.append(f"**Gate: not decided** for {who}: fewer than 2 seeds in a comparison, so no seed-level "
+                       "interval.")
+            continue
+        failed = [c for c in mine if not c.seed[main.name].significant
+                  or (c.seed[main.name].mean < 0) != main.lower_is_better]
+        n = min(c.seed[main.name].n for c in mine)
+        if failed:
+            out.append(f"**Gate: not passed** by {who} at {n} seeds: its seed-level interval against "
+                       f"{', '.join(method_label(c.base) for c in failed)} does not exclude 0 on the better side. "
+                       "The methods' differences on this metric are then not differences in what they learn.")
+        else:
+            out.append(f"**Gate: passed** by {who} at {n} seeds: above {', '.join(method_label(c.base) for c in mine)}"
+                       f" on {main.label}, every Holm-corrected seed-level interval excluding 0.")
+    return out
+
+
+def gate_intro(main: Metric) -> str:
+    return (f"Before the methods' differences on {main.label} mean anything, the reference that trains on all the "
+            f"clients' data ({GATE_REFERENCE}) must score above what needs no learning: the base model and every "
+            f"trivial baseline. Δ = {GATE_REFERENCE} − each, per seed on the same examples; seed-level t-interval "
+            f"over the seeds, Holm-corrected over the gate's comparisons (its own family).")
+
+
+def gate_markdown(gates: list[Comparison], metrics: dict[str, Metric], main: Metric) -> list[str]:
+    if not gates:
+        return []
+    from .leaderboard import md_table
+
+    table, _ = paired_table(gates, metrics, main)
+    return (["## Gate: does the reference learn what the metric measures?", "", gate_intro(main), ""]
+            + [*gate_verdicts(gates, main), ""] + md_table(table) + [""])
+
+
+def gate_html(gates: list[Comparison], metrics: dict[str, Metric], main: Metric) -> str:
+    if not gates:
+        return ""
+    e = html.escape
+    table, strong = paired_table(gates, metrics, main)
+    verdicts = "".join(f"<p><strong>{e(v.replace('**', ''))}</strong></p>\n" for v in gate_verdicts(gates, main))
+    return (f"<h2>{e('Gate: does the reference learn what the metric measures?')}</h2>\n"
+            f'<p class="note">{e(gate_intro(main))}</p>\n{verdicts}' + html_table(table, "gate", strong) + "\n")
+
+
 def paired_html(comparisons: list[Comparison], metrics: dict[str, Metric], main: Metric, baseline: str | None,
                 why_none: str | None) -> str:
     from .leaderboard import shared_line
@@ -310,7 +384,7 @@ def paired_html(comparisons: list[Comparison], metrics: dict[str, Metric], main:
     return out + html_table(table, "paired", strong) + "\n"
 
 
-PAIRED_COLUMNS = ("method", "lr", "kind", "reference", "baseline", "baseline_lr", "metric", "label", "lower_is_better", "diff", "ci_low",
+PAIRED_COLUMNS = ("family", "method", "lr", "kind", "reference", "baseline", "baseline_lr", "metric", "label", "lower_is_better", "diff", "ci_low",
                   "ci_high", "se", "mdd", "ci_excludes_0", "seed_diffs", "seed_se", "seed_p", "holm_alpha",
                   "holm_p", "family_size", "seed_ci_low", "seed_ci_high", "seed_mdd", "significant", "n_seeds",
                   "seeds", "examples_per_seed")
@@ -321,7 +395,7 @@ def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> p
     cols = field_columns([c.where.fields for c in comparisons])
     out = []
     for c in sorted(comparisons, key=lambda c: (tuple(fmt_value(c.where.fields.get(k)) for k in cols),
-                                                c.row.method, c.base.method)):
+                                                c.family, c.row.method, c.base.method)):
         for name, m in metrics.items():
             e = c.diffs.get(name)
             if e is None:
@@ -330,7 +404,7 @@ def paired_frame(comparisons: list[Comparison], metrics: dict[str, Metric]) -> p
             ci = t.ci or (None, None)
             out.append({**{k: fmt_value(c.where.fields.get(k)) if c.where.fields.get(k) is not None else None
                            for k in cols},
-                        "method": c.row.method, "kind": c.row.kind, "reference": c.row.reference,
+                        "family": c.family, "method": c.row.method, "kind": c.row.kind, "reference": c.row.reference,
                         "lr": c.row.lr, "baseline": c.base.method, "baseline_lr": c.base.lr, "metric": name, "label": m.label,
                         "lower_is_better": m.lower_is_better, "diff": e.mean, "ci_low": e.lo, "ci_high": e.hi,
                         "se": e.se, "mdd": e.mdd, "ci_excludes_0": e.excludes_zero,

@@ -159,7 +159,7 @@ def test_a_base_row_scored_once_pairs_with_every_seed(tmp_path, shared_data, cap
         assert cli_main(["report", "--results", str(tmp_path / out), "--out", str(tmp_path / f"r-{out}"),
                          "--baseline", "base"]) == 0
         rows = [r for r in csv.DictReader(open(tmp_path / f"r-{out}" / "paired.csv"))
-                if r["method"] == "fedit" and r["metric"] == "test_loss"]
+                if r["family"] == "paired" and r["method"] == "fedit" and r["metric"] == "test_loss"]
         assert len(rows) == 1
         assert rows[0]["n_seeds"] == ("2" if out == "fixed" else "1"), rows[0]
     capsys.readouterr()

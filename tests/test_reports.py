@@ -58,6 +58,11 @@ def _csv(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+def _paired(path: Path, family: str = "paired") -> list[dict]:
+    """paired.csv's lines of one family: "paired" (against the baseline method) or "gate"."""
+    return [r for r in _csv(path) if r["family"] == family]
+
+
 def _row(rows: list[dict], **want) -> dict:
     hits = [r for r in rows if all(r[k] == v for k, v in want.items())]
     assert len(hits) == 1, (want, hits)
@@ -140,7 +145,7 @@ def test_eval_dtypes_never_pool(study, built):
     bf16 = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="bfloat16")
     fp32 = _row(rows, method="fedit", ranks="4,2,2", partition="dirichlet(alpha=1)", eval_dtype="float32")
     assert (bf16["n_seeds"], fp32["n_seeds"]) == ("1", "2")
-    paired = _csv(out / "paired.csv")
+    paired = _paired(out / "paired.csv")
     # the float32-scored base model never joins the bf16 context; only the bf16 setting's trivial baselines do
     assert {p["method"] for p in paired if p["eval_dtype"] == "bfloat16"} == {"majority-label", "chance"}
     assert "Eval dtype" in (out / "LEADERBOARD.md").read_text()
@@ -193,7 +198,7 @@ def test_seeds_without_task_scores_join_the_scored_row(study, tmp_path):
 def test_paired_differences_are_paired_by_seed_and_example(study, built):
     out, s = built
     recs = _records(study)
-    paired = _csv(out / "paired.csv")
+    paired = _paired(out / "paired.csv")
     # piqa is the records' capability metric: it is the main one unless --metric says otherwise
     assert s["baseline"] == "fedit" and s["metric"] == "piqa" and s["comparisons"] > 0
     p = _row(paired, method="flexlora", baseline="fedit", metric="test_loss", ranks="4,2,2",
@@ -242,7 +247,7 @@ def test_sampled_rank_distribution_pools_its_seeds_draws(study, tmp_path):
     for m in ("fedit", "flexlora"):
         row = _row(rows, method=m, rank_distribution="uniform")
         assert row["ranks"] == "" and row["n_seeds"] == "2" and row["seeds"] == "0;1"
-    p = _row(_csv(out / "paired.csv"), method="flexlora", metric="test_loss", rank_distribution="uniform")
+    p = _row(_paired(out / "paired.csv"), method="flexlora", metric="test_loss", rank_distribution="uniform")
     direct = np.mean([recs[f"flexlora-r{r}-s{s}"]["test"]["loss"] - recs[f"fedit-r{r}-s{s}"]["test"]["loss"]
                       for s, r in drawn.items()])
     assert float(p["diff"]) == pytest.approx(direct, rel=1e-4, abs=1e-9) and p["n_seeds"] == "2"
@@ -253,7 +258,7 @@ def test_paired_table_is_at_the_top_with_the_mdd(built):
     md = (out / "LEADERBOARD.md").read_text()
     top, board = md.split("## Leaderboard")
     assert "## Which method, and by how much: paired differences against fedit" in top
-    paired = _csv(out / "paired.csv")
+    paired = _paired(out / "paired.csv")
     k = sum(1 for p in paired if p["metric"] == "piqa" and p["seed_p"])
     assert 0 < k < sum(1 for p in paired if p["metric"] == "piqa")   # the one-seed comparisons are n/a, not tested
     assert {p["family_size"] for p in paired if p["metric"] == "piqa" and p["seed_p"]} == {str(k)}
@@ -276,9 +281,9 @@ def test_baseline_option_reverses_the_comparison(study, built, tmp_path):
     out, _ = built
     s = build_report([str(study)], str(tmp_path / "o"), baseline="flexlora")
     assert s["baseline"] == "flexlora"
-    rev = _csv(tmp_path / "o" / "paired.csv")
+    rev = _paired(tmp_path / "o" / "paired.csv")
     assert {p["baseline"] for p in rev} == {"flexlora"}
-    fwd = _row(_csv(out / "paired.csv"), method="flexlora", metric="test_loss", ranks="4,4,4")
+    fwd = _row(_paired(out / "paired.csv"), method="flexlora", metric="test_loss", ranks="4,4,4")
     back = _row(rev, method="fedit", metric="test_loss", ranks="4,4,4")
     assert float(back["diff"]) == pytest.approx(-float(fwd["diff"]), rel=1e-4, abs=1e-9)
     assert "paired differences against flexlora" in (tmp_path / "o" / "LEADERBOARD.md").read_text()
@@ -304,7 +309,7 @@ def test_default_baseline_absent_is_a_note_not_an_error(study, tmp_path):
     s = build_report([str(res)], str(tmp_path / "o"))
     assert s["comparisons"] == 0 and s["baseline"] is None
     assert "no rows for the default baseline 'fedit'" in (tmp_path / "o" / "LEADERBOARD.md").read_text()
-    assert _csv(tmp_path / "o" / "paired.csv") == []
+    assert _paired(tmp_path / "o" / "paired.csv") == []
 
 
 def test_held_out_sets_that_differ_are_not_paired(study, tmp_path):
@@ -315,7 +320,7 @@ def test_held_out_sets_that_differ_are_not_paired(study, tmp_path):
     rec["test"]["loss_sums"], rec["test"]["tokens"] = rec["test"]["loss_sums"][:-1], rec["test"]["tokens"][:-1]
     p.write_text(json.dumps(rec))
     s = build_report([str(res)], str(tmp_path / "o"))
-    metrics = {q["metric"] for q in _csv(tmp_path / "o" / "paired.csv")}
+    metrics = {q["metric"] for q in _paired(tmp_path / "o" / "paired.csv")}
     assert "test_loss" not in metrics and "piqa" in metrics
     assert any("Test loss: not paired at seed(s) 0" in n for n in s["notes"])
 
@@ -393,7 +398,7 @@ def test_seed_level_ci_and_holm_match_an_independent_computation(synthetic, tmp_
 
     s = build_report([str(synthetic)], str(tmp_path / "o"))
     assert s["metric"] == "test_loss"   # no capability metric in these records: the held-out loss leads
-    paired = {p["method"]: p for p in _csv(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss"}
+    paired = {p["method"]: p for p in _paired(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss"}
     assert set(paired) == {*OFFSETS, "single"}
     recs = _records(synthetic)
 
@@ -450,7 +455,7 @@ def test_a_tuning_grid_pairs_each_lr_with_the_baseline_at_that_lr(tmp_path):
         _write_synthetic(res, "fedit", 0, _held_out(0.0, 0), lr=lr)
         _write_synthetic(res, "flora", 0, _held_out(offset, 0), lr=lr)
     build_report([str(res)], str(tmp_path / "o"))
-    rows = [p for p in _csv(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss" and p["method"] == "flora"]
+    rows = [p for p in _paired(tmp_path / "o" / "paired.csv") if p["metric"] == "test_loss" and p["method"] == "flora"]
     assert sorted((r["lr"], r["baseline_lr"]) for r in rows) == [("0.0001", "0.0001"), ("0.001", "0.001")]
     for r in rows:   # fedit's records are identical at both lrs, so each difference is the cell's own offset
         assert float(r["diff"]) == pytest.approx(0.1 if r["lr"] == "0.0001" else -0.2, abs=0.01)
@@ -483,7 +488,7 @@ def test_multiple_choice_baselines_from_the_documents(study, built, tmp_path):
     from the per-sample files, under every scored setting, and pair with the model rows by document."""
     out, _ = built
     recs = _records(study)
-    rows, paired = _csv(out / "leaderboard.csv"), _csv(out / "paired.csv")
+    rows, paired = _csv(out / "leaderboard.csv"), _paired(out / "paired.csv")
     scored = {(r["ranks"], r["partition"], r["eval_dtype"]) for r in rows if r["piqa"] and r["kind"] == "run"}
     for name in ("majority-label", "chance"):
         assert {(r["ranks"], r["partition"], r["eval_dtype"]) for r in rows if r["method"] == name} == scored
@@ -502,7 +507,7 @@ def test_multiple_choice_baselines_from_the_documents(study, built, tmp_path):
     assert p["kind"] == "baseline" and p["reference"] == "True"
     # a trivial baseline can be the baseline of the paired table
     s = build_report([str(study)], str(tmp_path / "o"), baseline="majority-label")
-    rev = _csv(tmp_path / "o" / "paired.csv")
+    rev = _paired(tmp_path / "o" / "paired.csv")
     assert s["baseline"] == "majority-label" and {q["baseline"] for q in rev} == {"majority-label"}
     back = _row(rev, method="fedit", metric="piqa", **where)
     assert float(back["diff"]) == pytest.approx(-float(p["diff"]), abs=1e-12)
@@ -552,7 +557,7 @@ def test_generation_baselines_score_the_documents(shared_data, tmp_path):
         return
     pytest.importorskip("rouge_score")
     assert {r["method"] for r in rows if r["kind"] == "baseline"} == set(TRIVIAL_GENERATIONS)
-    paired = _csv(tmp_path / "o" / "paired.csv")
+    paired = _paired(tmp_path / "o" / "paired.csv")
     for name, generate in TRIVIAL_GENERATIONS.items():
         scores = np.array([rouge_l(generate(d), d["response"]) for d in docs])
         assert float(_row(rows, method=name)["dolly_heldout"]) == pytest.approx(scores.mean(), rel=1e-5)
@@ -560,6 +565,69 @@ def test_generation_baselines_score_the_documents(shared_data, tmp_path):
         direct = [scores.mean() - model["fedit", seed].mean() for seed in (0, 1, 2)]
         assert [float(x) for x in p["seed_diffs"].split(";")] == pytest.approx(direct, rel=1e-5)
     assert _row(rows, method="empty")["dolly_heldout"] in ("0", "0.0")
+
+
+def _dolly_run(tmp_path: Path, res: Path, method: str, seed: int, docs: list[dict], values, test: dict) -> None:
+    from evaluators.runner import _write_samples
+
+    path = tmp_path / "runs" / f"{method}-s{seed}" / "eval" / "dolly_heldout.jsonl"
+    _write_samples(path, [{"_subtask": "fedlora_dolly_heldout", "doc_id": i, "doc": d, "target": d["response"],
+                           "arguments": {"gen_args_0": {"arg_0": d["prompt"], "arg_1": {"until": []}}},
+                           "resps": [["generated"]], "filtered_resps": ["generated"], "filter": "none",
+                           "metrics": ["rougeL"], "rougeL": float(v)} for i, (d, v) in enumerate(zip(docs, values))],
+                   "dolly_heldout", {})
+    _write_synthetic(res, method, seed, test, {"dolly_heldout": {"metric": "rougeL", "value": float(np.mean(values)),
+                                                                 "n": len(docs), "samples": str(path)}})
+
+
+@pytest.mark.parametrize("lift", [0.5, 0.0])
+def test_gate_compares_centralized_with_base_and_every_trivial_baseline(shared_data, tmp_path, lift):
+    """The gate: centralized − base and centralized − each trivial baseline per seed, on the main metric, a t-interval
+    over the seeds, Holm over those comparisons alone; passed only where every interval excludes 0 above. The base
+    model is scored once (seed-free) and stands for every seed. lift 0.5: centralized far above all (passed);
+    lift 0.0: centralized scores what base scores, plus seed noise (not passed)."""
+    pytest.importorskip("rouge_score")
+    from scipy import stats
+
+    from evaluators.tasks.loaders import TRIVIAL_GENERATIONS, rouge_l
+
+    docs = _dolly_docs(shared_data, 12)
+    res, rng = tmp_path / "results", np.random.default_rng(11)
+    base_values = rng.uniform(0.0, 0.3, size=len(docs))
+    _dolly_run(tmp_path, res, "base", 0, docs, base_values, {**_held_out(0.0, 0), "split_by_seed": False})
+    central = {}
+    for seed in (0, 1, 2):
+        central[seed] = np.clip(base_values + lift + rng.normal(0, 0.05, size=len(docs)), 0, 1)
+        _dolly_run(tmp_path, res, "centralized", seed, docs, central[seed], _held_out(-0.1, seed))
+        _dolly_run(tmp_path, res, "fedit", seed, docs, rng.uniform(0.0, 0.6, size=len(docs)), _held_out(0.0, seed))
+    s = build_report([str(res)], str(tmp_path / "o"))
+    gate = _paired(tmp_path / "o" / "paired.csv", "gate")
+    against = {"base": base_values.mean(),
+               **{name: np.mean([rouge_l(g(d), d["response"]) for d in docs]) for name, g in TRIVIAL_GENERATIONS.items()}}
+    assert s["gate"] == len(against) and {g["baseline"] for g in gate} == set(against)
+    assert {g["method"] for g in gate} == {"centralized"} and {g["metric"] for g in gate} == {"dolly_heldout"}
+    p = {}
+    for name, value in against.items():
+        g = _row(gate, baseline=name)
+        d = np.array([central[seed].mean() - value for seed in (0, 1, 2)])
+        assert [float(x) for x in g["seed_diffs"].split(";")] == pytest.approx(d.tolist(), rel=1e-5)
+        p[name] = float(2 * stats.t.sf(abs(d.mean() / (d.std(ddof=1) / math.sqrt(3))), df=2))
+        assert float(g["seed_p"]) == pytest.approx(p[name], rel=1e-5) and g["family_size"] == str(len(against))
+    rejected, _, _ = _holm_by_hand(p)
+    for name in against:   # the gate is its own Holm family: the paired table's comparisons do not widen it
+        assert (_row(gate, baseline=name)["significant"] == "True") == rejected[name]
+    md = (tmp_path / "o" / "LEADERBOARD.md").read_text()
+    top = md.split("## Which method")[0]
+    assert "## Gate: does the reference learn what the metric measures?" in top
+    assert f"Seed-level CI (Holm, k={len(against)})" in top
+    if lift:
+        assert all(rejected.values())
+        assert "**Gate: passed** by centralized (reference)" in top and "at 3 seeds" in top
+    else:
+        assert not rejected["base"]
+        assert "**Gate: not passed** by centralized (reference)" in top and "base (reference)" in top.split("not passed")[1]
+    html = (tmp_path / "o" / "leaderboard.html").read_text()
+    assert html.index('<table id="gate"') < html.index('<table id="paired"') < html.index('<table id="leaderboard"')
 
 
 # ------------------------------------------------------------------------------------------- records
