@@ -23,8 +23,16 @@ DTYPES = ("float32", "bfloat16")  # the first is the baseline
 
 
 def samples_by_doc(section: dict, task: str) -> dict:
-    """A task's per-sample outputs (lm-eval's JSONL beside an evaluate() section), keyed by doc_id."""
-    return {r["doc_id"]: r for r in map(json.loads, open(section["tasks"][task]["samples"], encoding="utf-8"))}
+    """A task's per-sample outputs (lm-eval's JSONL beside an evaluate() section), keyed by (subtask, doc_id): a
+    group task (mmlu: 57 subjects) numbers its documents per subtask, so doc_id alone repeats. The key is the one
+    the report pairs documents by (reports.stats.sample_lines)."""
+    from reports.stats import sample_lines
+
+    path = section["tasks"][task]["samples"]
+    lines = sample_lines(Path(path))
+    if lines is None:
+        raise FileNotFoundError(f"per-sample file missing, unreadable or with a repeated document: {path}")
+    return dict(lines)
 
 
 def compare(base: dict, other: dict, labels: tuple[str, str] = DTYPES) -> dict:

@@ -11,6 +11,8 @@ runs the parts that have no record yet; `summary` adds the parts up.
     python -m benchmarks.eval_full run --task gsm8k                   # one part: the whole test set
     python -m benchmarks.eval_full run --task suite --backend vllm    # MMLU, GSM8K, HumanEval, commonsense: one vLLM run
     python -m benchmarks.eval_full summary                            # -> benchmarks/results/eval_full/SUMMARY.md
+    python -m benchmarks.eval_full agree --group suite-vllm-float32 --against hf --limit 200
+        # a seeded subset of the group's documents scored again by another backend: the same answers, per task
 
 The summed wall time includes one model load per part (about 3 s each here); SUMMARY.md says so. A part killed
 midway resumes from its request cache under --runs when started again (bench eval's per-request cache).
@@ -201,6 +203,112 @@ def entries_named(recs: dict) -> list[tuple[str, dict]]:
     return [(name, t) for r in recs.values() for name, t in r["eval"]["tasks"].items()]
 
 
+def _answer(line: dict):
+    """What a document's score is computed from: the arg-max choice (log-likelihood tasks; its log-likelihoods
+    beside it) or the generated text (generation tasks)."""
+    resps = line.get("resps") or []
+    if resps and isinstance(resps[0][0], (list, tuple)):   # [[ll, greedy]] per choice
+        lls = [r[0][0] for r in resps]
+        return "choice", lls.index(max(lls)), lls
+    return "text", resps, None
+
+
+def agreement(group: dict, reference: dict) -> dict:
+    """Per task of `reference` (an evaluate() section on a seeded subset): its documents matched in `group` (the
+    section scored on every document) by (subtask, doc_id); the same answer (log-likelihood: the same arg-max choice;
+    generation: the same generated text, and the same answer after the task's filters), the largest and median
+    change of a choice's log-likelihood, and both scores on the subset."""
+    import statistics
+
+    from benchmarks.eval_dtype import samples_by_doc
+
+    out = {}
+    for task, entry in reference["tasks"].items():
+        ref, got = samples_by_doc(reference, task), samples_by_doc(group, task)
+        metric = entry["metric"].partition(",")[0]
+        same = same_filtered = 0
+        dll, score_ref, score_got, missing = [], [], [], 0
+        for key, r in ref.items():
+            g = got.get(key)
+            if g is None:
+                missing += 1
+                continue
+            kind, a, lla = _answer(r)
+            _, b, llb = _answer(g)
+            same += a == b
+            if kind == "choice":
+                dll += [abs(x - y) for x, y in zip(lla, llb)]
+            else:
+                same_filtered += r.get("filtered_resps") == g.get("filtered_resps")
+            for line, into in ((r, score_ref), (g, score_got)):
+                v = line.get(metric)
+                if v is None:
+                    v = next((m.get(metric) for m in (line.get("metrics") or {}).values() if isinstance(m, dict)), None)
+                if isinstance(v, (int, float)):
+                    into.append(float(v))
+        n = len(ref) - missing
+        out[task] = {"metric": metric, "n": n, "missing_in_group": missing, "same_answer": same,
+                     "same_answer_share": same / n if n else None,
+                     "reference_score": statistics.fmean(score_ref) if score_ref else None,
+                     "group_score": statistics.fmean(score_got) if score_got else None,
+                     "loglik_abs_change_median": statistics.median(dll) if dll else None,
+                     "loglik_abs_change_max": max(dll) if dll else None}
+        if not dll:
+            out[task]["same_filtered"] = same_filtered
+    return out
+
+
+def agree(args) -> int:
+    """Score a seeded subset of a group's documents with --against and compare with the group's own answers."""
+    from bench.io import atomic_write_json, atomic_write_text
+    from bench.models import resolve_model
+    from bench.provenance import CODE, packages
+    from evaluators import core
+
+    data_root = data_root_of(args.data_root)
+    if data_root is None:
+        return 2
+    folder = group_dir(args.results, *args.group.rsplit("-", 2)) if args.group.count("-") >= 2 else None
+    recs = records(folder) if folder is not None and folder.is_dir() else {}
+    if not recs:
+        print(f"error: group: no records in {folder}; name a folder of {args.results} (e.g. suite-vllm-float32)",
+              file=sys.stderr)
+        return 2
+    limit = None if args.limit == 0 else args.limit
+    result = {"group": args.group, "against": args.against, "limit_per_task": limit, "seed": 0, "parts": {},
+              "git_commit": CODE["git_commit"], "git_dirty": CODE["git_dirty"], "packages": packages()}
+    model_path = resolve_model(args.model)[0]
+    for key, rec in recs.items():
+        cfg = rec["config"]
+        start = time.monotonic()
+        section = core.evaluate(model_path, list(cfg["tasks"]), backend=args.against, limit=limit,
+                                num_fewshot=cfg.get("num_fewshot"), batch_size="auto", data_root=data_root, seed=0,
+                                allow_code_execution=bool(cfg.get("allow_code_execution")), dtype=cfg["dtype"],
+                                humaneval_form=cfg.get("humaneval_form", "auto"),
+                                out_dir=str(Path(args.runs) / "agree" / args.group / args.against / "+".join(key)))
+        result["parts"]["+".join(key)] = {"seconds": round(time.monotonic() - start, 1),
+                                          "tasks": agreement(rec["eval"], section)}
+    atomic_write_json(folder / f"agreement-{args.against}.json", result)
+    lines = [f"# {args.group}: the same documents scored by {args.against} (generated by `python -m "
+             f"benchmarks.eval_full agree`)", "",
+             f"A seeded subset of each task ({limit or 'all'} documents, seed 0; lm-eval's own doc ids, so the group's "
+             f"answers to the same documents are read from its per-sample files). Same answer: the same arg-max choice "
+             f"(log-likelihood tasks) or the same generated text (generation tasks; after the task's filters in "
+             f"brackets). Commit {CODE['git_commit'][:7]}{' (dirty)' if CODE['git_dirty'] else ''}.", "",
+             f"| task | n | same answer | score, {args.against} | score, group | median / max abs. change of a "
+             "log-likelihood |", "|---|---:|---:|---:|---:|---:|"]
+    for part in result["parts"].values():
+        for task, a in part["tasks"].items():
+            same = f"{a['same_answer']}/{a['n']}" + (f" ({a['same_filtered']})" if "same_filtered" in a else "")
+            fmt = lambda v: "" if v is None else f"{v:.4f}"
+            ll = "" if a["loglik_abs_change_max"] is None else \
+                f"{a['loglik_abs_change_median']:.2g} / {a['loglik_abs_change_max']:.2g}"
+            lines.append(f"| {task} | {a['n']} | {same} | {fmt(a['reference_score'])} | {fmt(a['group_score'])} | {ll} |")
+    atomic_write_text(folder / f"agreement-{args.against}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.eval_full", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -217,9 +325,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", default=str(RESULTS), help=f"records and SUMMARY.md (default {RESULTS})")
     s = sub.add_parser("summary", help="write SUMMARY.md from the records")
     s.add_argument("--results", default=str(RESULTS))
+    a = sub.add_parser("agree", help="score a seeded subset of a group's documents with another backend and count "
+                                     "the same answers (agreement-<backend>.md beside the group's records)")
+    a.add_argument("--group", required=True, help="a folder of --results, <task>-<backend>-<dtype>")
+    a.add_argument("--against", default="hf", choices=("hf", "vllm"), help="the backend that scores the subset")
+    a.add_argument("--limit", type=int, default=200, help="documents per task, a seeded subset (0: all)")
+    a.add_argument("--model", default="default")
+    a.add_argument("--data-root", default=None, help="default: $BENCH_DATA_ROOT")
+    a.add_argument("--runs", default="runs/eval-full", help="where the group's per-sample files are, and the subset's go")
+    a.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.cmd == "run":
         return run(args)
+    if args.cmd == "agree":
+        return agree(args)
     write_summary(Path(args.results))
     return 0
 

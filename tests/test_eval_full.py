@@ -51,3 +51,18 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
     wall = sum(r["timings"]["eval_s"] for r in both.values())
     p = sum(t["value"] * t["n"] for r in both.values() for t in r["eval"]["tasks"].values()) / 7
     assert "| 2/57 | 7 |" in row and f"({wall:,.0f} s)" in row and f"{p:.4f} ±" in row
+    # agreement: a seeded subset of every part scored again (the same backend here: every answer must be the same,
+    # each document found in the group's per-sample files by its lm-eval doc id)
+    assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--against", "hf", "--limit", "2",
+                           "--model", "tiny-random-llama", "--data-root", str(root), "--runs", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    agreed = json.loads((folder / "agreement-hf.json").read_text())
+    tasks = {t: a for part in agreed["parts"].values() for t, a in part["tasks"].items()}
+    assert sorted(tasks) == ["mmlu_abstract_algebra", "mmlu_anatomy"]
+    for a in tasks.values():
+        assert a["n"] == 2 and a["missing_in_group"] == 0 and a["same_answer"] == 2
+        assert a["loglik_abs_change_max"] <= 1e-4 and a["reference_score"] == a["group_score"]
+    assert "| mmlu_anatomy | 2 | 2/2 |" in (folder / "agreement-hf.md").read_text()
+    assert eval_full.main(["agree", "--group", "nothing-hf-float32", "--data-root", str(root),
+                           "--results", str(results)]) == 2
+    assert "error: group: no records in" in capsys.readouterr().err
