@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from bench.io import atomic_write_bytes
 
 from .leaderboard import Row, fmt_bytes, fmt_value
+from .trivial import KIND as BASELINE_KIND
 from .metrics import AVG, Metric
 from .stats import bootstrap_values
 
@@ -42,6 +43,11 @@ RC = {
 }
 RANK_FIELDS = ("ranks", "rank_distribution")
 
+
+
+def _series_label(method: str, reference: bool, kind: str) -> str:
+    """A legend entry, named as the tables name rows (leaderboard.method_label): trivial baselines are no model."""
+    return f"{method} (baseline)" if kind == BASELINE_KIND else f"{method} (reference)" if reference else method
 
 def method_style(method: str, methods: list[str], reference: bool = False) -> dict:
     """Colour and marker by the method's place among the sorted methods of the report; references dashed."""
@@ -196,7 +202,7 @@ def _categorical_plot(name: str, title: str, xlabel: str, rows: list[Row], xkey,
         panels = _panels(rs, metrics)
         fig, axes = _figure(len(panels))
         for ax, m in zip(axes, panels):
-            for method, reference in sorted({(r.method, r.reference) for r in rs}):
+            for method, reference, kind in sorted({(r.method, r.reference, r.kind) for r in rs}):
                 pts = sorted(((pos[xlabel_of(r)], r.est[m.name]) for r in rs
                               if r.method == method and m.name in r.est), key=lambda p: p[0])
                 if not pts:
@@ -205,7 +211,7 @@ def _categorical_plot(name: str, title: str, xlabel: str, rows: list[Row], xkey,
                 x = np.array([p for p, _ in pts], dtype=float)
                 ns = sorted({e.n for _, e in pts})
                 ax.plot(x, [e.mean for _, e in pts], marker=st["marker"], color=st["color"], ls=st["ls"], lw=1.8,
-                        label=f"{method}{' (reference)' if reference else ''} "
+                        label=f"{_series_label(method, reference, kind)} "
                               f"(n={ns[0] if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'} seeds)")
                 _errorband(ax, x, [e for _, e in pts], st["color"])
             if m.chance is not None:
@@ -401,14 +407,14 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
         for c in cs:
             cats[_rank_label(c.where.setting)] = row_rank_cv(c.where) or 0.0
         order = sorted(cats, key=lambda lab: (cats[lab], lab))
-        series = sorted({(c.row.method, c.row.reference) for c in cs})
+        series = sorted({(c.row.method, c.row.reference, c.row.kind) for c in cs})
         width = 0.7 / max(len(series), 1)
         fig, axes = _figure(len(panels))
         for ax, m in zip(axes, panels):
             ax.axhline(0, color="#1b1f23", lw=1)
-            for i, (method, reference) in enumerate(series):
+            for i, (method, reference, kind) in enumerate(series):
                 pts = [(order.index(_rank_label(c.where.setting)), c.diffs[m.name], c.seed[m.name]) for c in cs
-                       if (c.row.method, c.row.reference) == (method, reference) and m.name in c.diffs]
+                       if (c.row.method, c.row.reference, c.row.kind) == (method, reference, kind) and m.name in c.diffs]
                 if not pts:
                     continue
                 st = method_style(method, methods_all, reference)
@@ -418,7 +424,7 @@ def plot_paired(comparisons, metrics: list[Metric], out, written, skipped):
                 hi = np.array([e.hi if e.hi is not None else e.mean for _, e, _ in pts])
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor=st["color"], capsize=3, lw=1.4)
                 sig = np.array([t.significant for _, _, t in pts], dtype=bool)
-                label = f"{method}{' (reference)' if reference else ''}"
+                label = _series_label(method, reference, kind)
                 # filled where ★ (the Holm-corrected seed-level CI excludes 0); one legend entry per method
                 ax.scatter(x[sig], y[sig], marker=st["marker"], color=st["color"], s=36, zorder=3,
                            label=label if sig.any() else None)
