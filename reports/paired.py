@@ -27,6 +27,7 @@ STAR = "★"
 # The gate (docs/study.md): the reference that trains on all the data must beat what needs no learning (the base
 # model, every trivial baseline) on the main metric before the methods' differences on it mean anything.
 GATE_REFERENCE = "centralized"
+LOCAL_ONLY = "local-only"   # the gate's second condition places it between the base model and GATE_REFERENCE
 PAIRED, GATE = "paired", "gate"   # Comparison.family: the table against the baseline method; the gate
 
 
@@ -112,6 +113,11 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
             untrained = [r for r in members + [w for w in wild if w not in members and _joins(w, anchor)]
                          if r.method == "base" or r.kind == TRIVIAL_KIND]
             gates = [(g, u) for g in members if g.method == GATE_REFERENCE for u in untrained]
+            # the gate's second condition: local-only lies between the base model and the reference (on the metrics
+            # it has: without a global model to score, the held-out losses)
+            alone = [r for r in members if r.method == LOCAL_ONLY]
+            gates += [(g, a) for g in members if g.method == GATE_REFERENCE for a in alone]
+            gates += [(a, u) for a in alone for u in untrained if u.method == "base"]
         involved = list({id(r): r for r in members + [x for p in pairs + gates for x in p]}.values())
         res = Resampler(ctx, max(r.n for r in involved))
         res.prepare([(_tag(r, m), seed, name, part) for r in involved for m in metrics
@@ -122,7 +128,8 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
                 if s:
                     r.est[m] = bootstrap_series(res, _tag(r, m), ("row", r.id), s)
                     r.basis[m] = _basis(s)
-        for family, these, on in ((PAIRED, pairs, metrics), (GATE, gates, {gate_metric: metrics.get(gate_metric)})):
+        gate_on = {m: metrics[m] for m in (gate_metric, *HEADLINE) if m in metrics}
+        for family, these, on in ((PAIRED, pairs, metrics), (GATE, gates, gate_on)):
             for r, b in these:
                 c = _compare(res, r, b, anchor, on, tasks, notes)
                 c.family = family
@@ -320,8 +327,8 @@ def gate_verdicts(gates: list[Comparison], main: Metric) -> list[str]:
     """One sentence per reference row of the gate: passed where every Holm-corrected seed-level interval against the
     base model and the trivial baselines excludes 0 on the better side."""
     out = []
-    for ref in list({id(c.row): c.row for c in gates}.values()):
-        mine = [c for c in gates if c.row is ref and main.name in c.seed]
+    for ref in list({id(c.row): c.row for c in gates if c.row.method == GATE_REFERENCE}.values()):
+        mine = [c for c in gates if c.row is ref and c.base.method != LOCAL_ONLY and main.name in c.seed]
         where = setting_text({k: v for k, v in ref.fields.items() if k in ("preset", "ranks")})
         who = f"{method_label(ref)} ({where})" if where else method_label(ref)
         if any(c.seed[main.name].ci is None for c in mine):
@@ -338,6 +345,38 @@ def gate_verdicts(gates: list[Comparison], main: Metric) -> list[str]:
         else:
             out.append(f"**Gate: passed** by {who} at {n} seeds: above {', '.join(method_label(c.base) for c in mine)}"
                        f" on {main.label}, every Holm-corrected seed-level interval excluding 0.")
+    return out + _between_verdicts(gates, main)
+
+
+def _between_verdicts(gates: list[Comparison], main: Metric) -> list[str]:
+    """The gate's second condition, one sentence per local-only row: above the base model and below the reference,
+    each on the Holm-corrected seed-level interval, on the first metric all three share (the main one, else a
+    held-out loss: local-only has no global model to score)."""
+    out = []
+    for alone in list({id(c.base): c.base for c in gates if c.base.method == LOCAL_ONLY}.values()):
+        above = [c for c in gates if c.base is alone]                  # reference − local-only
+        below = [c for c in gates if c.row is alone]                   # local-only − base
+        if not above or not below:
+            continue
+        shared = [m for m in (main.name, *HEADLINE) if all(m in c.seed for c in above + below)]
+        if not shared:
+            continue
+        m = shared[0]
+        metric = main if m == main.name else HEADLINE[m]
+        tests = [(c, c.seed[m]) for c in above + below]
+        if any(t.ci is None for _, t in tests):
+            out.append(f"**Local-only between base and {GATE_REFERENCE}: not decided** on {metric.label}: fewer than "
+                       "2 seeds, so no seed-level interval.")
+            continue
+        better = [t.significant and (t.mean < 0) == metric.lower_is_better for _, t in tests]
+        n = min(t.n for _, t in tests)
+        said = "; ".join(f"{method_label(c.row)} − {method_label(c.base)} {t.mean:+.4f} [{t.ci[0]:+.4f}, {t.ci[1]:+.4f}]"
+                         for c, t in tests)
+        verdict = "yes" if all(better) else "no"
+        out.append(f"**Local-only between base and {GATE_REFERENCE}: {verdict}** at {n} seeds on {metric.label} "
+                   f"({metric.better} is better; Holm-corrected seed-level intervals): {said}."
+                   + ("" if all(better) else " The gate's second condition is not met: local-only is not a model "
+                      "that learns less than the reference and more than the base model."))
     return out
 
 
@@ -345,7 +384,9 @@ def gate_intro(main: Metric) -> str:
     return (f"Before the methods' differences on {main.label} mean anything, the reference that trains on all the "
             f"clients' data ({GATE_REFERENCE}) must score above what needs no learning: the base model and every "
             f"trivial baseline. Δ = {GATE_REFERENCE} − each, per seed on the same examples; seed-level t-interval "
-            f"over the seeds, Holm-corrected over the gate's comparisons (its own family).")
+            f"over the seeds, Holm-corrected over the gate's comparisons (its own family). Its second condition: "
+            f"local-only lies between the base model and {GATE_REFERENCE} (on the held-out loss where local-only, "
+            f"having no global model, has no task score).")
 
 
 def gate_markdown(gates: list[Comparison], metrics: dict[str, Metric], main: Metric) -> list[str]:
@@ -355,7 +396,7 @@ def gate_markdown(gates: list[Comparison], metrics: dict[str, Metric], main: Met
 
     table, _ = paired_table(gates, metrics, main)
     return (["## Gate: does the reference learn what the metric measures?", "", gate_intro(main), ""]
-            + [*gate_verdicts(gates, main), ""] + md_table(table) + [""])
+            + [line for v in gate_verdicts(gates, main) for line in (v, "")] + md_table(table) + [""])
 
 
 def gate_html(gates: list[Comparison], metrics: dict[str, Metric], main: Metric) -> str:
