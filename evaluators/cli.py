@@ -263,14 +263,41 @@ def _eval_run(args: argparse.Namespace, tasks: list[str], common: dict) -> int:
     else:
         section = core.evaluate(str(model_dir), tasks, out_dir=str(run_dir / "eval"), **common)
     eval_s = round(time.monotonic() - t0, 2)
-    # the scoring code's commit, which may be later than the training's (the record's provenance)
+    # the scoring code's commit, which may be later than the training's (the record's provenance); each task keeps
+    # the commit it was scored at, since a later --run adds tasks to the section
     section["code"] = {k: CODE[k] for k in ("git_commit", "git_dirty")}
+    for entry in section["tasks"].values():
+        entry["code"] = section["code"]
     record = read_record(record_path)  # re-read: keep anything written meanwhile
-    record = updated(record, eval=section, timings={**(record.get("timings") or {}), "eval_s": eval_s})
+    section, kept, note = merged_eval(record.get("eval"), section)
+    if note:
+        print(note)
+    timings = record.get("timings") or {}
+    record = updated(record, eval=section, timings={**timings, "eval_s": round(eval_s + (timings.get("eval_s") or 0)
+                                                                                if kept else eval_s, 2)})
     atomic_write_json(record_path, record)
     print(f"wrote the eval section into {record_path}")
     print(summary_table(section))
     return 0
+
+
+def merged_eval(old: dict | None, new: dict) -> tuple[dict, list[str], str | None]:
+    """A run's eval section after scoring more tasks: the tasks already scored by the same model (merged model or
+    global adapter), backend and dtype are kept beside the new ones (a task scored again is replaced); a section
+    scored another way is replaced whole, since one section holds one backend and dtype (the report pools rows by
+    them). Returns (section, kept task names, a one-line note or None)."""
+    if not old or not old.get("tasks"):
+        return new, [], None
+    way = lambda s: (s.get("backend"), s.get("dtype"), (s.get("adapter") or {}).get("path"))
+    if way(old) != way(new):
+        b, d, a = way(old)
+        return new, [], (f"note: replaced the record's eval section ({', '.join(old['tasks'])}: backend {b}, dtype {d}"
+                         f"{', adapter ' + a if a else ''}); score with the same backend and dtype to add tasks to it")
+    kept = [k for k in old["tasks"] if k not in new["tasks"]]
+    tasks = {**{k: old["tasks"][k] for k in kept}, **new["tasks"]}
+    missing = {k: v for k, v in {**(old.get("missing") or {}), **(new.get("missing") or {})}.items() if k not in tasks}
+    note = f"kept the tasks already scored the same way: {', '.join(kept)}" if kept else None
+    return {**new, "tasks": tasks, "missing": missing}, kept, note
 
 
 if __name__ == "__main__":  # python -m evaluators.cli ...: the same as `bench eval ...`

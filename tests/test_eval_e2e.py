@@ -192,3 +192,34 @@ def test_cli_run_fills_the_records_eval_section(tmp_path, capsys, model_path):
     t = rec["eval"]["tasks"]["winogrande"]
     assert t["n"] == 3 and Path(t["samples"]) == (run_dir / "eval" / "winogrande.jsonl").resolve()
     assert Path(t["samples"]).is_file()
+
+
+def test_cli_run_adds_tasks_to_the_eval_section_scored_the_same_way(tmp_path, capsys, model_path):
+    """A second `bench eval --run` with other tasks keeps the tasks already scored by the same backend and dtype
+    (each with the commit it was scored at) and adds the new ones; eval_s accumulates. Scored in another dtype,
+    the section is replaced whole, and the command says so."""
+    from bench.io import read_record
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "global_model").symlink_to(model_path)
+    record_path = tmp_path / "results" / "r1.json"
+    record_path.parent.mkdir()
+    record_path.write_text(json.dumps({"schema_version": 1, "kind": "run", "run_id": "r1", "method": "fedavg-lora",
+                                       "setting": {"model": "x"}, "seed": 0, "timings": {"total_s": 1.0},
+                                       "run_dir": str(run_dir)}))
+    (run_dir / "run.json").write_text(json.dumps({"record": str(record_path)}))
+    common = ["--run", str(run_dir), "--limit", "3", "--backend", "hf", "--data-root", _data_root()]
+    assert _cli(common + ["--tasks", "winogrande"]) == 0, capsys.readouterr().err
+    first = read_record(record_path)
+    assert _cli(common + ["--tasks", "arc_easy"]) == 0, capsys.readouterr().err
+    assert "kept the tasks already scored the same way: winogrande" in capsys.readouterr().out
+    rec = read_record(record_path)
+    assert list(rec["eval"]["tasks"]) == ["winogrande", "arc_easy"]
+    assert rec["eval"]["tasks"]["winogrande"] == first["eval"]["tasks"]["winogrande"]
+    assert rec["eval"]["tasks"]["arc_easy"]["n"] == 3 and "git_commit" in rec["eval"]["tasks"]["arc_easy"]["code"]
+    assert rec["timings"]["eval_s"] > first["timings"]["eval_s"]
+    assert _cli(common + ["--tasks", "arc_easy", "--dtype", "bfloat16"]) == 0, capsys.readouterr().err
+    assert "replaced the record's eval section (winogrande, arc_easy: backend hf, dtype float32)" in capsys.readouterr().out
+    rec = read_record(record_path)
+    assert list(rec["eval"]["tasks"]) == ["arc_easy"] and rec["eval"]["dtype"] == "bfloat16"
