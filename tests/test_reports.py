@@ -843,3 +843,41 @@ def test_gate_places_local_only_between_base_and_centralized(shared_data, tmp_pa
     verdict = "yes" if local_offset < 0 else "no"
     assert f"**Local-only between base and centralized: {verdict}** at 3 seeds on Test loss" in top
     assert ("second condition is not met" in top) == (verdict == "no")
+
+
+def test_length_check_cuts_base_to_the_references_median_length(shared_data, tmp_path, capsys):
+    """benchmarks.length_check: the length-only baseline is the base model's generation cut to the references'
+    median word count, scored by the task's ROUGE-L; each row's Δ per seed is its mean over the same documents
+    minus that baseline's."""
+    pytest.importorskip("rouge_score")
+    import statistics
+
+    from benchmarks import length_check
+    from evaluators.runner import _write_samples
+    from evaluators.tasks.loaders import rouge_l
+
+    docs = _dolly_docs(shared_data, 12)
+    res = tmp_path / "results"
+    base_text = [d["response"] + " and so on" * 40 for d in docs]   # the right answer, then far too long
+    path = tmp_path / "runs" / "base-s0" / "eval" / "dolly_heldout.jsonl"
+    _write_samples(path, [{"_subtask": "fedlora_dolly_heldout", "doc_id": i, "doc": d, "target": d["response"],
+                           "arguments": {"gen_args_0": {"arg_0": d["prompt"], "arg_1": {"until": []}}},
+                           "resps": [[t]], "filtered_resps": [t], "filter": "none", "metrics": ["rougeL"],
+                           "rougeL": rouge_l(t, d["response"])} for i, (d, t) in enumerate(zip(docs, base_text))],
+                   "dolly_heldout", {})
+    _write_synthetic(res, "base", 0, None, {"dolly_heldout": {"metric": "rougeL", "value": 0.1, "n": len(docs),
+                                                              "samples": str(path)}})
+    rng = np.random.default_rng(3)
+    values = {s: rng.uniform(0.2, 0.6, size=len(docs)) for s in (0, 1, 2)}
+    for s in (0, 1, 2):
+        _dolly_run(tmp_path, res, "fedit", s, docs, values[s], _held_out(0.0, s))
+    assert length_check.main(["--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    cut = int(statistics.median(len(d["response"].split()) for d in docs))
+    baseline = np.mean([rouge_l(" ".join(t.split()[:cut]), d["response"]) for t, d in zip(base_text, docs)])
+    assert baseline > np.mean([rouge_l(t, d["response"]) for t, d in zip(base_text, docs)])   # cutting helps here
+    assert f"references' median length {cut} words" in out and f"ROUGE-L **{baseline:.4f}**" in out
+    d = [values[s].mean() - baseline for s in (0, 1, 2)]
+    line = next(l for l in out.splitlines() if l.startswith("| fedit | 3 |"))
+    assert f"| {np.mean(d):+.4f} [" in line
+    assert length_check.main(["--results", str(tmp_path / "empty")]) == 2
