@@ -114,10 +114,41 @@ def build_rows(records: list[Record], notes: list[str]) -> list[Row]:
         lrs.setdefault((row.kind, row.method), set()).add(row.lr)
     for row in rows:
         row.show_lr = len(lrs[(row.kind, row.method)]) > 1 and row.lr is not None
+    budget = budget_note(rows)
+    if budget:
+        notes.append(budget)
     tuned = sorted({(r.method, r.lr, json.dumps(r.lr_tuning, sort_keys=True)) for r in rows if r.lr_tuning})
     for method, lr, info in tuned:
         notes.append(f"{method}: lr {lr:g}, {tuning_text(json.loads(info))}")
     return rows
+
+
+def training_budget(record: Record) -> int | None:
+    """Examples × steps the record trained on: Σ over its rounds and clients of steps × batch size (None where the
+    round log has no step counts; 0 for an untrained row)."""
+    batch = (record.data.get("config") or {}).get("batch_size")
+    clients = [c for rd in record.data.get("rounds") or [] for c in rd.get("clients") or []]
+    if not isinstance(batch, int) or any(not isinstance(c.get("steps"), int) for c in clients):
+        return None
+    return sum(c["steps"] for c in clients) * batch
+
+
+def budget_note(rows: list[Row]) -> str | None:
+    """One line stating each trained method's budgets from its records, and whether they are matched (docs/study.md:
+    centralized trains on the pooled data for the federation's total client steps)."""
+    per_row = {}
+    for row in rows:
+        budgets = {training_budget(r) for r in row.records}
+        if budgets == {0} or None in budgets:
+            continue
+        per_row.setdefault(row.method, set()).update(budgets)
+    if len(per_row) < 2:
+        return None
+    all_budgets = set().union(*per_row.values())
+    text = ", ".join(f"{name} {'/'.join(f'{b:,}' for b in sorted(bs))}" for name, bs in per_row.items())
+    verdict = "matched: every trained row saw the same examples × steps" if len(all_budgets) == 1 else \
+        "NOT matched: the rows trained on different examples × steps"
+    return f"training budget (examples × steps: Σ of the round logs' client steps × batch size, per record): {text}; {verdict}"
 
 
 def tuning_text(t: dict) -> str:

@@ -881,3 +881,29 @@ def test_length_check_cuts_base_to_the_references_median_length(shared_data, tmp
     line = next(l for l in out.splitlines() if l.startswith("| fedit | 3 |"))
     assert f"| {np.mean(d):+.4f} [" in line
     assert length_check.main(["--results", str(tmp_path / "empty")]) == 2
+
+
+def test_budget_note_states_each_rows_training_and_whether_it_is_matched(study, tmp_path):
+    """The notes state each trained method's examples × steps from its records' round logs; the study's
+    references train the federation's total client steps (rounds × local steps × clients × batch, from the
+    config), so the rows are matched, and a record that trained fewer steps makes the note say so."""
+    recs = _records(study)
+    fed = next(r for r in recs.values() if r["method"] == "fedit")
+    cfg = fed["config"]
+    assert cfg["client_fraction"] == 1.0
+    expected = cfg["rounds"] * cfg["local_steps"] * len(fed["clients"]) * cfg["batch_size"]
+    out = tmp_path / "out"
+    build_report([str(study)], str(out))
+    note = next(ln for ln in (out / "LEADERBOARD.md").read_text().splitlines() if "training budget" in ln)
+    for method in ("centralized", "fedit", "flexlora", "local-only"):
+        assert f"{method} {expected:,}" in note, note
+    assert "base" not in note.split(":", 1)[1] and note.endswith("matched: every trained row saw the same examples × steps")
+
+    short = _copy(study, tmp_path / "short")
+    path = next(p for p in sorted(short.glob("*.json")) if json.loads(p.read_text())["method"] == "centralized")
+    data = json.loads(path.read_text())
+    data["rounds"][0]["clients"][0]["steps"] -= 1
+    path.write_text(json.dumps(data))
+    build_report([str(short)], str(tmp_path / "out2"))
+    note = next(ln for ln in (tmp_path / "out2" / "LEADERBOARD.md").read_text().splitlines() if "training budget" in ln)
+    assert f"centralized {expected - cfg['batch_size']:,}/{expected:,}" in note and note.endswith("NOT matched: the rows trained on different examples × steps")
