@@ -15,15 +15,19 @@ PACKAGES = ("fedlora-bench", "torch", "transformers", "peft", "datasets", "safet
 
 
 def _git_state() -> dict:
+    """HEAD and whether tracked files differ from it; "unknown" / None where git cannot say. The timeout is generous:
+    on a loaded machine (a niced evaluation beside a training grid) the first `git status` of a fresh worktree took
+    over 10 s, and a commit recorded as unknown cannot be recovered afterwards."""
     repo = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=120)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
-        commit, dirty = "", False
-    return {"git_commit": commit or "unknown", "git_dirty": dirty}
+        return {"git_commit": "unknown", "git_dirty": None}
+    commit = head.stdout.strip() if head.returncode == 0 else ""
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return {"git_commit": commit or "unknown", "git_dirty": dirty if commit else None}
 
 
 CODE = _git_state()
