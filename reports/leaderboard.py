@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import AVG, HEADLINE, Metric, record_parts, task_metric, task_samples
+from .metrics import AVG, HEADLINE, Metric, average_metric, averaged_tasks, record_parts, task_metric, task_samples
 from .records import DTYPE_FIELDS, SETTING_ORDER, Record, Skipped, group_key
 from .stats import Estimate, Series
 from .trivial import KIND as BASELINE_KIND
@@ -191,8 +191,9 @@ def report_metrics(rows: list[Row], tasks: dict[str, Metric], notes: list[str]) 
     for name, m in HEADLINE.items():
         if any(r.series(name, task_list, notes) for r in rows):
             out[name] = m
-    if len(tasks) > 1:
-        out[AVG.name] = AVG
+    pooled = averaged_tasks(tasks)
+    if len(pooled) > 1:
+        out[AVG.name] = average_metric(pooled, tasks[pooled[0]].measure)
     out.update({t: tasks[t] for t in task_list})
     return out
 
@@ -348,7 +349,7 @@ def leaderboard_frames(rows: list[Row], metrics: dict[str, Metric], main: Metric
     shared = shared_fields(rows, cols)
     shown = [k for k in cols if k not in shared and any(r.fields.get(k) is not None for r in rows)]
     tasks = [m for m in metrics.values() if m.name not in HEADLINE and m.name != AVG.name]
-    display_metrics = [metrics[k] for k in HEADLINE if k in metrics] + tasks + ([AVG] if AVG.name in metrics else [])
+    display_metrics = [metrics[k] for k in HEADLINE if k in metrics] + tasks + ([metrics[AVG.name]] if AVG.name in metrics else [])
     if main is not None and main in display_metrics:
         display_metrics = [main] + [m for m in display_metrics if m is not main]
     digits = {m.name: decimals([r.est.get(m.name) for r in rows]) for m in display_metrics}
@@ -408,7 +409,7 @@ NOTE = ("Each cell: mean over seeds ± half-width of the 95% bootstrap CI (2.5th
         "global model's mean token loss on the pooled held-out split; Client loss (global): the global model on "
         "each client's own held-out split, mean over clients; Client loss (own model): each client's own model on "
         "its own split (a method without personal state serves the global model, so it equals the global one). "
-        "Avg = mean over all task columns (blank where a row lacks a task; shown with two tasks or more); a task's chance level is the mean "
+        "Avg = mean over the task columns scored with the measure most tasks share, named in its header (a ROUGE-L column is not averaged with accuracies; blank where a row lacks one of them; shown with two tasks or more); a task's chance level is the mean "
         "of 1/(number of choices) over its documents. Comm. = bytes uploaded + downloaded over the run, mean over "
         "seeds. Wall time = timings.total_s, mean over seeds. Reference rows: the base model without federated "
         "training, centralized training, local-only training. Baseline rows are computed from the scored documents, "

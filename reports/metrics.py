@@ -31,6 +31,7 @@ class Metric:
     label: str
     lower_is_better: bool
     chance: float | None = None
+    measure: str | None = None   # a task's metric name (acc, rougeL, …): the task average pools one measure only
 
     @property
     def better(self) -> str:
@@ -45,9 +46,27 @@ HEADLINE = {
 AVG = Metric("avg", "Avg", False)
 
 
+def averaged_tasks(metrics: dict[str, Metric]) -> list[str]:
+    """The tasks the Avg column pools: those scored with the measure most tasks share (accuracy, for a suite of
+    multiple-choice tasks); a ROUGE-L or exact-match task beside them is not averaged with accuracies. Ties go to
+    acc, then by name."""
+    tasks = [m for m in metrics.values() if m.name not in HEADLINE and m.name != AVG.name]
+    counts: dict[str, int] = {}
+    for m in tasks:
+        counts[m.measure or ""] = counts.get(m.measure or "", 0) + 1
+    if not counts:
+        return []
+    measure = max(sorted(counts), key=lambda k: (counts[k], k == "acc"))
+    return sorted(m.name for m in tasks if (m.measure or "") == measure)
+
+
+def average_metric(tasks: list[str], measure: str | None) -> Metric:
+    return Metric(AVG.name, f"Avg ({measure}, {len(tasks)} tasks)" if measure else f"Avg ({len(tasks)} tasks)", False)
+
+
 def task_metric(task: str, metric: str, chance: float | None) -> Metric:
     label = f"{task} ({metric}" + (f"; chance {chance:.2f}" if chance is not None else "") + ")" if metric else task
-    return Metric(task, label, False, chance)
+    return Metric(task, label, False, chance, metric or None)
 
 
 def _digest(tokens) -> str:

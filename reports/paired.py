@@ -17,7 +17,7 @@ import pandas as pd
 
 from .leaderboard import (SETTING_LABELS, Row, Table, decimals, field_columns, fmt_value, html_table,
                           method_label, setting_text, shared_fields)
-from .metrics import HEADLINE, Metric
+from .metrics import HEADLINE, Metric, averaged_tasks
 from .records import setting_key
 from .stats import (ALPHA, MDD_FACTOR, N_BOOT, POWER, Estimate, Resampler, SeedTest, align, bootstrap_difference,
                     bootstrap_series, holm, seed_test)
@@ -71,7 +71,7 @@ def analyse(rows: list[Row], metrics: dict[str, Metric], baseline: str | None, n
     """Fill every row's estimates (row.est, row.basis) and return the comparisons with `baseline` (family PAIRED)
     and, on `gate_metric`, those of the gate (family GATE): the GATE_REFERENCE row against the base model and
     every trivial baseline of its context. Each family is Holm-corrected on its own, metric by metric."""
-    tasks = [m for m in metrics if m not in HEADLINE and m != "avg"]
+    tasks = averaged_tasks(metrics)   # the avg metric's parts (the other tasks are metrics of their own)
     contexts: dict[tuple, list[Row]] = {}
     for r in rows:
         contexts.setdefault(_context(r), []).append(r)

@@ -536,7 +536,7 @@ def make_plots(rows: list[Row], comparisons: list, metrics: dict[str, Metric], m
     out = Path(out_dir) / "plots"
     written: list[str] = []
     skipped: list[dict] = []
-    score_metrics = list({m.name: m for m in ([main] if main else []) + ([AVG] if AVG.name in metrics else [])}
+    score_metrics = list({m.name: m for m in ([main] if main else []) + ([metrics[AVG.name]] if AVG.name in metrics else [])}
                          .values())
     from .paired import shown_metrics
 

@@ -907,3 +907,22 @@ def test_budget_note_states_each_rows_training_and_whether_it_is_matched(study, 
     build_report([str(short)], str(tmp_path / "out2"))
     note = next(ln for ln in (tmp_path / "out2" / "LEADERBOARD.md").read_text().splitlines() if "training budget" in ln)
     assert f"centralized {expected - cfg['batch_size']:,}/{expected:,}" in note and note.endswith("NOT matched: the rows trained on different examples × steps")
+
+
+def test_avg_pools_the_accuracy_tasks_only(tmp_path):
+    """Avg is the mean of the tasks scored with the measure most tasks share: a ROUGE-L or exact-match column beside
+    accuracies is its own column, never averaged with them."""
+    res = tmp_path / "results"
+    scores = {"fedit": (0.50, 0.70, 0.02), "flexlora": (0.40, 0.80, 0.30)}
+    for method, (arc, piqa, gsm) in scores.items():
+        for seed in range(2):
+            _write_synthetic(res, method, seed, _held_out(0.0, seed),
+                             tasks={"arc_easy": {"metric": "acc", "value": arc}, "piqa": {"metric": "acc", "value": piqa},
+                                    "gsm8k": {"metric": "exact_match", "value": gsm}})
+    out = tmp_path / "out"
+    build_report([str(res)], str(out))
+    rows = {r["method"]: r for r in _csv(out / "leaderboard.csv")}
+    for method, (arc, piqa, gsm) in scores.items():
+        assert float(rows[method]["avg"]) == pytest.approx((arc + piqa) / 2)
+        assert float(rows[method]["gsm8k"]) == pytest.approx(gsm)
+    assert "Avg (acc, 2 tasks)" in (out / "LEADERBOARD.md").read_text()
