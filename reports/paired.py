@@ -270,10 +270,11 @@ def paired_table(comparisons: list[Comparison], metrics: dict[str, Metric], main
     columns = [SETTING_LABELS.get(k, k) for k in shown] + ["Method", "Seeds"]
     for m in ms:
         k = family_size(comparisons, m.name)
+        holm = f"Holm, k={k}" if k else "n/a: no comparison has 2 seeds"   # a family of 0 tests corrects nothing
         if m is main:
-            columns += [f"Δ {m.label} [95% CI]", f"Seed-level CI (Holm, k={k})", "MDD (seeds)"]
+            columns += [f"Δ {m.label} [95% CI]", f"Seed-level CI ({holm})", "MDD (seeds)"]
         else:
-            columns.append(f"Δ {m.label} [seed-level CI, Holm, k={k}]")
+            columns.append(f"Δ {m.label} [seed-level CI, {holm}]")
     numeric = [False] * (len(shown) + 1) + [True] * (len(columns) - len(shown) - 1)
     table = Table(columns, cells, sort_values, [c.row.reference for c in comparisons], numeric, shared)
     return table, strong

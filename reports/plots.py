@@ -363,11 +363,11 @@ def plot_communication(rows, metrics, out, written, skipped):
                 yerr = np.array([[e.mean - (e.lo if e.lo is not None else e.mean) for _, e in pts],
                                  [(e.hi if e.hi is not None else e.mean) - e.mean for _, e in pts]])
                 ax.errorbar([p for p, _ in pts], [e.mean for _, e in pts], yerr=yerr, fmt=st["marker"],
-                            color=st["color"], capsize=3, ms=6, label=f"{method} ({len(pts)} settings)")
+                            color=st["color"], capsize=3, ms=6, label=f"{method} ({len(pts)} setting{'' if len(pts) == 1 else 's'})")
             ax.set_xscale("log", base=2)
             lo_x, hi_x = min(r.bytes_up + r.bytes_down for r in rs), max(r.bytes_up + r.bytes_down for r in rs)
             ax.set_xlim(lo_x / 1.6, hi_x * 1.6)
-            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
+            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=6))   # more overlap on a one-panel-wide axis
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_bytes(v)))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("Communication per run, bytes up + down (log scale, IEC units)")
