@@ -7,7 +7,9 @@ dispatch `report_cli.main(args)`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from bench import BenchError
 
@@ -35,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
     results = args.results or ["results/"]
     out = args.out or results[0]
     try:
+        refuse_to_empty(results, out)
         summary = build_report(results, out, plots=args.plots, baseline=args.baseline, metric=args.metric)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -50,6 +53,26 @@ def main(args: argparse.Namespace) -> int:
     for f in summary["files"]:
         print(f"wrote {f}")
     return 0
+
+
+def refuse_to_empty(results: list[str], out: str) -> None:
+    """A report of folders that hold no record directly would replace a leaderboard with rows by an empty one: the
+    committed study's leaderboard is made from a subfolder (`bench report --results results/v2 --out results/`),
+    and a plain `bench report` in a fresh clone would wipe it. Refused with the subfolders that do hold records."""
+    if any(any(Path(d).glob("*.json")) for d in results if Path(d).is_dir()):
+        return
+    board = Path(out) / "LEADERBOARD.md"
+    text = board.read_text(errors="replace") if board.is_file() else ""
+    if not re.search(r"^[1-9][0-9,]* rows? from ", text, flags=re.M):
+        return
+    counts: dict[str, int] = {}
+    for d in results:
+        for q in sorted(Path(d).glob("*/*.json")):
+            counts[str(q.parent)] = counts.get(str(q.parent), 0) + 1
+    where = ", ".join(f"{s} ({n} record{'' if n == 1 else 's'})" for s, n in counts.items()) or "none"
+    raise BenchError(f"results: {', '.join(results)} holds no record directly, and {board} has rows that an empty "
+                     f"report would replace; subfolders with records: {where}; pass --results <one of them> "
+                     f"(and --out {out} to rewrite {board}), or another --out")
 
 
 def _standalone(argv=None) -> int:

@@ -926,3 +926,27 @@ def test_avg_pools_the_accuracy_tasks_only(tmp_path):
         assert float(rows[method]["avg"]) == pytest.approx((arc + piqa) / 2)
         assert float(rows[method]["gsm8k"]) == pytest.approx(gsm)
     assert "Avg (acc, 2 tasks)" in (out / "LEADERBOARD.md").read_text()
+
+
+def test_report_of_a_folder_without_records_never_wipes_a_leaderboard_with_rows(study, tmp_path, capsys):
+    """`bench report` on a folder whose records sit in subfolders (the committed study: results/v2 reported into
+    results/) refuses in one line naming those subfolders, and leaves the leaderboard as it was; a folder with no
+    leaderboard yet still gets the empty report."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    report_cli.add_arguments(parser)
+    results = tmp_path / "results"
+    _copy(study, results / "v2")
+    assert report_cli.main(parser.parse_args(["--results", str(results / "v2"), "--out", str(results)])) == 0
+    board = (results / "LEADERBOARD.md").read_text()
+    capsys.readouterr()
+    assert report_cli.main(parser.parse_args(["--results", str(results)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    n = len(list((results / "v2").glob("*.json")))
+    assert len(err) == 1 and err[0].startswith("error: results: ") and f"{results / 'v2'} ({n} records)" in err[0]
+    assert (results / "LEADERBOARD.md").read_text() == board
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert report_cli.main(parser.parse_args(["--results", str(fresh)])) == 0
+    assert "No records yet" in (fresh / "LEADERBOARD.md").read_text()
