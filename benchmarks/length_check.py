@@ -48,13 +48,12 @@ def _samples(results: Path, task: str) -> dict[tuple[str, int], dict]:
 
 
 def _interval(d: list[float]) -> str:
-    from reports.stats import t_quantile
+    """The mean of the per-seed differences and its 95% t-interval (the report's own seed-level test)."""
+    from reports.stats import SeedTest
 
-    if len(d) < 2:
-        return f"{np.mean(d):+.4f} (1 seed)"
-    m, se = float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))
-    h = t_quantile(0.975, len(d) - 1) * se
-    return f"{m:+.4f} [{m - h:+.4f}, {m + h:+.4f}]"
+    test = SeedTest(tuple(float(x) for x in d))
+    ci = test.interval(0.05)
+    return f"{test.mean:+.4f} (1 seed)" if ci is None else f"{test.mean:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
 def main(argv=None) -> int:
