@@ -8,12 +8,14 @@ compares every row with it per seed, on the same documents. It also splits ROUGE
 
     python -m benchmarks.length_check --results results/v2 --out benchmarks/results/length_check/v2.md
 
-Reads the records in --results and their per-sample files (committed beside them: <results>/samples/<run_id>/).
+Reads the records in --results and their per-sample files (committed beside them, lean: <results>/samples/<run_id>/),
+and the references and categories from the data root (--data-root, default $BENCH_DATA_ROOT).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="results/v2", help="a folder of records with their per-sample files")
     ap.add_argument("--task", default="dolly_heldout", help="a generation task scored by ROUGE-L")
     ap.add_argument("--out", help="also write the markdown here")
+    ap.add_argument("--data-root", default=os.environ.get("BENCH_DATA_ROOT") or None,
+                    help="offline data folder (default: $BENCH_DATA_ROOT): the documents' references and categories")
     args = ap.parse_args(argv)
     runs = _samples(Path(args.results), args.task)
     base = next((v for (m, _), v in runs.items() if m == "base"), None)
@@ -70,12 +74,26 @@ def main(argv=None) -> int:
         print(f"results: no base record with {args.task} samples in {args.results}; score the base model first",
               file=sys.stderr)
         return 2
+    from bench import BenchError
+    from reports.samples import document
+    from reports.trivial import task_documents
+
     keys = sorted(base)
-    refs = {k: _text(base[k]["target"]) for k in keys}
+    try:
+        documents = task_documents(args.task, args.data_root, {})
+        docs = {k: document(base[k], documents) for k in keys}
+    except (BenchError, OSError) as exc:
+        print(f"data-root: {exc}", file=sys.stderr)
+        return 2
+    if any(d is None for d in docs.values()):
+        print(f"data-root: the per-sample files of {args.task} are lean (no documents); pass --data-root or set "
+              "BENCH_DATA_ROOT", file=sys.stderr)
+        return 2
+    refs = {k: docs[k]["response"] for k in keys}
     cut = int(statistics.median(len(r.split()) for r in refs.values()))
     base_cut = {k: rouge_l(" ".join(_text(base[k]["resps"]).split()[:cut]), refs[k]) for k in keys}
     score = lambda line: float(line["metrics"]["none"]["rougeL"])  # noqa: E731
-    category = {k: (base[k]["doc"] or {}).get("category", "?") for k in keys}
+    category = {k: docs[k].get("category", "?") for k in keys}
     cats = sorted(set(category.values()))
     by_method = defaultdict(dict)
     for (m, s), lines in runs.items():

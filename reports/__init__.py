@@ -27,13 +27,14 @@ DEFAULT_METRIC = "test_loss"
 
 
 def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, baseline: str | None = None,
-                 metric: str | None = None) -> dict:
+                 metric: str | None = None, data_root: str | None = None) -> dict:
     """Build LEADERBOARD.md, leaderboard.csv, leaderboard.html, paired.csv (and with `plots`, <out>/plots/*.png|svg).
 
     baseline: the method every other is compared with (default fedit; a default with no rows gives no paired
     table, a named one with no rows is refused). metric: the main metric (default: the capability metric the records
     carry, see _main_metric; test_loss where they carry none): it leads the tables, orders the rows and heads the
-    paired table. Trivial-baseline rows (reports.trivial) join the records' rows under each setting. Where a setting
+    paired table. Trivial-baseline rows (reports.trivial) join the records' rows under each setting; data_root
+    is where they read the documents of lean (committed) per-sample files (reports.samples). Where a setting
     has a centralized row, the gate (reports.paired.GATE) leads: centralized against the base model and every trivial
     baseline on the main metric, its own Holm family; paired.csv holds both families (column "family").
     Returns a summary: {"rows", "records", "table": [row digests], "comparisons": int, "gate": int, "baseline", "metric",
@@ -46,7 +47,7 @@ def build_report(results_dirs: list[str], out_dir: str, plots: bool = False, bas
     records, skipped = load_records([str(d) for d in results_dirs])
     notes: list[str] = []
     tasks = task_metrics(records, notes)
-    rows = build_rows(records + baseline_records(records, tasks, notes), notes)
+    rows = build_rows(records + baseline_records(records, tasks, notes, data_root), notes)
     metrics = report_metrics(rows, tasks, notes)
     main = _main_metric(metric, metrics, tasks)
     methods = sorted({r.method for r in rows})

@@ -7,6 +7,7 @@ dispatch `report_cli.main(args)`.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the main metric: test_loss, client_loss, personal_loss, avg or a task name (default: "
                              "the capability metric the records carry: dolly_heldout's ROUGE-L, else the task "
                              "average, else test_loss); it leads the tables, orders the rows and heads the paired table")
+    parser.add_argument("--publish-samples", action="store_true",
+                        help="first write each record's per-sample files, without the documents, prompts and "
+                             "references, to <results>/samples/<run_id>/ (what a clone reports from; the data stay "
+                             "in the data root)")
+    parser.add_argument("--data-root", metavar="DIR", default=os.environ.get("BENCH_DATA_ROOT") or None,
+                        help="offline data folder (default: $BENCH_DATA_ROOT): the documents that committed, lean "
+                             "per-sample files are scored against, for the trivial-baseline rows")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,7 +46,15 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or results[0]
     try:
         refuse_to_empty(results, out)
-        summary = build_report(results, out, plots=args.plots, baseline=args.baseline, metric=args.metric)
+        if args.publish_samples:
+            from .samples import publish
+
+            for d in results:
+                for path, what in publish(Path(d)):
+                    print(f"samples: {what} {path}" + (" (no per-sample file here: its run folder is on another "
+                                                        "machine)" if what == "missing" else ""))
+        summary = build_report(results, out, plots=args.plots, baseline=args.baseline, metric=args.metric,
+                               data_root=args.data_root)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -328,10 +328,17 @@ def gate_verdicts(gates: list[Comparison], main: Metric) -> list[str]:
     """One sentence per reference row of the gate: passed where every Holm-corrected seed-level interval against the
     base model and the trivial baselines excludes 0 on the better side."""
     out = []
-    for ref in list({id(c.row): c.row for c in gates if c.row.method == GATE_REFERENCE}.values()):
+    refs = list({id(c.row): c.row for c in gates if c.row.method == GATE_REFERENCE}.values())
+    # a reference row is named by its preset and ranks, and by any other field in which the references differ
+    named = {"preset", "ranks"} | {k for r in refs for k in r.fields if len({repr(q.fields.get(k)) for q in refs}) > 1}
+    for ref in refs:
         mine = [c for c in gates if c.row is ref and c.base.method != LOCAL_ONLY and main.name in c.seed]
-        where = setting_text({k: v for k, v in ref.fields.items() if k in ("preset", "ranks")})
+        where = setting_text({k: v for k, v in ref.fields.items() if k in named})
         who = f"{method_label(ref)} ({where})" if where else method_label(ref)
+        if not mine:
+            out.append(f"**Gate: not decided** for {who}: no comparison with the base model or a trivial baseline "
+                       f"on {main.label}.")
+            continue
         if any(c.seed[main.name].ci is None for c in mine):
             out.append(f"**Gate: not decided** for {who}: fewer than 2 seeds in a comparison, so no seed-level "
                        "interval.")

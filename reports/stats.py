@@ -295,6 +295,16 @@ def sample_lines(path: Path) -> list[tuple[tuple, dict]] | None:
     return out if len({k for k, _ in out}) == len(out) else None
 
 
+def n_choices(line: dict) -> int | None:
+    """A per-sample line's number of answer choices: its continuations (a run folder's line) or n_choices (a lean
+    committed line, reports.samples); None for a generated answer."""
+    c = line.get("continuations")
+    if isinstance(c, list):
+        return len(c)
+    n = line.get("n_choices")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def load_samples(path: Path, metric: str | None) -> Samples | None:
     """None when the file is absent, unreadable, or a line lacks a numeric value of the metric."""
     lines = sample_lines(path)
@@ -312,9 +322,9 @@ def load_samples(path: Path, metric: str | None) -> Samples | None:
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return None
         vals.append(float(value))
-        # a multiple-choice document lists its choices; a generated answer has none (no chance level)
-        choices = obj.get("continuations")
-        inv_choices.append(1 / len(choices) if isinstance(choices, list) and len(choices) > 1 else None)
+        # a multiple-choice document has choices; a generated answer has none (no chance level)
+        choices = n_choices(obj)
+        inv_choices.append(1 / choices if choices is not None and choices > 1 else None)
     chance = float(np.mean(inv_choices)) if all(c is not None for c in inv_choices) else None
     return Samples(tuple(k for k, _ in lines), np.asarray(vals), chance)
 

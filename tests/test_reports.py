@@ -21,6 +21,7 @@ pytest.importorskip("matplotlib")
 
 from report_study import build_study  # noqa: E402  (tests/ is on sys.path under pytest)
 
+from bench import BenchError  # noqa: E402
 from reports import build_report  # noqa: E402
 from reports import cli as report_cli  # noqa: E402
 from reports.leaderboard import build_rows  # noqa: E402
@@ -950,3 +951,92 @@ def test_report_of_a_folder_without_records_never_wipes_a_leaderboard_with_rows(
     fresh.mkdir()
     assert report_cli.main(parser.parse_args(["--results", str(fresh)])) == 0
     assert "No records yet" in (fresh / "LEADERBOARD.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- committed samples
+
+def _piqa_run(tmp_path: Path, res: Path, method: str, seed: int, rng) -> None:
+    """A run scored on 10 two-choice documents (lm-eval's log-likelihood lines: continuations, an integer gold)."""
+    from evaluators.runner import _write_samples
+
+    path = tmp_path / "runs" / f"{method}-s{seed}" / "eval" / "piqa.jsonl"
+    gold = [int(g) for g in np.random.default_rng(5).integers(0, 2, size=10)]
+    acc = rng.integers(0, 2, size=10).astype(float)
+    _write_samples(path, [{"_subtask": "fedlora_piqa", "doc_id": i, "doc": {"goal": f"goal {i}", "sol1": "a", "sol2": "b"},
+                           "target": g, "arguments": {f"gen_args_{c}": {"arg_0": f"Question: goal {i}\nAnswer:",
+                                                                        "arg_1": f" choice text {c}"} for c in (0, 1)},
+                           "resps": [[[-1.0, False]], [[-2.0, False]]], "filtered_resps": [[-1.0, False], [-2.0, False]],
+                           "filter": "none", "metrics": ["acc"], "acc": float(a)} for i, (g, a) in enumerate(zip(gold, acc))],
+                   "piqa", {})
+    rec = json.loads((res / f"{method}-s{seed}.json").read_text())
+    rec["eval"]["tasks"]["piqa"] = {"metric": "acc", "value": float(acc.mean()), "n": 10, "samples": str(path)}
+    (res / f"{method}-s{seed}.json").write_text(json.dumps(rec))
+
+
+def test_published_samples_carry_no_data_and_report_byte_for_byte_the_same(shared_data, tmp_path, capsys):
+    """`bench report --publish-samples` writes each record's per-sample files to <results>/samples/<run_id>/ without
+    the documents, prompts and references (a data copy must not enter the repository); a clone without the run
+    folders reports the same files byte for byte, the trivial baselines' documents read from the data root by doc_id
+    and checked against doc_sha256; without a data root the generation baselines are left out with a note; a data
+    root whose document differs is refused by name. The length check reads its references the same way."""
+    pytest.importorskip("rouge_score")
+    import argparse
+
+    from benchmarks import length_check
+    from evaluators.tasks.loaders import dolly_heldout_docs
+    from reports.samples import doc_sha256
+
+    docs = dolly_heldout_docs(str(shared_data), "test")[:12]   # doc_id = index in the data root, as lm-eval numbers them
+    res, rng = tmp_path / "results", np.random.default_rng(17)
+    _dolly_run(tmp_path, res, "base", 0, docs, rng.uniform(0.0, 0.3, size=12), {**_held_out(0.0, 0), "split_by_seed": False})
+    for seed in (0, 1, 2):
+        for method, lo in (("centralized", 0.3), ("fedit", 0.2)):
+            _dolly_run(tmp_path, res, method, seed, docs, rng.uniform(lo, lo + 0.3, size=12), _held_out(-lo, seed))
+            _piqa_run(tmp_path, res, method, seed, rng)
+    full = build_report([str(res)], str(tmp_path / "full"))
+    assert length_check.main(["--results", str(res)]) == 0
+    checked = capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    report_cli.add_arguments(parser)
+    argv = ["--results", str(res), "--out", str(tmp_path / "published"), "--publish-samples"]
+    assert report_cli.main(parser.parse_args(argv + ["--data-root", str(shared_data)])) == 0
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("samples: ")]
+    assert len(said) == 13 and all(ln.startswith("samples: written ") for ln in said)
+    lean = sorted((res / "samples").glob("*/*.jsonl"))
+    assert len(lean) == 13
+    for path in lean:
+        text = path.read_text()
+        for d in docs:
+            assert d["instruction"] not in text and d["response"] not in text   # no copy of the data
+        assert "choice text" not in text and "Question: goal" not in text
+        for line in map(json.loads, text.splitlines()):
+            assert not {"doc", "prompt", "continuations", "filtered_resps"} & set(line) and len(line["doc_sha256"]) == 64
+            if line["task"] == "piqa":
+                assert line["n_choices"] == 2 and line["target"] in (0, 1)
+            else:
+                assert "target" not in line and line["doc_sha256"] == doc_sha256(docs[line["doc_id"]])
+    assert report_cli.main(parser.parse_args(argv)) == 0   # published again: nothing changes
+    assert all(ln.startswith("samples: unchanged ") for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith("samples: "))
+    shutil.move(tmp_path / "runs", tmp_path / "elsewhere")   # a clone: the run folders stayed on the machine
+    assert not full["notes"] or all("lean" not in n for n in full["notes"])
+    clone = build_report([str(res)], str(tmp_path / "clone"), data_root=str(shared_data))
+    assert clone["rows"] == full["rows"] and clone["comparisons"] == full["comparisons"] > 0
+    for name in ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html", "paired.csv"):
+        assert (tmp_path / "clone" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert length_check.main(["--results", str(res), "--data-root", str(shared_data)]) == 0
+    assert capsys.readouterr().out == checked
+    # no data root: the generation baselines cannot be scored, and the report says how to get them
+    bare = build_report([str(res)], str(tmp_path / "bare"))
+    methods = {r["method"] for r in _csv(tmp_path / "bare" / "leaderboard.csv")}
+    assert {"majority-label", "chance"} <= methods and not {"copy-prompt", "empty"} & methods
+    assert any("lean" in n and "BENCH_DATA_ROOT" in n for n in bare["notes"])
+    assert length_check.main(["--results", str(res)]) == 2
+    assert "BENCH_DATA_ROOT" in capsys.readouterr().err
+    # another version of the data: refused, naming the document
+    path = res / "samples" / "centralized-s1" / "dolly_heldout.jsonl"   # the lines its seed's baselines read
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[3]["doc_sha256"] = "0" * 64
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(BenchError, match=r"data root: document 3 of task 'dolly_heldout'"):
+        build_report([str(res)], str(tmp_path / "other"), data_root=str(shared_data))

@@ -352,15 +352,18 @@ def winogrande_doc_to_choice(doc):
 
 
 # ---- Dolly held-out instructions: greedy generations scored by ROUGE-L --------------------------------------
-def load_dolly_heldout(data_root: str, split: str = "test", **_: object):
+def dolly_heldout_docs(data_root: str, split: str = "test") -> list[dict]:
     """The records that the `dolly-heldout` training source holds out (bench.data.heldout_records), as
-    instruction / context / response docs with the prompt the training template builds from them."""
+    instruction / context / response docs with the prompt the training template builds from them (doc_id = index)."""
     from bench.data import heldout_records
 
-    docs = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": r["label"],
+    return [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": r["label"],
              "prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}
             for r in heldout_records("dolly-heldout", data_root, split)]
-    return _dataset_dict({"test": docs})
+
+
+def load_dolly_heldout(data_root: str, split: str = "test", **_: object):
+    return _dataset_dict({"test": dolly_heldout_docs(data_root, split)})
 
 
 _ROUGE = None
