@@ -846,6 +846,27 @@ def test_gate_places_local_only_between_base_and_centralized(shared_data, tmp_pa
     assert ("second condition is not met" in top) == (verdict == "no")
 
 
+
+def test_gate_without_base_or_trivial_baseline_on_the_main_metric_is_not_decided(tmp_path):
+    """A setting whose centralized row has no base record and no trivial baseline on the main metric (a grid's
+    non-default partitions: base is scored once, under its own setting) gets 'not decided' naming what is missing,
+    each such reference named by the field it differs in, and the report is written."""
+    res = tmp_path / "results"
+    for seed in (0, 1, 2):
+        for method, offset in (("centralized", -0.1), ("local-only", 0.05), ("fedit", -0.05)):
+            rec = _write_synthetic(res, method, seed, _held_out(offset, seed))
+            for alpha in (0.1, 1.0):   # the same runs under two partitions: two centralized rows to tell apart
+                other = json.loads(json.dumps(rec))
+                other["setting"]["partition"] = {"kind": "dirichlet", "alpha": alpha}
+                other["run_id"] = f"{rec['run_id']}-a{alpha:g}"
+                (res / f"{other['run_id']}.json").write_text(json.dumps(other))
+    s = build_report([str(res)], str(tmp_path / "o"), metric="test_loss")
+    top = (tmp_path / "o" / "LEADERBOARD.md").read_text().split("## Which method")[0]
+    verdicts = [ln for ln in top.splitlines() if ln.startswith("**Gate: not decided**")]
+    assert len(verdicts) == 3 and len(set(verdicts)) == 3 and s["gate"] > 0
+    assert all("partition: " in v and "no comparison with the base model or a trivial baseline on Test loss" in v
+               for v in verdicts)
+
 def test_length_check_cuts_base_to_the_references_median_length(shared_data, tmp_path, capsys):
     """benchmarks.length_check: the length-only baseline is the base model's generation cut to the references'
     median word count, scored by the task's ROUGE-L; each row's Δ per seed is its mean over the same documents
