@@ -63,6 +63,18 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
         assert a["n"] == 2 and a["missing_in_group"] == 0 and a["same_answer"] == 2
         assert a["loglik_abs_change_max"] <= 1e-4 and a["reference_score"] == a["group_score"]
     assert "| mmlu_anatomy | 2 | 2/2 |" in (folder / "agreement-hf.md").read_text()
+    # a slow task on a smaller subset than the rest (--task-limit), named in the table's caption
+    assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--against", "hf", "--limit", "2",
+                           "--task-limit", "mmlu_anatomy=1", "--model", "tiny-random-llama", "--data-root", str(root),
+                           "--runs", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    agreed = json.loads((folder / "agreement-hf.json").read_text())
+    n = {t: a["n"] for part in agreed["parts"].values() for t, a in part["tasks"].items()}
+    assert n == {"mmlu_abstract_algebra": 2, "mmlu_anatomy": 1} and agreed["task_limits"] == {"mmlu_anatomy": 1}
+    assert "(2 documents; mmlu_anatomy: 1, seed 0;" in (folder / "agreement-hf.md").read_text()
+    capsys.readouterr()
+    assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--task-limit", "gsm8k=0", "--data-root", str(root),
+                           "--results", str(results)]) == 2
+    assert "error: task-limit: 'gsm8k=0' is not TASK=N" in capsys.readouterr().err
     assert eval_full.main(["agree", "--group", "nothing-hf-float32", "--data-root", str(root),
                            "--results", str(results)]) == 2
     assert "error: group: no records in" in capsys.readouterr().err
