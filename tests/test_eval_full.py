@@ -78,3 +78,25 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
     assert eval_full.main(["agree", "--group", "nothing-hf-float32", "--data-root", str(root),
                            "--results", str(results)]) == 2
     assert "error: group: no records in" in capsys.readouterr().err
+
+
+def test_suite_group_stands_beside_the_float32_floor(tmp_path):
+    """SUMMARY.md's floor table: each task's wall time over the floor benchmarks.eval_floor counted for it, the
+    tasks with a floor summed, and the whole record over the suite's floor; a task with no floor says so."""
+    folder = tmp_path / "suite-vllm-float32"
+    folder.mkdir()
+    tasks = {"mmlu": (100, 30.0), "gsm8k": (10, 12.0), "humaneval": (5, 4.0)}
+    rec = {"run_id": "base-s0-20261206T000000", "config": {"tasks": list(tasks)}, "timings": {"eval_s": 50.0},
+           "provenance": {"load_avg_1m_start": 0.5, "load_avg_1m_end": 1.0},
+           "eval": {"tasks": {t: {"metric": "acc", "value": 0.25, "n": n, "seconds": s} for t, (n, s) in tasks.items()}}}
+    (folder / "base-s0-20261206T000000.json").write_text(json.dumps(rec))
+    (folder / "agreement-hf.json").write_text("{}")   # beside the records, never read as one
+    floor = tmp_path / "floor.json"
+    floor.write_text(json.dumps({"matmul_gflops_fp32": 100.0, "cpu_count": 2, "git_commit": "f" * 40, "when": "T",
+                                 "floor_s": 25.0, "per_task": {"mmlu": {"floor_s": 15.0}, "gsm8k": {"floor_s": 10.0}}}))
+    lines = eval_full.floor_lines(tmp_path, floor)
+    assert "| mmlu | 100 | 30 | 15.0 | 2.00x |" in lines and "| gsm8k | 10 | 12 | 10.0 | 1.20x |" in lines
+    assert "| humaneval | 5 | 4 |  | no floor counted |" in lines
+    assert "| **tasks with a floor** | | **42** | **25.0** | **1.68x** |" in lines
+    assert any("Whole record: 50 s" in ln and "**2.00x**" in ln for ln in lines)
+    assert eval_full.floor_lines(tmp_path, tmp_path / "absent.json") == []
