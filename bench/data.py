@@ -112,7 +112,9 @@ def read_json_records(path: Path) -> list[dict]:
             raise BenchError(f"dataset: {path} is not valid JSON at line {exc.lineno}: {exc.msg}; fix the file") from None
     else:
         data = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # JSON Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and the like, which a JSON
+        # string may hold raw
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     data.append(json.loads(line))

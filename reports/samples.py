@@ -53,7 +53,7 @@ def lean_line(line: dict) -> dict:
 
 def lean_text(text: str) -> str:
     lines = [json.dumps(lean_line(json.loads(x)), ensure_ascii=False, default=str)
-             for x in text.splitlines() if x.strip()]
+             for x in text.split("\n") if x.strip()]   # not splitlines(): U+2028 may sit inside a JSON string
     return "\n".join(lines) + ("\n" if lines else "")
 
 

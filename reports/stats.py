@@ -280,7 +280,7 @@ def sample_lines(path: Path) -> list[tuple[tuple, dict]] | None:
     except (OSError, UnicodeDecodeError):
         return None
     out = []
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(text.split("\n")):   # not splitlines(): U+2028 inside a JSON string is no line end
         line = line.strip()
         if not line:
             continue

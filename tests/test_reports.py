@@ -1061,3 +1061,24 @@ def test_published_samples_carry_no_data_and_report_byte_for_byte_the_same(share
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(BenchError, match=r"data root: document 3 of task 'dolly_heldout'"):
         build_report([str(res)], str(tmp_path / "other"), data_root=str(shared_data))
+
+
+def test_per_sample_lines_end_at_newline_only(tmp_path):
+    """A document holding U+2028 or U+0085 (MMLU's management subject does) stays one JSON line: evaluators write
+    per-sample files with ensure_ascii=False, and str.splitlines() would cut such a line in two (the report then
+    read the file as unusable, and a lean copy could not be written)."""
+    from bench.data import read_json_records
+    from reports.samples import lean_text
+    from reports.stats import sample_lines
+
+    lines = [{"task": "mmlu", "subtask": "s", "doc_id": i, "doc": {"question": f"a\u2028b\x85c {i}"}, "target": 1,
+              "continuations": [" A", " B"], "metrics": {"none": {"acc": 1.0}}} for i in range(3)]
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    got = sample_lines(path)
+    assert got is not None and [k for k, _ in got] == [("s", 0), ("s", 1), ("s", 2)]
+    lean = [json.loads(x) for x in lean_text(path.read_text()).split("\n") if x]
+    assert [x["doc_id"] for x in lean] == [0, 1, 2] and all("doc" not in x for x in lean)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"x\u2028y {i}"}, ensure_ascii=False) + "\n" for i in range(2)))
+    assert [r["instruction"] for r in read_json_records(data)] == ["x\u2028y 0", "x\u2028y 1"]
