@@ -265,13 +265,16 @@ def agreement(group: dict, reference: dict) -> dict:
     for task, entry in reference["tasks"].items():
         ref, got = samples_by_doc(reference, task), samples_by_doc(group, task)
         metric = entry["metric"].partition(",")[0]
-        same = same_filtered = 0
+        same = same_filtered = same_prompt = 0
         dll, score_ref, score_got, missing = [], [], [], 0
         for key, r in ref.items():
             g = got.get(key)
             if g is None:
                 missing += 1
                 continue
+            # lm-eval draws GSM8K's few-shot examples per document from one seeded stream, so a subset's
+            # documents can carry other examples than in the full run: an answer compares only under the same prompt
+            same_prompt += r.get("prompt") == g.get("prompt")
             kind, a, lla = _answer(r)
             _, b, llb = _answer(g)
             same += a == b
@@ -286,7 +289,8 @@ def agreement(group: dict, reference: dict) -> dict:
                 if isinstance(v, (int, float)):
                     into.append(float(v))
         n = len(ref) - missing
-        out[task] = {"metric": metric, "n": n, "missing_in_group": missing, "same_answer": same,
+        out[task] = {"metric": metric, "n": n, "missing_in_group": missing, "same_prompt": same_prompt,
+                     "same_answer": same,
                      "same_answer_share": same / n if n else None,
                      "reference_score": statistics.fmean(score_ref) if score_ref else None,
                      "group_score": statistics.fmean(score_got) if score_got else None,
@@ -360,15 +364,16 @@ def agree(args) -> int:
              f"answers to the same documents are read from its per-sample files). Same answer: the same arg-max choice "
              f"(log-likelihood tasks) or the same generated text (generation tasks; after the task's filters in "
              f"brackets). Commit {CODE['git_commit'][:7]}{' (dirty)' if CODE['git_dirty'] else ''}.", "",
-             f"| task | n | same answer | score, {args.against} | score, group | median / max abs. change of a "
-             "log-likelihood |", "|---|---:|---:|---:|---:|---:|"]
+             f"| task | n | same prompt | same answer | score, {args.against} | score, group | median / max abs. change "
+             "of a log-likelihood |", "|---|---:|---:|---:|---:|---:|---:|"]
     for part in result["parts"].values():
         for task, a in part["tasks"].items():
             same = f"{a['same_answer']}/{a['n']}" + (f" ({a['same_filtered']})" if "same_filtered" in a else "")
             fmt = lambda v: "" if v is None else f"{v:.4f}"
             ll = "" if a["loglik_abs_change_max"] is None else \
                 f"{a['loglik_abs_change_median']:.2g} / {a['loglik_abs_change_max']:.2g}"
-            lines.append(f"| {task} | {a['n']} | {same} | {fmt(a['reference_score'])} | {fmt(a['group_score'])} | {ll} |")
+            lines.append(f"| {task} | {a['n']} | {a['same_prompt']}/{a['n']} | {same} | {fmt(a['reference_score'])} | "
+                         f"{fmt(a['group_score'])} | {ll} |")
     atomic_write_text(folder / f"agreement-{args.against}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

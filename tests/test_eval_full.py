@@ -60,9 +60,9 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
     tasks = {t: a for part in agreed["parts"].values() for t, a in part["tasks"].items()}
     assert sorted(tasks) == ["mmlu_abstract_algebra", "mmlu_anatomy"]
     for a in tasks.values():
-        assert a["n"] == 2 and a["missing_in_group"] == 0 and a["same_answer"] == 2
+        assert a["n"] == 2 and a["missing_in_group"] == 0 and a["same_answer"] == 2 and a["same_prompt"] == 2
         assert a["loglik_abs_change_max"] <= 1e-4 and a["reference_score"] == a["group_score"]
-    assert "| mmlu_anatomy | 2 | 2/2 |" in (folder / "agreement-hf.md").read_text()
+    assert "| mmlu_anatomy | 2 | 2/2 | 2/2 |" in (folder / "agreement-hf.md").read_text()   # same prompts, answers
     # a slow task on a smaller subset than the rest (--task-limit), named in the table's caption
     assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--against", "hf", "--limit", "2",
                            "--task-limit", "mmlu_anatomy=1", "--model", "tiny-random-llama", "--data-root", str(root),
