@@ -334,6 +334,11 @@ def agree(args) -> int:
     except ValueError as exc:
         print(f"error: task-limit: {exc}", file=sys.stderr)
         return 2
+    held = {t for rec in recs.values() for t in rec["config"]["tasks"]}
+    if set(task_limits) - held:
+        print(f"error: task-limit: {', '.join(sorted(set(task_limits) - held))} not in {args.group} (its tasks: "
+              f"{', '.join(sorted(held))}); name one of them", file=sys.stderr)
+        return 2
     result = {"group": args.group, "against": args.against, "limit_per_task": limit, "seed": 0, "parts": {},
               "task_limits": task_limits,
               "git_commit": CODE["git_commit"], "git_dirty": CODE["git_dirty"], "packages": packages()}

@@ -75,6 +75,9 @@ def test_parts_run_across_sessions_and_add_up(tmp_path, shared_data, capsys):
     assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--task-limit", "gsm8k=0", "--data-root", str(root),
                            "--results", str(results)]) == 2
     assert "error: task-limit: 'gsm8k=0' is not TASK=N" in capsys.readouterr().err
+    assert eval_full.main(["agree", "--group", "mmlu-hf-float32", "--task-limit", "gsm8k=5", "--data-root", str(root),
+                           "--results", str(results)]) == 2   # a task the group does not hold: refused, not ignored
+    assert "error: task-limit: gsm8k not in mmlu-hf-float32" in capsys.readouterr().err
     assert eval_full.main(["agree", "--group", "nothing-hf-float32", "--data-root", str(root),
                            "--results", str(results)]) == 2
     assert "error: group: no records in" in capsys.readouterr().err
