@@ -994,7 +994,7 @@ def _piqa_run(tmp_path: Path, res: Path, method: str, seed: int, rng) -> None:
     (res / f"{method}-s{seed}.json").write_text(json.dumps(rec))
 
 
-def test_published_samples_carry_no_data_and_report_byte_for_byte_the_same(shared_data, tmp_path, capsys):
+def test_published_samples_carry_no_data_and_report_byte_for_byte_the_same(shared_data, tmp_path, capsys, monkeypatch):
     """`bench report --publish-samples` writes each record's per-sample files to <results>/samples/<run_id>/ without
     the documents, prompts and references (a data copy must not enter the repository); a clone without the run
     folders reports the same files byte for byte, the trivial baselines' documents read from the data root by doc_id
@@ -1007,6 +1007,7 @@ def test_published_samples_carry_no_data_and_report_byte_for_byte_the_same(share
     from evaluators.tasks.loaders import dolly_heldout_docs
     from reports.samples import doc_sha256
 
+    monkeypatch.delenv("BENCH_DATA_ROOT", raising=False)   # "no data root" below means none at all (CI exports one)
     docs = dolly_heldout_docs(str(shared_data), "test")[:12]   # doc_id = index in the data root, as lm-eval numbers them
     res, rng = tmp_path / "results", np.random.default_rng(17)
     _dolly_run(tmp_path, res, "base", 0, docs, rng.uniform(0.0, 0.3, size=12), {**_held_out(0.0, 0), "split_by_seed": False})
