@@ -102,6 +102,15 @@ def svd_factors(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 
 def _factored_svd(b: Tensor, a: Tensor, root_scaled: bool) -> tuple[Tensor, Tensor, Tensor]:
     # root_scaled: return U √S and V √S, the √S applied to the small core factors, not to the tall results
+    if b.shape[1] >= min(b.shape[0], a.shape[1]):
+        # a stack at least as wide as the layer (100 clients at rank 8 on a 576-wide model): the product is the
+        # smaller object, and its SVD 2-5x cheaper than QR of two wide factors plus an SVD of the same size
+        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        v = vh.mT
+        if root_scaled:
+            root = s.sqrt()
+            u, v = u * root, v * root
+        return u, s, v
     p_b, t_b, r_b = _basis(b)
     p_a, t_a, r_a = _basis(a.T)
     u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
@@ -171,6 +180,14 @@ KRYLOV_MIXED = True   # iterate a float64 product's Krylov basis in float32, fin
 
 def _block(k: int, m: int) -> int:
     return min(k + max(k // 2, 8), m)
+
+
+def _gram_block(k: int, m: int) -> int:
+    """The Gram iteration's block: narrower than _block's. A step costs m²·block there, not (d_out + d_in)·m·block,
+    so the Ritz problem and the basis, not the products, dominate; at K = 100 on 4096² (k = 64) a block of 80
+    reaches 1e-7 in the same 5 steps as 96, and at K = 50 (m = 800) 5 × 96 outgrows the basis cap (m/2) and the
+    exact path answered instead."""
+    return min(k + max(k // 4, 8), m)
 
 
 def krylov_pays(m: int, k: int) -> bool:
@@ -343,8 +360,7 @@ def gram(x: Tensor, blocks: int = 8) -> Tensor:
         g[edge[i + 1]:, edge[i]:edge[i + 1]] = g[edge[i]:edge[i + 1], edge[i + 1]:].mT
     for i in range(blocks):  # a BLAS need not give x_i x_iᵀ exactly symmetric (MKL on AMD does not): mirror its upper half
         d = g[edge[i]:edge[i + 1], edge[i]:edge[i + 1]]
-        low = torch.ones_like(d, dtype=torch.bool).tril(-1)
-        d[low] = d.mT[low]
+        d.copy_(d.triu() + d.triu(1).mT)   # (a boolean-mask copy took 5x as long)
     return g
 
 
@@ -380,6 +396,7 @@ def _gram_krylov(b: Tensor, a: Tensor, bt_w: Tensor, g_b: Tensor, g_a: Tensor, k
     _refine_coeff's float64 Rayleigh–Ritz. bt_w: Bᵀ in the Grams' precision (row-major), for the refinement's
     starting basis. Returns (U, S, V), or None (not converged)."""
     m = g_a.shape[0]
+    cap = min(max_steps * block, min(m, b.shape[0], a.shape[1]) // 2)   # past this, the exact path is cheaper
     weight = g_b.diagonal() * g_a.diagonal()           # ‖b_j‖² ‖a_j‖²: the rank-1 terms' sizes, squared
     y = g_a[:, torch.argsort(weight, descending=True)[:block]]  # G_a x0, x0: A's rows of the largest terms
     yx = _g_orth(y, g_b @ y)
@@ -387,40 +404,44 @@ def _gram_krylov(b: Tensor, a: Tensor, bt_w: Tensor, g_b: Tensor, g_a: Tensor, k
         gen = torch.Generator(device="cpu").manual_seed(0)
         y = g_a @ torch.randn(m, block, generator=gen, dtype=g_a.dtype).to(g_a.device)
         yx = _g_orth(y, g_b @ y)
-    y_all = x_all = gram_z = prev = delta_prev = None
-    extra_done = False
+    # the bases and ZᵀZ grow in place (no concatenation per step)
+    y_buf = torch.empty(m, max(cap, block), dtype=g_a.dtype, device=g_a.device)
+    x_buf = torch.empty_like(y_buf)
+    gram_z = torch.empty(y_buf.shape[1], y_buf.shape[1], dtype=torch.float64, device=g_a.device)
+    n, prev, delta_prev, extra_done = 0, None, None, False
     for step in range(max_steps):
-        info.update(steps=step + 1, basis=(0 if y_all is None else y_all.shape[1]) + block, mixed=True)
-        if y_all is not None:                            # block classical Gram–Schmidt in G_b, twice (X = G_b Y)
-            if y_all.shape[1] + block > min(m, b.shape[0], a.shape[1]) // 2:
+        info.update(steps=step + 1, basis=n + block, mixed=True)
+        if n:                                            # block classical Gram–Schmidt in G_b, twice (X = G_b Y)
+            if n + block > cap:
+                info["stopped"] = "basis cap"
                 return None
             for _ in range(2):
-                y = y - y_all @ (x_all.mT @ y)
+                y = y - y_buf[:, :n] @ (x_buf[:, :n].mT @ y)
             yx = _g_orth(y, g_b @ y)
         if yx is None:
             return None
         y, x = yx                                        # Mᵀ P = Aᵀ x
         gx = g_a @ x
-        if y_all is None:
-            y_all, x_all, gram_z = y, x, (x.mT @ gx).double()
-        else:
-            cross = (x_all.mT @ gx).double()
-            gram_z = torch.cat([torch.cat([gram_z, cross], 1), torch.cat([cross.mT, (x.mT @ gx).double()], 1)], 0)
-            y_all, x_all = torch.cat([y_all, y], 1), torch.cat([x_all, x], 1)
-        evals, evecs = torch.linalg.eigh(gram_z)         # ZᵀZ = C Cᵀ, C = PᵀM: Ritz values², left Ritz vectors
-        vals = evals.flip(0)[:k].clamp_min(0).sqrt()
+        y_buf[:, n:n + block], x_buf[:, n:n + block] = y, x
+        gram_z[:n + block, n:n + block] = (x_buf[:, :n + block].mT @ gx).double()
+        gram_z[n:n + block, :n] = gram_z[:n, n:n + block].mT
+        n += block
+        # ZᵀZ = C Cᵀ, C = PᵀM: its eigenvalues are the Ritz values²; the vectors only once converged
+        vals = torch.linalg.eigvalsh(gram_z[:n, :n]).flip(0)[:k].clamp_min(0).sqrt()
         if prev is not None:
             floor = vals[0].clamp_min(torch.finfo(vals.dtype).tiny) * 1e-12
             delta = float(((vals - prev).abs() / vals.clamp_min(floor)).max())
             rho = min(delta / delta_prev, 0.5) if delta_prev else 0.5
             if delta * rho / (1 - rho) <= max(tol, 1e-7):
                 if extra_done or delta >= 1e-5:           # see _krylov_top_svd: float32 resolves ~1e-7
-                    kp = min(k + max(k // 4, 8), y_all.shape[1])
-                    return _refine_coeff(b, a, bt_w, (y_all.double() @ evecs[:, -kp:].flip(1)).to(y_all.dtype), vals, k)
+                    kp = min(k + max(k // 4, 8), n)
+                    evecs = torch.linalg.eigh(gram_z[:n, :n])[1][:, -kp:].flip(1)   # left Ritz vectors, top kp
+                    return _refine_coeff(b, a, bt_w, (y_buf[:, :n].double() @ evecs).to(y.dtype), vals, k)
                 extra_done = True
             delta_prev = delta
         prev = vals
         y = gx                                           # M Mᵀ P = B (G_a x)
+    info["stopped"] = "steps"
     return None
 
 
@@ -457,7 +478,9 @@ def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tenso
     b, a = b[:, spare:n - spare], a[spare:n - spare]
     m = b.shape[1]
     full = min(m, b.shape[0], a.shape[1])
-    if k >= full or not krylov_pays(m, min(k, full)):
+    # a stack at least as wide as the layer: the dense SVD of the product (svd_factors) is cheaper than two m×m
+    # Grams, and its factors, min(d_out, d_in) wide, are narrower than the stack
+    if k >= full or m >= min(b.shape[0], a.shape[1]) or not krylov_pays(m, min(k, full)):
         a2, b2 = svd_factors(b, a)
         return a2, b2, a2.shape[0], float(((torch.linalg.vector_norm(a2, dim=1) * torch.linalg.vector_norm(b2, dim=0))
                                             .double() ** 2).sum())
@@ -467,9 +490,13 @@ def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tenso
     a_w, bt_w = a.to(work, memory_format=rows), b.mT.to(work, memory_format=rows)  # row-major, working precision
     g_a, g_b = gram(a_w), gram(bt_w)
     energy = max(inner(g_a, g_b), 0.0)
-    out = _gram_krylov(b, a, bt_w, g_b, g_a, kk, _block(kk, m), 1e-10, 8, {})
+    info = {}
+    out = _gram_krylov(b, a, bt_w, g_b, g_a, kk, _gram_block(kk, m), 1e-10, 8, info)
     del g_a, g_b, a_w, bt_w
-    u, s, v = out if out is not None else top_svd(b, a, kk)
+    # not converged (the basis cap or the steps ran out): top_svd's Krylov builds the same kind of basis and would
+    # not either, the exact path answers at once; a stack of low numerical rank (the G_b-orthonormalization
+    # failed): top_svd's Krylov, which fills dependent starts with random directions
+    u, s, v = out if out is not None else top_svd(b, a, kk, path="exact" if info.get("stopped") else None)
     root = s.sqrt()
     a_k, b_k = (v * root).mT, u * root
     if spare < kk:

@@ -11,7 +11,7 @@ import torch
 
 from methods import ClientSpec, ClientTask, ClientUpdate, GlobalState, get_method
 import methods.factors as factors
-from methods.factors import gram_energy, svd_factors_top, svd_for_energy, top_svd
+from methods.factors import factored_svd, gram_energy, svd_factors_top, svd_for_energy, top_svd
 from test_methods_math import (DT, RANK_MIXES, SHAPES, assert_close, dense_delta, fro, gen, make_updates,
                                module_shapes, probs, scaling_of, seed_of)
 
@@ -407,7 +407,7 @@ def test_top_svd_chooses_exact_for_few_clients_and_krylov_for_many():
 
 def test_gram_energy_and_svd_factors_top_are_exact():
     g = gen(5)
-    b, a = stacked(g, 120, 90, [8, 4, 16, 2] * 8, spread=2.0)
+    b, a = stacked(g, 400, 300, [8, 4, 16, 2] * 8, spread=2.0)   # Σr = 240 < both widths: the Krylov path
     assert gram_energy(b, a) == pytest.approx(fro(b @ a) ** 2, rel=1e-12)
     a2, b2, ordered, energy = svd_factors_top(b, a, 6)
     assert ordered == 6 and a2.shape[0] == b.shape[1] + 12  # [top-6 | the remainder, factored: A; A_6]
@@ -462,6 +462,30 @@ def test_gram_krylov_state_in_place_matches_dense_svd(d_out, d_in, ranks, k, sha
     assert_close(v.T @ v, torch.eye(k, dtype=DT), 1e-12, "V orthonormal")
 
 
+@pytest.mark.parametrize("d_out,d_in,ranks", [(90, 60, [8, 4, 16, 2] * 5), (50, 70, [8] * 10), (64, 64, [16] * 4)])
+def test_a_stack_wider_than_the_layer_gets_the_whole_svd_of_the_product(d_out, d_in, ranks):
+    """Σr ≥ min(d_out, d_in) (many clients on a narrow model): the product is the smaller object. factored_svd
+    and svd_factors_top answer with its whole SVD: min(d_out, d_in) triplets, orthonormal, equal to the dense
+    SVD's; the state is ΔW exactly and every slice the best rank-r approximation; the energy is Σσ²."""
+    g = gen(seed_of("wide", d_out, d_in, len(ranks)))
+    b, a = stacked(g, d_out, d_in, ranks, spread=2.0)
+    q = min(d_out, d_in)
+    assert b.shape[1] >= q
+    dw = b @ a
+    _, s_ref, _ = dense_svd(dw)
+    u, s, v = factored_svd(b, a)
+    assert u.shape == (d_out, q) and s.shape == (q,) and v.shape == (d_in, q)
+    assert_close(s, s_ref[:q], 1e-12, "σ")
+    assert_close(u.T @ u, torch.eye(q, dtype=DT), 1e-12, "U orthonormal")
+    assert_close(v.T @ v, torch.eye(q, dtype=DT), 1e-12, "V orthonormal")
+    a2, b2, ordered, energy = svd_factors_top(b, a, max(ranks))
+    assert ordered == a2.shape[0] == b2.shape[1] == q
+    assert_close(b2 @ a2, dw, 1e-12, "state = ΔW")
+    for r in (1, max(ranks), q):
+        assert fro(dw - b2[:, :r] @ a2[:r]) == pytest.approx(float(s_ref[r:].norm()), rel=1e-9, abs=1e-12 * float(s_ref[0]))
+    assert energy == pytest.approx(float((s_ref ** 2).sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("tau", [0.3, 0.8, 0.95])
 def test_svd_for_energy_reaches_tau_on_both_paths(tau):
     g = gen(6)
@@ -477,8 +501,8 @@ def test_flexlora_krylov_state_is_exact_and_its_slices_are_best_rank_r(monkeypat
     import methods.factors as factors
 
     monkeypatch.setattr(factors, "KRYLOV_MIN_RATIO", 1)   # force the Krylov path on small shapes
-    ranks = (8, 4, 4, 2) * 6
-    ups = make_updates(gen(33), module_shapes(70, 50), ranks)
+    ranks = (8, 4, 4, 2) * 6                              # Σr = 108 < both widths: the Krylov path
+    ups = make_updates(gen(33), module_shapes(170, 130), ranks)
     m = get_method("flexlora")
     agg = m.aggregate(ups, GlobalState())
     assert int(agg.state.extra["ordered"]) == 8
