@@ -514,7 +514,7 @@ def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads
         del x
         rate = 2 * m * m * cfg["d_in"] / (gram_ms * 1e6)
         floor_ms = (cfg["d_out"] + cfg["d_in"]) * m * m / (rate * 1e6)
-        phases, design = _phases_and_design_floor(ups, r_max)
+        phases, design = _phases_and_design_floor(ups, r_max) if _path(cfg, ranks) == "krylov" else (None, None)
         try:
             info["loadavg_end"] = list(os.getloadavg())
         except OSError:
@@ -535,7 +535,7 @@ def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads
     check["passed"] = bool(q >= r_max and check["sv_max_rel_err"] <= TOPR_TOL and check["energy_rel_err"] <= TOPR_TOL
                            and check["reconstruction_rel_err"] <= TOPR_TOL)
     result = {"schema": "fedlora-bench/perf/flexlora-vs-dense/1", "quick": quick, "machine": info,
-              "case": {**cfg, "rank_sum": sum(ranks), "r_max": r_max, "dtype": info["dtype"]},
+              "case": {**cfg, "rank_sum": sum(ranks), "r_max": r_max, "dtype": info["dtype"], "path": _path(cfg, ranks)},
               "statistic": f"one warm-up each, then {repeats} rounds alternating dense and ours; medians",
               "runs": runs, "median": med,
               "speedup_wall": med["dense"]["wall_ms"] / med["flexlora"]["wall_ms"],
@@ -544,7 +544,7 @@ def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads
               "gram_floor": {"float32_gflops_cpu": rate, "half_grams_gflop": (cfg["d_out"] + cfg["d_in"]) * m * m / 1e9,
                              "floor_cpu_ms": floor_ms, "speedup_bound_cpu": med["dense"]["cpu_ms"] / floor_ms},
               "phases_cpu_ms": phases,
-              "design_floor": {**design, "speedup_bound_cpu": med["dense"]["cpu_ms"] / design["total_cpu_ms"]}}
+              "design_floor": design and {**design, "speedup_bound_cpu": med["dense"]["cpu_ms"] / design["total_cpu_ms"]}}
     result["goal_met"] = bool(min(result["speedup_wall"], result["speedup_cpu"]) >= VS_DENSE_GOAL)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "flexlora_vs_dense.json"), "w") as f:
@@ -554,6 +554,18 @@ def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads
     log(f"  speed-up {result['speedup_wall']:.3g}x wall, {result['speedup_cpu']:.3g}x CPU; σ err "
         f"{check['sv_max_rel_err']:.1e}, energy err {check['energy_rel_err']:.1e}")
     return result
+
+
+def _path(cfg: dict, ranks: list[int]) -> str:
+    """Which way methods.factors.svd_factors_top takes for this case: 'krylov' (top-R triplets on the Grams, the
+    remainder factored), 'dense' (Σr ≥ the narrower width: the SVD of the formed product) or 'exact' (few clients:
+    the SVD through the factors' bases)."""
+    from methods import factors
+
+    m, k = sum(ranks), max(ranks)
+    if m >= min(cfg["d_out"], cfg["d_in"]):
+        return "dense"
+    return "krylov" if k < m and factors.krylov_pays(m, k) else "exact"
 
 
 def _phases_and_design_floor(ups: list[ClientUpdate], r_max: int, repeats: int = 3) -> tuple[dict, dict]:
@@ -616,15 +628,24 @@ def vs_dense_markdown(r: dict) -> str:
         f"Accuracy (goal ≤ {r['tol']:g} relative): top {c['r_max']} singular values {ck['sv_max_rel_err']:.1e}; "
         f"energy ‖ΔW‖_F² {ck['energy_rel_err']:.1e}; ‖B'A' − ΔW‖/‖ΔW‖ {ck['reconstruction_rel_err']:.1e}; SVD-ordered "
         f"rows {ck['ordered']}: **{'pass' if ck['passed'] else 'FAIL'}**.", "",
-        f"Floor: ‖ΔW‖_F² exactly needs both Gram matrices, {fl['half_grams_gflop']:.1f} GFLOP with their symmetry; at "
-        f"this process's float32 matmul rate ({fl['float32_gflops_cpu']:.0f} GFLOP per CPU-second, x xᵀ on the "
-        f"stack's shape) that is {fl['floor_cpu_ms']:.0f} ms CPU, a bound of {fl['speedup_bound_cpu']:.0f}× over "
-        "the dense path for any method that keeps the meter exact.", ""]
-        + _design_floor_lines(r))
+        *_floor_lines(r)])
+
+
+def _floor_lines(r: dict) -> list[str]:
+    path, fl = r["case"].get("path", "krylov"), r["gram_floor"]
+    if path != "krylov":
+        return [f"Path: **{path}** (methods.factors.svd_factors_top: "
+                + ("Σr ≥ the narrower width, so the SVD of the formed product, every triplet ordered" if path == "dense"
+                   else "few clients, the SVD through the factors' bases")
+                + "); the Krylov path's floors do not apply.", ""]
+    return [f"Floor: ‖ΔW‖_F² exactly needs both Gram matrices, {fl['half_grams_gflop']:.1f} GFLOP with their symmetry; "
+            f"at this process's float32 matmul rate ({fl['float32_gflops_cpu']:.0f} GFLOP per CPU-second, x xᵀ on the "
+            f"stack's shape) that is {fl['floor_cpu_ms']:.0f} ms CPU, a bound of {fl['speedup_bound_cpu']:.0f}× over "
+            "the dense path for any method that keeps the meter exact.", "", *_design_floor_lines(r)]
 
 
 def _design_floor_lines(r: dict) -> list[str]:
-    if "design_floor" not in r:   # records made before the floor was split
+    if not r.get("design_floor"):   # records made before the floor was split, or a case off the Krylov path
         return []
     ph, d = r["phases_cpu_ms"], r["design_floor"]
     return [f"Where ours goes (median CPU ms, measured separately after the rounds): the stack {ph['stack']:,.0f} (the "
@@ -648,9 +669,25 @@ def main(argv=None) -> int:
                     help="only FlexLoRA's whole aggregate at K = 100, 4096², vs the dense path, alternated (1 thread "
                          "unless --threads)")
     ap.add_argument("--repeats", type=int, default=3, help="alternated rounds of --vs-dense (default 3)")
+    ap.add_argument("--shape", default=None, metavar="D_OUTxD_IN",
+                    help="--vs-dense at another module shape, e.g. 576x576 (the default model's q projection); "
+                         "default 4096x4096")
+    ap.add_argument("--clients", type=int, default=None, help="--vs-dense with this many clients (default 100); "
+                                                              "ranks cycle 64, 32, 16, 16, 8, 8, 4, 4, 4, 4")
     args = ap.parse_args(argv)
+    shape = None
+    if args.shape or args.clients:
+        if not args.vs_dense:
+            ap.error("--shape and --clients go with --vs-dense")
+        try:
+            d_out, d_in = (int(x) for x in (args.shape or "4096x4096").lower().split("x"))
+        except ValueError:
+            ap.error(f"--shape: expected D_OUTxD_IN such as 576x576, got {args.shape!r}")
+        if min(d_out, d_in) < 1 or (args.clients is not None and args.clients < 1):
+            ap.error("--shape and --clients must be positive")
+        shape = dict(d_out=d_out, d_in=d_in, clients=args.clients or VS_DENSE["clients"])
     if args.vs_dense:
-        r = run_vs_dense(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads or 1)
+        r = run_vs_dense(args.out, quick=args.quick, repeats=args.repeats, threads=args.threads or 1, shape=shape)
         print(os.path.join(args.out, "flexlora_vs_dense.md"))
         return 0 if r["check"]["passed"] else 1
     if args.topr:

@@ -112,3 +112,19 @@ def test_flexlora_vs_dense_benchmark_smoke(tmp_path):
         d["state_write_cpu_ms"] + d["grams_cpu_ms"] + d["float64_finish_cpu_ms"])
     md = open(os.path.join(out, "flexlora_vs_dense.md")).read()
     assert "Goal ≥ 100×" in md and "This design's floor" in md
+
+
+def test_flexlora_vs_dense_at_a_narrow_shape_records_the_dense_path(tmp_path, capsys):
+    """`--vs-dense --shape 192x160 --clients 20`: Σr = 320 ≥ the layer's width, so FlexLoRA takes the SVD of the
+    formed product; the record names that path, its accuracy checks pass, and no Krylov floor is claimed. A
+    malformed --shape is refused in one line before any work."""
+    out = str(tmp_path / "narrow")
+    assert aggregation.main(["--vs-dense", "--shape", "192x160", "--clients", "20", "--repeats", "1", "--out", out]) == 0
+    rec = json.load(open(os.path.join(out, "flexlora_vs_dense.json")))
+    assert (rec["case"]["d_out"], rec["case"]["d_in"], rec["case"]["clients"], rec["case"]["rank_sum"]) == (192, 160, 20, 320)
+    assert rec["case"]["path"] == "dense" and rec["check"]["passed"] and rec["design_floor"] is None
+    md = open(os.path.join(out, "flexlora_vs_dense.md")).read()
+    assert "Path: **dense**" in md and "This design's floor" not in md
+    with pytest.raises(SystemExit) as e:
+        aggregation.main(["--vs-dense", "--shape", "576by576", "--out", out])
+    assert e.value.code == 2 and "--shape: expected D_OUTxD_IN" in capsys.readouterr().err
