@@ -273,7 +273,10 @@ def _with_request_cache(lm, path: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cached = CountingCache(lm, path)
     if len(cached.dbdict):
-        _log(f"request cache {path}: {len(cached.dbdict)} answers from an earlier, interrupted scoring are reused")
+        # the cache is keyed by the requests, not by one run: an interrupted scoring, or another scoring of the same
+        # requests (agree's subsets share their group's cache), left these
+        _log(f"request cache {path}: {len(cached.dbdict)} answers stored by an earlier scoring; the matching "
+             "requests are answered from it")
     return cached, stats
 
 
