@@ -185,7 +185,7 @@ def _block(k: int, m: int) -> int:
 def _gram_block(k: int, m: int) -> int:
     """The Gram iteration's block: narrower than _block's. A step costs m²·block there, not (d_out + d_in)·m·block,
     so the Ritz problem and the basis, not the products, dominate. Measured at K = 100 on 4096² (k = 64, 7 random
-    update sets): a block of 80 took 4–6 steps and 150–180 ms, 96 took 3–5 and 116–189 ms (median 157 vs 179); at
+    update sets): a block of 80 took 4–6 steps and 138–180 ms, 96 took 3–5 and 116–189 ms (median 157 vs 179); at
     K = 50 (m = 800) 5 × 96 outgrew the old basis cap (m/2) on 2 of 3 sets and the fallback took 1.3 s instead of 0.2."""
     return min(k + max(k // 4, 8), m)
 
