@@ -447,8 +447,8 @@ def topr_markdown(r: dict) -> str:
 
 # ---- FlexLoRA's whole aggregate vs the dense path, alternated in one process ----
 VS_DENSE = dict(d_out=4096, d_in=4096, clients=100)
-# Σr = 960 < the widths and ≥ 5 × the block, the Gram iteration converging inside its basis cap (m/2): the path
-# K = 100 takes at 4096² (a stack as wide as the layer, the old 640×512 at K = 40, takes the dense SVD)
+# Σr = 960 < the widths and ≥ 5 × the block, the Gram iteration converging inside its basis cap: the path K = 100
+# takes at 4096² (a stack as wide as the layer, the old 640×512 at K = 40, takes the dense SVD)
 VS_DENSE_QUICK = dict(d_out=1024, d_in=1024, clients=60)
 VS_DENSE_GOAL = 100.0  # speed-up over the dense path that FlexLoRA's aggregate at K = 100 should reach
 
@@ -557,15 +557,10 @@ def run_vs_dense(out_dir: str, *, quick: bool = False, repeats: int = 3, threads
 
 
 def _path(cfg: dict, ranks: list[int]) -> str:
-    """Which way methods.factors.svd_factors_top takes for this case: 'krylov' (top-R triplets on the Grams, the
-    remainder factored), 'dense' (Σr ≥ the narrower width: the SVD of the formed product) or 'exact' (few clients:
-    the SVD through the factors' bases)."""
+    """The way methods.factors.svd_factors_top takes for this case (factors.top_path)."""
     from methods import factors
 
-    m, k = sum(ranks), max(ranks)
-    if m >= min(cfg["d_out"], cfg["d_in"]):
-        return "dense"
-    return "krylov" if k < m and factors.krylov_pays(m, k) else "exact"
+    return factors.top_path(sum(ranks), cfg["d_out"], cfg["d_in"], max(ranks))
 
 
 def _phases_and_design_floor(ups: list[ClientUpdate], r_max: int, repeats: int = 3) -> tuple[dict, dict]:

@@ -190,6 +190,15 @@ def _gram_block(k: int, m: int) -> int:
     return min(k + max(k // 4, 8), m)
 
 
+def top_path(m: int, d_out: int, d_in: int, k: int) -> str:
+    """Which way svd_factors_top takes for a stack of inner dimension m, a d_out × d_in layer and k triplets:
+    'dense' (m ≥ min(d_out, d_in): the product is the smaller object, its whole SVD), 'exact' (few clients, or k
+    covers the rank: the SVD through the factors' bases) or 'krylov' (the top k on the factors' Grams)."""
+    if m >= min(d_out, d_in):
+        return "dense"
+    return "exact" if k >= m or not krylov_pays(m, k) else "krylov"
+
+
 def krylov_pays(m: int, k: int) -> bool:
     """Whether top_svd takes the Krylov path for inner dimension m and k triplets (see top_svd)."""
     return k > 0 and m >= KRYLOV_MIN_RATIO * _block(k, m)
@@ -482,7 +491,7 @@ def svd_factors_top(b: Tensor, a: Tensor, k: int, spare: int = 0) -> tuple[Tenso
     full = min(m, b.shape[0], a.shape[1])
     # a stack at least as wide as the layer: the dense SVD of the product (svd_factors) is cheaper than two m×m
     # Grams, and its factors, min(d_out, d_in) wide, are narrower than the stack
-    if k >= full or m >= min(b.shape[0], a.shape[1]) or not krylov_pays(m, min(k, full)):
+    if top_path(m, b.shape[0], a.shape[1], k) != "krylov":
         a2, b2 = svd_factors(b, a)
         return a2, b2, a2.shape[0], float(((torch.linalg.vector_norm(a2, dim=1) * torch.linalg.vector_norm(b2, dim=0))
                                             .double() ** 2).sum())

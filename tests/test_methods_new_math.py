@@ -405,6 +405,15 @@ def test_top_svd_chooses_exact_for_few_clients_and_krylov_for_many():
     assert s.numel() == 10 and torch.allclose(s, dense_svd(b @ a)[1][:10], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("m,d_out,d_in,k,path", [(1600, 4096, 4096, 64, "krylov"), (160, 4096, 4096, 64, "exact"),
+                                                  (1600, 576, 576, 64, "dense"), (800, 192, 576, 8, "dense"),
+                                                  (40, 300, 200, 64, "exact"), (576, 576, 1536, 8, "dense")])
+def test_top_path_names_the_way_svd_factors_top_goes(m, d_out, d_in, k, path):
+    """Σr ≥ the narrower width: dense; few clients or k ≥ Σr: exact; many clients: Krylov (the benchmark's records
+    name the path through this one function)."""
+    assert factors.top_path(m, d_out, d_in, k) == path
+
+
 def test_gram_energy_and_svd_factors_top_are_exact():
     g = gen(5)
     b, a = stacked(g, 400, 300, [8, 4, 16, 2] * 8, spread=2.0)   # Σr = 240 < both widths: the Krylov path
