@@ -10,7 +10,7 @@ import torch
 
 from bench import BenchError
 from bench.client import ClientRuntime, ModelSpec, accumulate_step, local_train, token_loss
-from bench.compute import MixedPrecision, cpu_bf16_flags, resolve_compute_dtype
+from bench.compute import MixedPrecision, _uint8_mask_dropout, cpu_bf16_flags, resolve_compute_dtype
 from bench.config import build_config
 from bench.data import collate, length_buckets
 from bench.models import resolve_model
@@ -222,6 +222,82 @@ def test_mixed_precision_kernels_are_the_models_float32_arithmetic(runtime, monk
     assert not any("forward" in m.__dict__ for m in rt.precision.norms)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_uint8_mask_dropout_is_torchs_dropout_bit_for_bit(dtype):
+    """The same seed draws the same mask, the forward and the backward are the same numbers to the bit, and the
+    generator ends in the same state (later draws of the step are unchanged); evaluation and p = 0 or 1 are torch's."""
+    g = torch.Generator().manual_seed(7)
+    for p in (0.05, 0.1, 0.5, 0.9):
+        shape = tuple(int(x) for x in torch.randint(1, 70, (3,), generator=g))
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+        x[0, 0, 0] = -0.0
+        up = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        out = {}
+        for ours in (False, True):
+            drop = torch.nn.Dropout(p)
+            fwd = _uint8_mask_dropout(drop) if ours else drop
+            xi = x.clone().requires_grad_(True)
+            torch.manual_seed(11)
+            y = fwd(xi)
+            (y * up).sum().backward()
+            out[ours] = y.detach(), xi.grad, torch.get_rng_state()
+        for a, b in zip(out[False], out[True]):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (dtype, p)
+        assert 0 < int((out[True][0] == 0).sum()) < x.numel() or p < 0.1
+    x = torch.randn(4, 5, dtype=dtype)
+    for p, training in ((0.1, False), (0.0, True), (1.0, True)):
+        drop = torch.nn.Dropout(p).train(training)
+        torch.manual_seed(3)
+        ref = drop(x)
+        torch.manual_seed(3)
+        assert torch.equal(_uint8_mask_dropout(drop)(x), ref)
+
+
+def test_kernels_swap_lora_dropout_and_put_it_back():
+    """kernels() runs every peft LoRA dropout through the uint8 mask and restores torch's on exit: a bfloat16-free
+    float32 loss and its LoRA gradients come out bit for bit the same (the masks are the same draws)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-llama")[0], dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    precision = MixedPrecision(model)
+    layers = base.config.num_hidden_layers
+    assert len(precision.dropouts) == 2 * layers
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = collate(_examples(3, seed=5, vocab=256), 0)
+    model.train()
+    out, calls = {}, []
+
+    def counted(d):
+        fwd = _uint8_mask_dropout(d)
+        return lambda x: calls.append(1) or fwd(x)
+
+    for ours in (False, True):
+        for p in params:
+            p.grad = None
+        torch.manual_seed(5)
+        with contextlib.ExitStack() as stack:
+            if ours:   # only the dropouts: the rest of kernels() is float tolerance, not bits
+                for d in precision.dropouts:
+                    d.forward = counted(d)
+                stack.callback(lambda: [d.__dict__.pop("forward") for d in precision.dropouts])
+            loss, _ = token_loss(model, batch, CPU)
+            loss.backward()
+        out[ours] = loss.detach(), torch.cat([p.grad.flatten() for p in params])
+    assert len(calls) == 2 * layers
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert float(out[True][1].abs().sum()) > 0
+    with precision.kernels():
+        assert all("forward" in d.__dict__ for d in precision.dropouts)
+    assert not any("forward" in d.__dict__ for d in precision.dropouts)
 
 
 def test_views_follow_a_merge(runtime):
