@@ -3,8 +3,9 @@ bfloat16 mixed precision, length-bucketed micro-batches, and both, in one proces
 
 Every variant trains every client of one study round (the preset's clients, local steps, batch and cutoff) with the
 engine's own `local_train` on the engine's own ClientRuntime, from the same starting factors and the same seeds, so
-each sees the same examples in the same steps. The variants run in turn, their order rotated every repeat, and the
-ratios are taken against the float32 padded path of the same process. A shared machine's other jobs take cores
+each sees the same examples in the same steps. The variants take turns client by client (each client trained by
+every variant in a row, the order rotated from client to client and repeat), so that a shared machine's drift over
+minutes falls on all of them alike, and the ratios are taken against the float32 padded path of the same process. A shared machine's other jobs take cores
 away at random, so besides wall-clock tokens/s every figure is also given per CPU-second of this process
 (time.process_time), which those jobs disturb far less; the matmul peaks are measured the same way, here, on the
 model's projection shapes (benchmarks/eval_floor.matmul_rate), and the percentage of peak uses model FLOPs =
@@ -66,37 +67,43 @@ def measure_training(model: str = "default", quick: bool = False, repeats: int |
     flops_per_token = 4 * (n_params - base.get_input_embeddings().weight.numel())
     steps = 1 if quick else None
 
-    def one(name: str, warm_up: bool = False) -> dict:
+    def one(name: str, k: int, warm_up: bool = False) -> tuple[int, float, float, float]:
+        """Client k's local training in variant `name`: (tokens, wall s, CPU s, first-step loss)."""
         compute, buckets, fused = VARIANTS[name]
         if runtime.precision is not None:
             runtime.precision.fused_kernels = fused
         vcfg = dataclasses.replace(cfg, compute_dtype=compute, length_buckets=buckets,
                                    local_steps=1 if warm_up else steps or cfg.local_steps)
-        tokens, losses, wall, cpu = 0, [], 0.0, 0.0
-        for k in clients[:1] if warm_up else clients:
-            runtime._load(adapter, cfg.rank, None, init_seed=1000 + k)
-            params = [p for layer in runtime.layers.values()
-                      for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)]
-            t, c = time.perf_counter(), time.process_time()
-            stats = local_train(runtime.model, examples[k], vcfg, 2000 + k, device, tok.pad_token_id, params,
-                                precision=runtime.precision if compute == "bfloat16" else None)
-            wall += time.perf_counter() - t
-            cpu += time.process_time() - c
-            tokens += stats["tokens"]
-            losses.append(stats["first_loss"])
-        return {"tokens": tokens, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                "tokens_per_s": round(tokens / wall, 2), "tokens_per_cpu_s": round(tokens / cpu, 2),
-                "first_losses": [round(x, 6) for x in losses]}
+        runtime._load(adapter, cfg.rank, None, init_seed=1000 + k)
+        params = [p for layer in runtime.layers.values()
+                  for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)]
+        t, c = time.perf_counter(), time.process_time()
+        stats = local_train(runtime.model, examples[k], vcfg, 2000 + k, device, tok.pad_token_id, params,
+                            precision=runtime.precision if compute == "bfloat16" else None)
+        return stats["tokens"], time.perf_counter() - t, time.process_time() - c, stats["first_loss"]
 
     log("[perf] training: warm-up ...")
     for name in VARIANTS:  # one step of each: allocator, oneDNN kernels, the bfloat16 views
-        one(name, warm_up=True)
+        one(name, clients[0], warm_up=True)
     names = list(VARIANTS)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for i in range(repeats):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for name in order:
-            runs[name].append(one(name))
+        sums = {n: {"tokens": 0, "wall": 0.0, "cpu": 0.0, "losses": []} for n in names}
+        for j, k in enumerate(clients):
+            turn = (i + j) % len(names)
+            for name in names[turn:] + names[:turn]:
+                tokens, wall, cpu, loss = one(name, k)
+                acc = sums[name]
+                acc["tokens"] += tokens
+                acc["wall"] += wall
+                acc["cpu"] += cpu
+                acc["losses"].append(loss)
+        for name in names:
+            acc = sums[name]
+            runs[name].append({"tokens": acc["tokens"], "wall_s": round(acc["wall"], 3), "cpu_s": round(acc["cpu"], 3),
+                               "tokens_per_s": round(acc["tokens"] / acc["wall"], 2),
+                               "tokens_per_cpu_s": round(acc["tokens"] / acc["cpu"], 2),
+                               "first_losses": [round(x, 6) for x in acc["losses"]]})
             log(f"[perf] training: repeat {i + 1}/{repeats} {name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s, "
                 f"{runs[name][-1]['tokens_per_cpu_s']:.1f} tok/CPU-s")
     hidden, inter = base.config.hidden_size, base.config.intermediate_size
@@ -158,7 +165,8 @@ def markdown_section(a: dict) -> list[str]:
     pk = a["matmul_peak"]
     lines = [f"## Local training ({a['model']}, preset {a['preset']}, method {a['method']})", "",
              f"Config: {a['config']}; clients {a['clients']}, {a['steps_per_client']} steps each, "
-             f"{a['tokens_per_variant']:,} tokens per variant and repeat; {a['repeats']} repeats, order rotated; "
+             f"{a['tokens_per_variant']:,} tokens per variant and repeat; {a['repeats']} repeats, variants taking turns "
+             f"client by client (order rotated); "
              f"{a['torch_threads']} torch thread(s); CPU {a.get('cpu_model')}, bf16 flags: {', '.join(a['cpu_bf16_flags']) or 'none'}. "
              f"Mixed precision: {a['mixed_precision']}.", "",
              f"Matmul peak on the model's projection shapes, GFLOP per CPU-second: float32 {pk['float32']['peak']}, "
