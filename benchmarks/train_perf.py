@@ -9,8 +9,9 @@ minutes falls on all of them alike, and the ratios are taken against the float32
 process. A shared machine's other jobs take cores away at random, so besides wall-clock tokens/s every figure is
 also given per CPU-second of this process (time.process_time), which those jobs disturb far less; the matmul
 peaks are measured the same way, here, on the model's projection shapes (benchmarks/eval_floor.matmul_rate), and
-the percentage of peak uses model FLOPs = 4 × non-embedding parameters per token (LoRA: forward 2N, input gradients 2N, no weight gradients for the
-frozen base; the output layer runs on the labelled positions only and is left out).
+the percentage of peak uses model FLOPs = 4 × non-embedding parameters per token (LoRA: forward 2N, input
+gradients 2N, no weight gradients for the frozen base; the output layer runs on the labelled positions only and is
+left out).
 """
 from __future__ import annotations
 
